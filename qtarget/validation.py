@@ -1,0 +1,106 @@
+"""Entry checks shared by the loss library: shapes, dtypes, ranges.
+
+Checks on values (label and hyperparameter ranges) run only on concrete inputs; under
+`jax.jit` the inputs are tracers and the functions document what happens instead.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x: Any) -> bool:
+  """True for Python numbers and arrays whose values are known (not under tracing)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """float32, or wider if the input is wider: the loss is never computed in bfloat16."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def check_logits(logits, name: str = 'logits') -> None:
+  if jnp.ndim(logits) < 1:
+    raise ValueError(f'{name} must have a trailing vocabulary axis, got a scalar.')
+  dtype = jnp.result_type(logits)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f'{name} must be a floating-point array, got dtype {dtype}.')
+  if jnp.shape(logits)[-1] < 1:
+    raise ValueError(f'{name} has an empty vocabulary axis: shape {jnp.shape(logits)}.')
+
+
+def check_labels(logits, labels) -> None:
+  """Dtype and shape of labels against logits (values are checked in `check_label_range`)."""
+  check_logits(logits)
+  dtype = jnp.result_type(labels)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f'labels must be an integer array, got dtype {dtype}.')
+  if jnp.shape(logits)[:-1] != jnp.shape(labels):
+    raise ValueError(
+        f'logits of shape {jnp.shape(logits)} and labels of shape {jnp.shape(labels)} do not '
+        'match: logits must have the shape of labels plus a trailing vocabulary axis.')
+
+
+def check_prior(logits, prior_logits) -> None:
+  check_logits(prior_logits, 'prior_logits')
+  student_shape, prior_shape = jnp.shape(logits), jnp.shape(prior_logits)
+  if student_shape[-1] != prior_shape[-1]:
+    raise ValueError(
+        f"prior_logits vocabulary size {prior_shape[-1]} differs from the student's "
+        f'{student_shape[-1]}: the prior must share the student\'s tokenizer and vocabulary.')
+  if student_shape != prior_shape:
+    raise ValueError(
+        f'prior_logits of shape {prior_shape} do not match the student logits of shape '
+        f'{student_shape}.')
+
+
+def check_label_range(labels, vocab_size: int, where=None) -> None:
+  """Raises if a concrete label (at an unmasked position) lies outside [0, vocab_size)."""
+  if not (is_concrete(labels) and (where is None or is_concrete(where))):
+    return
+  labels_np = np.asarray(labels)
+  bad = (labels_np < 0) | (labels_np >= vocab_size)
+  if where is not None:
+    bad &= np.broadcast_to(np.asarray(where, bool), labels_np.shape)
+  if bad.any():
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f'{int(bad.sum())} label(s) outside [0, {vocab_size}) at unmasked positions; the first '
+        f'is {int(labels_np[index])} at index {index}. Mask padding positions with `where=`.')
+
+
+def check_where(where, labels) -> None:
+  if where is None:
+    return
+  if jnp.result_type(where) != jnp.bool_:
+    raise TypeError(f'where must be a boolean mask, got dtype {jnp.result_type(where)}.')
+  if jnp.shape(where) != jnp.shape(labels):
+    raise ValueError(
+        f'where of shape {jnp.shape(where)} must have the shape of labels {jnp.shape(labels)}.')
+
+
+def check_hyperparameter(name: str, value, labels_shape, low: float, high: float,
+                         low_open: bool = False, high_open: bool = False) -> None:
+  """Shape (scalar or broadcastable to labels) and, for concrete values, the range."""
+  shape = jnp.shape(value)
+  try:
+    broadcast = np.broadcast_shapes(shape, labels_shape)
+  except ValueError:
+    broadcast = None
+  if broadcast != tuple(labels_shape):
+    raise ValueError(
+        f'hyperparameter {name} of shape {shape} must be a scalar or broadcast to the labels '
+        f'shape {tuple(labels_shape)}.')
+  if not jnp.issubdtype(jnp.result_type(value), jnp.number):
+    raise TypeError(f'hyperparameter {name} must be a number, got {jnp.result_type(value)}.')
+  if not is_concrete(value):
+    return
+  values = np.asarray(value, np.float64)
+  below = values <= low if low_open else values < low
+  above = values >= high if high_open else values > high
+  if np.isnan(values).any() or below.any() or above.any():
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    offending = values[np.isnan(values) | below | above].ravel()[0]
+    raise ValueError(f'hyperparameter {name}={offending} is outside its valid range {interval}.')
