@@ -283,7 +283,7 @@ def profit(logits, labels, *, tau, prior_logits=None) -> Target:
   return build(METHODS['profit'], logits, labels, prior_logits=prior_logits, tau=tau)
 
 
-def sft_kl(logits, labels, *, prior_logits, lam) -> Target:
+def sft_kl(logits, labels, *, lam, prior_logits=None) -> Target:
   r"""SFT + lam KL(prior || p): :math:`\gamma = 1/(1+\lambda)`, r = prior.
 
   The native loss has this target's gradient times the factor :math:`1 + \lambda`.
@@ -297,7 +297,7 @@ def sft_kl(logits, labels, *, prior_logits, lam) -> Target:
   return build(METHODS['sft_kl'], logits, labels, prior_logits=prior_logits, lam=lam)
 
 
-def asft(logits, labels, *, prior_logits, lam) -> Target:
+def asft(logits, labels, *, lam, prior_logits=None) -> Target:
   r"""ASFT, DFT + lam KL(prior || p): :math:`\gamma = p_y/(p_y + \lambda)`, r = prior.
 
   The native loss has this target's gradient times the per-token factor :math:`p_y + \lambda`.
@@ -311,7 +311,7 @@ def asft(logits, labels, *, prior_logits, lam) -> Target:
   return build(METHODS['asft'], logits, labels, prior_logits=prior_logits, lam=lam)
 
 
-def distill(logits, labels, *, prior_logits) -> Target:
+def distill(logits, labels, *, prior_logits=None) -> Target:
   r"""Knowledge distillation, -sum_v prior(v) log p_v: :math:`\gamma = 0`, r = prior.
 
   Args:
@@ -322,7 +322,7 @@ def distill(logits, labels, *, prior_logits) -> Target:
   return build(METHODS['distill'], logits, labels, prior_logits=prior_logits)
 
 
-def hybrid_distill(logits, labels, *, prior_logits, lam) -> Target:
+def hybrid_distill(logits, labels, *, lam, prior_logits=None) -> Target:
   r"""(1 - lam) NLL + lam KL(prior || p): :math:`\gamma = 1 - \lambda`, r = prior.
 
   Args:
@@ -334,7 +334,7 @@ def hybrid_distill(logits, labels, *, prior_logits, lam) -> Target:
   return build(METHODS['hybrid_distill'], logits, labels, prior_logits=prior_logits, lam=lam)
 
 
-def target_sft(logits, labels, *, prior_logits, eta) -> Target:
+def target_sft(logits, labels, *, eta, prior_logits=None) -> Target:
   r"""Target-SFT: trust the current model's p_y, spread the rest by a geometric mix.
 
   .. math::

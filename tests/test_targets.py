@@ -123,9 +123,10 @@ def test_prior_vocabulary_mismatch():
 
 def test_prior_required():
   logits, _, labels = cases.make_batch()
-  for name, hyper in [('target_sft', {'eta': 0.5}), ('distill', {}), ('asft', {'lam': 0.1})]:
+  for name, hyper in [('target_sft', {'eta': 0.5}), ('distill', {}), ('asft', {'lam': 0.1}),
+                      ('sft_kl', {'lam': 0.1}), ('hybrid_distill', {'lam': 0.1})]:
     with pytest.raises(ValueError, match=f'{name}.*needs the prior'):
-      targets.build(targets.METHODS[name], logits, labels, **hyper)
+      targets.get(name)(logits, labels, **hyper)
 
 
 def test_integer_logits_rejected():
