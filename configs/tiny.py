@@ -1,0 +1,31 @@
+"""The demo shrunk for tests: a random two-layer model with SmolLM2's tokenizer, a few steps."""
+
+import importlib.util
+import pathlib
+
+_spec = importlib.util.spec_from_file_location(
+    'smollm2_demo', pathlib.Path(__file__).with_name('smollm2_demo.py'))
+smollm2_demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(smollm2_demo)
+
+
+def get_config():
+  config = smollm2_demo.get_config()
+  config.workdir = 'runs/tiny'
+  config.model.source = 'random'
+  config.model.architecture.update(dict(
+      vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+      num_kv_heads=2, rope_theta=10000.0, tie_word_embeddings=True))
+  config.data.train_size = 200
+  config.data.eval_size = 8
+  config.data.seq_len = 128
+  config.steps = 6
+  config.batch_size = 4
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 2
+  config.checkpoint.every = 2
+  config.eval.num_problems = 8
+  config.eval.max_new_tokens = 8
+  config.eval.batch_size = 8
+  config.progress_bar = False
+  return config

@@ -1,0 +1,133 @@
+"""tensorflow-datasets builders that write array_record files (no TensorFlow) for grain.
+
+Two builders, each configured at run time: :class:`ReasoningGym` (a task, sizes, difficulty
+and seed; train, validation and test drawn from disjoint seeds, with held-out questions removed
+from train) and :class:`LocalFiles` (jsonl/parquet files with prompt/response fields or chat
+messages). Both store text records (see :mod:`qtarget.data.records`); tokenization happens in
+the input pipeline, so one prepared dataset serves any tokenizer.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from qtarget.data import records
+
+_FEATURES = {name: tfds.features.Text() for name in records.RECORD_FIELDS}
+DEFAULT_DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'qtarget', 'tfds')
+
+
+def _digest(payload) -> str:
+  return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+
+
+class ReasoningGymConfig(tfds.core.BuilderConfig):
+  """A reasoning-gym task: ``difficulty`` holds the generator's own keyword arguments."""
+
+  def __init__(self, *, task: str, train_size: int, eval_size: int, seed: int,
+               difficulty: dict | None = None):
+    self.task, self.seed = task, seed
+    self.train_size, self.eval_size = train_size, eval_size
+    self.difficulty = dict(difficulty or {})
+    key = _digest([task, train_size, eval_size, seed, self.difficulty])
+    super().__init__(name=f'{task}-{key}', version='1.0.0',
+                     description=f'{task}: {train_size} train, {eval_size} validation and test '
+                     f'problems, seed {seed}, {self.difficulty}')
+
+  def split_seed(self, split: str) -> int:
+    """Disjoint seeds per split (reasoning-gym problems are a function of the seed)."""
+    return self.seed * 1000 + {'train': 0, 'validation': 1, 'test': 2}[split]
+
+
+class ReasoningGym(tfds.core.GeneratorBasedBuilder):
+  """Problems of one reasoning-gym task with their rationale (where the task has one)."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(_FEATURES))
+
+  def _records(self, split):
+    config = self.builder_config
+    size = config.train_size if split == 'train' else config.eval_size
+    return records.reasoning_gym_records(config.task, size, config.split_seed(split),
+                                         config.difficulty)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in ('train', 'validation', 'test')}
+
+  def _generate_examples(self, split):
+    recs = self._records(split)
+    if split == 'train':
+      # Small tasks repeat questions across seeds: drop train copies of held-out ones.
+      held_out = {r['prompt'] for s in ('validation', 'test') for r in self._records(s)}
+      recs = (r for r in recs if r['prompt'] not in held_out)
+    for index, record in enumerate(recs):
+      yield index, record
+
+
+class LocalFilesConfig(tfds.core.BuilderConfig):
+  """jsonl/parquet files; the name changes with the files' paths, sizes and times."""
+
+  def __init__(self, *, train_path: str, eval_path: str | None = None, task: str = 'file',
+               prompt_field: str | None = None, response_field: str | None = None):
+    self.paths = {'train': train_path}
+    if eval_path:
+      self.paths['test'] = eval_path
+    self.task, self.prompt_field, self.response_field = task, prompt_field, response_field
+    stamp = []
+    for split, path in self.paths.items():
+      path = pathlib.Path(path)
+      if not path.exists():
+        raise FileNotFoundError(f'{split} data file {path} does not exist.')
+      stat = path.stat()
+      stamp.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    key = _digest([stamp, task, prompt_field, response_field])
+    super().__init__(name=f'{pathlib.Path(train_path).stem}-{key}', version='1.0.0',
+                     description=f'local files {self.paths}')
+
+
+class LocalFiles(tfds.core.GeneratorBasedBuilder):
+  """A user's own demonstrations: prompt/response fields or chat messages."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(_FEATURES))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in self.builder_config.paths}
+
+  def _generate_examples(self, split):
+    config = self.builder_config
+    for index, record in enumerate(records.file_records(
+        config.paths[split], config.task, config.prompt_field, config.response_field)):
+      yield index, record
+
+
+def prepare(builder_config: tfds.core.BuilderConfig, data_dir: str | None = None):
+  """Builds (once) and returns the builder; later calls reuse the array_record files."""
+  builder_class = ReasoningGym if isinstance(builder_config, ReasoningGymConfig) else LocalFiles
+  builder = builder_class(config=builder_config, data_dir=data_dir or DEFAULT_DATA_DIR,
+                          file_format='array_record')
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      verify_ssl=False, try_download_gcs=False))
+  return builder
+
+
+def decode(record: dict) -> dict:
+  """A record read from array_record (bytes) as strings."""
+  return {key: value.decode() if isinstance(value, (bytes, np.bytes_)) else str(value)
+          for key, value in record.items()}
+
+
+def load_split(builder, split: str) -> list[dict]:
+  """All records of a split as string dicts (for evaluation sets)."""
+  source = builder.as_data_source(split)
+  return [decode(source[i]) for i in range(len(source))]

@@ -1,0 +1,125 @@
+"""The input pipeline: tokenize with the chat template, mask the prompt, pack, batch (grain).
+
+Before training, :func:`scan` tokenizes every record once to stop on bad data (an empty
+response, token ids the model cannot embed, a sequence longer than the maximum with truncation
+off) with an error naming the record, and to report truncation. The grain pipeline then shuffles,
+repeats and shards deterministically for a seed; its iterator state is saved with checkpoints.
+
+A batch is a dict of ``[B, T]`` arrays: ``tokens`` (inputs), ``targets`` (the next tokens),
+``loss_mask`` (True where the target is a response token), ``segment_ids`` (1, 2, ... per packed
+example, 0 for padding) and ``positions`` (restarting at each segment).
+"""
+
+import dataclasses
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from qtarget.data import builders
+
+
+class DataError(ValueError):
+  """Bad training data; the message names the record."""
+
+
+@dataclasses.dataclass
+class ScanReport:
+  """What :func:`scan` found: counts for the log."""
+  examples: int
+  tokens: int
+  response_tokens: int
+  truncated: int
+  longest: int
+
+  def __str__(self):
+    return (f'{self.examples} examples, {self.tokens} tokens ({self.response_tokens} in '
+            f'responses), longest {self.longest}, truncated {self.truncated}')
+
+
+def example_arrays(record: dict, tokenizer, max_length: int, truncate: bool) -> dict:
+  """Next-token arrays of one record: inputs, targets and the response mask, at most
+  ``max_length`` long (cut at the end when ``truncate``)."""
+  system = None
+  if '"system"' in record.get('metadata', ''):
+    import json  # pylint: disable=g-import-not-at-top
+    system = json.loads(record['metadata']).get('system')
+  encoded = tokenizer.encode_example(record['prompt'], record['response'], system=system)
+  ids, mask = encoded.token_ids, encoded.loss_mask
+  if len(ids) - 1 > max_length:
+    if not truncate:
+      raise DataError(f'sequence of {len(ids) - 1} tokens exceeds the maximum {max_length} and '
+                      'truncation is off')
+    ids, mask = ids[:max_length + 1], mask[:max_length + 1]
+  return {'tokens': ids[:-1].astype(np.int32), 'targets': ids[1:].astype(np.int32),
+          'loss_mask': mask[1:]}
+
+
+def scan(records: Sequence[dict], tokenizer, *, max_length: int, truncate: bool,
+         vocab_size: int, name: str = 'data') -> ScanReport:
+  """Tokenizes every record once; raises :class:`DataError` naming the first bad one."""
+  if len(records) == 0:
+    raise DataError(f'{name}: the data set is empty.')
+  tokens = response = truncated = longest = 0
+  for index, record in enumerate(records):
+    where = f'{name} record {index} ({record.get("metadata", "")[:80]}...)'
+    if not record.get('response'):
+      raise DataError(f'{where}: record without a response.')
+    try:
+      full = tokenizer.encode_example(record['prompt'], record['response'])
+      arrays = example_arrays(record, tokenizer, max_length, truncate)
+    except (ValueError, DataError) as error:
+      raise DataError(f'{where}: {error}') from error
+    top = int(full.token_ids.max())
+    if top >= vocab_size or int(full.token_ids.min()) < 0:
+      raise DataError(f'{where}: token id {top} is out of range for the model vocabulary '
+                      f'{vocab_size}.')
+    if not arrays['loss_mask'].any():
+      raise DataError(f'{where}: no response token is left after truncation to {max_length}.')
+    truncated += len(full.token_ids) - 1 > max_length
+    longest = max(longest, len(full.token_ids) - 1)
+    tokens += len(arrays['tokens'])
+    response += int(arrays['loss_mask'].sum())
+  return ScanReport(len(records), tokens, response, truncated, longest)
+
+
+def _pad(example: dict, length: int) -> dict:
+  n = len(example['tokens'])
+  pad = lambda x: np.pad(x, (0, length - n))
+  return {'tokens': pad(example['tokens']), 'targets': pad(example['targets']),
+          'loss_mask': pad(example['loss_mask']),
+          'segment_ids': pad(np.ones(n, np.int32)), 'positions': pad(np.arange(n, dtype=np.int32))}
+
+
+def _from_packed(packed: dict) -> dict:
+  return {'tokens': packed['tokens'], 'targets': packed['targets'],
+          'loss_mask': packed['loss_mask'].astype(bool),
+          'segment_ids': packed['tokens_segment_ids'].astype(np.int32),
+          'positions': packed['tokens_positions'].astype(np.int32)}
+
+
+def train_dataset(builder, tokenizer, *, split: str = 'train', seq_len: int,
+                  batch_size: int, seed: int, num_epochs: int | None, pack: bool,
+                  truncate: bool, process_index: int = 0, process_count: int = 1,
+                  packing_bins: int = 16) -> grain.IterDataset:
+  """Batches of this host's shard: ``batch_size`` is the per-host batch.
+
+  Each host reads the records ``process_index::process_count`` (after a shuffle that is the same
+  on every host), so the hosts together cover the data once per epoch.
+  """
+  source = builder.as_data_source(split)
+  dataset = (grain.MapDataset.source(source)
+             .shuffle(seed=seed)
+             [process_index::process_count]
+             .map(builders.decode))
+  dataset = dataset.repeat(num_epochs) if num_epochs != 1 else dataset
+  dataset = dataset.map(lambda r: example_arrays(r, tokenizer, seq_len, truncate))
+  iterable = dataset.to_iter_dataset()
+  if pack:
+    lengths = {'tokens': seq_len, 'targets': seq_len, 'loss_mask': seq_len}
+    iterable = grain.experimental.FirstFitPackIterDataset(
+        iterable, length_struct=lengths, num_packing_bins=packing_bins, seed=seed)
+    iterable = iterable.map(_from_packed)
+  else:
+    iterable = iterable.map(lambda e: _pad(e, seq_len))
+  return iterable.batch(batch_size, drop_remainder=True)
