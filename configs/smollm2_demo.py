@@ -48,17 +48,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_path = ''  # files: held-out jsonl/parquet (optional)
   config.data.prompt_field = ''  # files: empty to detect (prompt/problem/question or messages)
   config.data.response_field = ''  # files: empty to detect (response/solution or messages)
-  config.data.seq_len = 192  # tokens per packed row
+  config.data.seq_len = 128  # tokens per packed row
   config.data.pack = True  # pack several examples per row (segment ids keep them apart)
   config.data.truncate = False  # False: a longer example stops the run with its record named
   config.data.data_dir = ''  # where tfds writes array_record files (empty: ~/.cache/qtarget)
 
-  config.steps = 60  # optimizer steps
-  config.batch_size = 8  # rows per optimizer step, across all hosts
+  config.steps = 100  # optimizer steps
+  config.batch_size = 4  # rows per optimizer step, across all hosts
   config.accum_steps = 1  # micro-batches per step (batch_size must divide)
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 3e-5  # peak
-  config.optimizer.warmup_steps = 6
+  config.optimizer.warmup_steps = 10
   config.optimizer.end_learning_rate_ratio = 0.1  # cosine decays to this fraction of the peak
   config.optimizer.weight_decay = 0.0
   config.optimizer.b1 = 0.9
@@ -71,14 +71,14 @@ def get_config() -> ml_collections.ConfigDict:
       ('kv', 'tensor'), ('lora', None))
 
   config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every = 20  # steps between checkpoints (and one at the end)
+  config.checkpoint.every = 25  # steps between checkpoints (and one at the end)
   config.checkpoint.keep = 2  # most recent checkpoints kept
 
   config.eval = ml_collections.ConfigDict()
   config.eval.before = True  # accuracy of the initial model
   config.eval.after = True  # accuracy after training
   config.eval.num_problems = 128  # held-out (test split) problems
-  config.eval.max_new_tokens = 24  # greedy tokens per answer
+  config.eval.max_new_tokens = 32  # greedy tokens per answer (the base model is verbose)
   config.eval.batch_size = 32
 
   config.export_hf = True  # write workdir/hf (transformers loads it)

@@ -58,10 +58,12 @@ class StepSpec:
       'separate' (a second frozen model).
     accum_steps: micro-batches per optimizer step.
     static_hyperparameters: hyperparameters that set shapes (EAFT's k), as (name, value) pairs.
+    vocab_size: the student's embedding rows (a prior's padding rows are cut to it).
   """
   method: str
   prior: str
   accum_steps: int
+  vocab_size: int
   tx: Any  # optax.GradientTransformation; hashed by identity
   schedule: Any
   static_hyperparameters: tuple = ()
@@ -94,7 +96,19 @@ def _prior_logits(state: TrainState, micro: dict) -> Array | None:
     model = nnx.merge(state.graphdef, jax.lax.stop_gradient(state.params), state.frozen)
     return jax.lax.stop_gradient(model(micro['tokens'], lora=False, **kwargs))
   prior = nnx.merge(state.prior_graphdef, state.prior)
-  return jax.lax.stop_gradient(prior(micro['tokens'], **kwargs))
+  logits = jax.lax.stop_gradient(prior(micro['tokens'], **kwargs))
+  return _match_vocabulary(logits, state.spec.vocab_size)
+
+
+def _match_vocabulary(prior_logits, vocab_size: int):
+  """Cuts (or pads with -inf) the prior's padding rows to the student's embedding size."""
+  extra = vocab_size - prior_logits.shape[-1]
+  if extra < 0:
+    return prior_logits[..., :vocab_size]
+  if extra > 0:
+    pad = [(0, 0)] * (prior_logits.ndim - 1) + [(0, extra)]
+    return jnp.pad(prior_logits, pad, constant_values=-jnp.inf)
+  return prior_logits
 
 
 def _micro_loss(params, state: TrainState, micro: dict, prior_logits, count):
@@ -155,7 +169,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
   params = optax.apply_updates(state.params, updates)
   metrics = {name: value / count for name, value in sums.items()}
   metrics['residual_mass'] = 1.0 - metrics['trust']
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['learning_rate'] = spec.schedule(state.step)
   metrics['response_tokens'] = count
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -165,10 +179,13 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
 # Optimizer.
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup then cosine decay, after global-norm clipping."""
+  """AdamW with linear warmup then cosine decay, after global-norm clipping.
+
+  The warmup starts at peak / (warmup_steps + 1), so the first step already learns.
+  """
   opt = config.optimizer
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
+      init_value=opt.learning_rate / (opt.warmup_steps + 1), peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
       decay_steps=max(config.steps, opt.warmup_steps + 1),
       end_value=opt.learning_rate * opt.end_learning_rate_ratio)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
@@ -288,13 +305,17 @@ def load_model(model_config, *, seed: int, with_lora: bool = True):
   raise ConfigError(f"model.source must be 'gguf', 'hf' or 'random', got {source!r}.")
 
 
-def _check_same_vocabulary(student_tokenizer, prior_tokenizer, student_vocab, prior_vocab):
+def _check_same_vocabulary(student_tokenizer, prior_tokenizer):
+  """The prior must share the student's tokenizer; embedding sizes may differ by padding rows
+  (Qwen2.5 pads 1.5B and 7B differently), which the step cuts or pads with -inf."""
+  student_vocab = student_tokenizer.backend.get_vocab()
+  prior_vocab = prior_tokenizer.backend.get_vocab()
   if student_vocab != prior_vocab:
-    raise ConfigError(f"the prior's vocabulary size {prior_vocab} differs from the student's "
-                      f'{student_vocab}: the prior must share the student\'s tokenizer.')
-  if student_tokenizer.backend.get_vocab() != prior_tokenizer.backend.get_vocab():
-    raise ConfigError("the prior's tokenizer differs from the student's (same size, different "
-                      'tokens): the prior must share the student\'s tokenizer.')
+    differing = sorted(set(student_vocab.items()) ^ set(prior_vocab.items()))[:3]
+    raise ConfigError(
+        f"the prior's tokenizer ({len(prior_vocab)} tokens) differs from the student's "
+        f'({len(student_vocab)} tokens), for example at {differing}: the prior must share the '
+        "student's tokenizer and vocabulary.")
 
 
 def _trainable_filter(model_config):
@@ -345,7 +366,8 @@ def create_state(config, student, prior_model=None) -> TrainState:
     raise ConfigError(f'batch_size {config.batch_size} is not divisible by accum_steps '
                       f'{config.accum_steps}.')
   spec = StepSpec(method=config.method, prior=prior_mode, accum_steps=config.accum_steps,
-                  tx=tx, schedule=schedule, static_hyperparameters=static)
+                  vocab_size=student.config.vocab_size, tx=tx, schedule=schedule,
+                  static_hyperparameters=static)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                     prior=prior_state, opt_state=tx.init(params),
                     hyperparameters=hyperparameters, graphdef=graphdef,
@@ -404,14 +426,10 @@ def _data(config, tokenizer, vocab_size):
   report = pipeline.scan(train_records, tokenizer, max_length=data.seq_len,
                          truncate=data.truncate, vocab_size=vocab_size, name='train')
   eval_records = builders.load_split(builder, eval_split) if eval_split else []
-  process_count = jax.process_count()
-  if config.batch_size % process_count:
-    raise ConfigError(f'batch_size {config.batch_size} is not divisible by the '
-                      f'{process_count} processes.')
   dataset = pipeline.train_dataset(
-      builder, tokenizer, seq_len=data.seq_len, batch_size=config.batch_size // process_count,
-      seed=data.seed, num_epochs=None, pack=data.pack, truncate=data.truncate,
-      process_index=jax.process_index(), process_count=process_count)
+      builder, tokenizer, seq_len=data.seq_len, batch_size=config.batch_size, seed=data.seed,
+      num_epochs=None, pack=data.pack, truncate=data.truncate,
+      process_index=jax.process_index(), process_count=jax.process_count())
   return dataset, report, eval_records
 
 
@@ -453,6 +471,10 @@ def _evaluate(label, state, tokenizer, eval_records, config, workdir, step):
   records = eval_records[:config.eval.num_problems]
   if not records:
     return None
+  if jax.process_count() > 1:
+    _log(f'skipping the {label} evaluation: generation runs in single-process runs only; '
+         'evaluate the exported model instead.')
+    return None
   _log(f'evaluating {label} on {len(records)} held-out problems...')
   result = evaluate_lib.evaluate(student_model(state), tokenizer, records,
                                  max_new_tokens=config.eval.max_new_tokens,
@@ -489,8 +511,7 @@ def run(config) -> dict:
     else:
       prior_model, prior_tokenizer = load_model(config.prior, seed=config.seed + 1,
                                                 with_lora=False)
-    _check_same_vocabulary(tokenizer, prior_tokenizer, student.config.vocab_size,
-                           prior_model.config.vocab_size)
+    _check_same_vocabulary(tokenizer, prior_tokenizer)
   dataset, report, eval_records = _data(config, tokenizer, student.config.vocab_size)
   _log(f'train data: {report}')
 
@@ -580,13 +601,14 @@ def run(config) -> dict:
   if config.eval.after:
     summary['accuracy_after'] = _evaluate('after', state, tokenizer, eval_records, config,
                                           workdir, config.steps)
-  if config.export_hf and jax.process_index() == 0:
+  if config.export_hf:
     from qtarget import checkpoints  # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     model = student_model(state)
-    if jax.process_count() > 1:
-      nnx.update(model, multihost_utils.process_allgather(nnx.state(model)))
-    checkpoints.export_hf(model, workdir / 'hf', tokenizer)
+    if jax.process_count() > 1:  # a collective: every process takes part
+      nnx.update(model, multihost_utils.process_allgather(nnx.state(model), tiled=True))
+    if jax.process_index() == 0:
+      checkpoints.export_hf(model, workdir / 'hf', tokenizer)
     summary['exported_to'] = str(workdir / 'hf')
   summary.update(
       method=config.method, hyperparameters=dict(config.hparams), steps=config.steps,
@@ -596,6 +618,10 @@ def run(config) -> dict:
   if jax.process_index() == 0:
     summary_path.write_text(json.dumps(summary, indent=2))
     _log('summary: ' + json.dumps(summary))
+    if summary.get('accuracy_before') is not None and summary.get('accuracy_after') is not None:
+      _log(f"held-out accuracy ({min(config.eval.num_problems, len(eval_records))} problems of "
+           f"{config.data.task}): before {summary['accuracy_before']:.3f} -> after "
+           f"{summary['accuracy_after']:.3f}; wall time {summary['wall_seconds']:.0f} s")
   return summary
 
 

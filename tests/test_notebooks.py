@@ -1,5 +1,6 @@
 """The notebooks run top to bottom on CPU (their cells assert the results they show)."""
 
+import os
 import pathlib
 
 import nbclient
@@ -9,11 +10,14 @@ import pytest
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / 'notebooks'
 
 
-@pytest.mark.parametrize('name', ['induced_targets.ipynb'])
-def test_notebook_runs(name, tmp_path):
+@pytest.mark.parametrize('name', ['induced_targets.ipynb', 'finetune_smollm2.ipynb'])
+def test_notebook_runs(name, tmp_path, monkeypatch):
+  # The fine-tuning notebook trains the tiny random model here (SmolLM2 on Colab).
+  monkeypatch.setenv('QTARGET_NOTEBOOK_CONFIG', 'tiny')
+  monkeypatch.setenv('QTARGET_NOTEBOOK_WORKDIR', str(tmp_path / 'run'))
   notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
-                                   resources={'metadata': {'path': str(tmp_path)}})
+                                   resources={'metadata': {'path': str(NOTEBOOKS)}})
   client.execute()  # raises CellExecutionError, with the failing cell, on any error
   errors = [output for cell in notebook.cells for output in cell.get('outputs', [])
             if output.get('output_type') == 'error']

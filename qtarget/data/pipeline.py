@@ -102,16 +102,17 @@ def train_dataset(builder, tokenizer, *, split: str = 'train', seq_len: int,
                   batch_size: int, seed: int, num_epochs: int | None, pack: bool,
                   truncate: bool, process_index: int = 0, process_count: int = 1,
                   packing_bins: int = 16) -> grain.IterDataset:
-  """Batches of this host's shard: ``batch_size`` is the per-host batch.
+  """This host's rows of each global batch (``batch_size`` rows across all hosts).
 
-  Each host reads the records ``process_index::process_count`` (after a shuffle that is the same
-  on every host), so the hosts together cover the data once per epoch.
+  Every host builds the same global stream (shuffle, packing and batching depend on the seed
+  only) and keeps its contiguous block of rows, so the global batch, and so training, is the same
+  whatever the number of hosts.
   """
+  if batch_size % process_count:
+    raise DataError(f'batch size {batch_size} is not divisible by {process_count} processes.')
+  rows = batch_size // process_count
   source = builder.as_data_source(split)
-  dataset = (grain.MapDataset.source(source)
-             .shuffle(seed=seed)
-             [process_index::process_count]
-             .map(builders.decode))
+  dataset = grain.MapDataset.source(source).shuffle(seed=seed).map(builders.decode)
   dataset = dataset.repeat(num_epochs) if num_epochs != 1 else dataset
   dataset = dataset.map(lambda r: example_arrays(r, tokenizer, seq_len, truncate))
   iterable = dataset.to_iter_dataset()
@@ -122,4 +123,8 @@ def train_dataset(builder, tokenizer, *, split: str = 'train', seq_len: int,
     iterable = iterable.map(_from_packed)
   else:
     iterable = iterable.map(lambda e: _pad(e, seq_len))
-  return iterable.batch(batch_size, drop_remainder=True)
+  batches = iterable.batch(batch_size, drop_remainder=True)
+  if process_count == 1:
+    return batches
+  return batches.map(lambda b: {k: v[process_index * rows:(process_index + 1) * rows]
+                                for k, v in b.items()})

@@ -1,0 +1,215 @@
+"""The trainer end to end: resume after SIGKILL, two processes, bad input (subprocesses)."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from qtarget import train
+from qtarget.data import pipeline
+from qtarget.data import records
+
+import test_train_step
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+pytest.importorskip('gguf')  # the tiny config uses SmolLM2's tokenizer
+try:
+  from qtarget import checkpoints
+  checkpoints.smollm2_gguf_path()
+except (ModuleNotFoundError, FileNotFoundError) as missing:
+  pytest.skip(str(missing), allow_module_level=True)
+
+
+def _command(workdir, *flags):
+  return [sys.executable, '-m', 'qtarget.train', '--config', str(ROOT / 'configs' / 'tiny.py'),
+          f'--config.workdir={workdir}', '--config.eval.before=False',
+          '--config.eval.after=False', '--config.steps=8', '--config.checkpoint.every=2',
+          f'--config.data.data_dir={workdir.parent / "tfds"}', *flags]
+
+
+def _env(devices=1):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
+  return env
+
+
+def _exported(workdir):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  return load_file(str(workdir / 'hf' / 'model.safetensors'))
+
+
+def _metric_lines(workdir):
+  path = workdir / 'metrics.jsonl'
+  return path.read_text().splitlines() if path.exists() else []
+
+
+def _run_until(workdir, condition, timeout=300):
+  """Starts the trainer and SIGKILLs it once `condition()` holds; returns what happened."""
+  process = subprocess.Popen(_command(workdir), env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + timeout
+  while time.time() < deadline and process.poll() is None:
+    if condition():
+      process.send_signal(signal.SIGKILL)
+      process.wait()
+      return 'killed'
+    time.sleep(0.005)
+  if process.poll() is None:
+    process.kill()
+  return f'exited {process.returncode}: {process.stderr.read()[-2000:]}'
+
+
+def test_resume_after_sigkill_reaches_the_same_parameters(tmp_path):
+  reference = tmp_path / 'reference'
+  subprocess.run(_command(reference), env=_env(), check=True, capture_output=True)
+  expected = _exported(reference)
+
+  interrupted = tmp_path / 'interrupted'
+  checkpoints_dir = interrupted / 'checkpoints'
+  # First kill: while a checkpoint is being written (its temporary directory exists).
+  saving = lambda: checkpoints_dir.exists() and any(
+      'tmp' in p.name for p in checkpoints_dir.iterdir())
+  first = _run_until(interrupted, saving)
+  assert first == 'killed', first
+  # Second kill: between checkpoints, after a later step was logged.
+  steps_logged = lambda: len(_metric_lines(interrupted)) >= 5
+  second = _run_until(interrupted, steps_logged)
+  assert second == 'killed', second
+  finished = subprocess.run(_command(interrupted), env=_env(), capture_output=True, text=True)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert 'resumed from the checkpoint at step' in finished.stdout
+  got = _exported(interrupted)
+  assert set(got) == set(expected)
+  for name in expected:
+    np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+  # The metrics log has each step once, in order.
+  steps = [json.loads(line)['step'] for line in _metric_lines(interrupted)]
+  assert steps == list(range(1, 9))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(tmp_path):
+  single = tmp_path / 'single'
+  subprocess.run(_command(single, '--config.steps=3'), env=_env(devices=4), check=True,
+                 capture_output=True)
+  port = _free_port()
+  multi = tmp_path / 'multi'
+  processes = [subprocess.Popen(
+      _command(multi, '--config.steps=3', '--config.distributed.enabled=True',
+               f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+               '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}',
+               '--config.distributed.cpu_collectives=gloo'),
+      env=_env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for process, (_, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-3000:]
+  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in outputs[0][0]
+  expected, got = _exported(single), _exported(multi)
+  # Same losses and gradient norms at every step (measured: agreement to about 1e-7).
+  for name in ('loss', 'grad_norm'):
+    single_values = [json.loads(l)[name] for l in _metric_lines(single)]
+    multi_values = [json.loads(l)[name] for l in _metric_lines(multi)]
+    assert len(single_values) == 3
+    np.testing.assert_allclose(multi_values, single_values, rtol=1e-5, err_msg=name)
+  # Reductions run in another order across processes, and the tiny random model's gradients
+  # are ~1e-7 per entry, where Adam's g / sqrt(v) turns rounding into visible differences on a
+  # few entries (measured: mean 1e-7, at most 1e-5, against steps of ~1e-3). Wrong data or a
+  # lost gradient would move nearly every entry by about a step.
+  for name in expected:
+    assert np.abs(got[name] - expected[name]).mean() < 1e-6, name
+    close = np.isclose(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    assert close.mean() > 0.95, (name, close.mean())
+
+
+# Bad input stops before training, with the problem and the record named.
+
+def _files_config(tmp_path, train_rows, **overrides):
+  path = tmp_path / 'train.jsonl'
+  path.write_text(''.join(json.dumps(row) + '\n' for row in train_rows))
+  config = test_train_step.tiny_config(**{
+      'workdir': str(tmp_path / 'run'), 'data.kind': 'files', 'data.train_path': str(path),
+      'data.data_dir': str(tmp_path / 'tfds'), 'model.architecture.vocab_size': 49152,
+      **overrides})
+  return config
+
+
+def _assert_stopped_before_training(config, error, message):
+  with pytest.raises(error, match=message):
+    train.run(config)
+  assert not (pathlib.Path(config.workdir) / 'checkpoints').exists()
+
+
+def test_empty_data_file(tmp_path):
+  _assert_stopped_before_training(_files_config(tmp_path, []), records.RecordError,
+                                  'train.jsonl is empty')
+
+
+def test_record_without_response(tmp_path):
+  rows = [{'prompt': 'What is 2+2?', 'response': '4'}, {'prompt': 'What is 3+3?'}]
+  _assert_stopped_before_training(_files_config(tmp_path, rows), records.RecordError,
+                                  r'train.jsonl:2: record without a response')
+
+
+def test_sequence_too_long_without_truncation(tmp_path):
+  rows = [{'prompt': 'What is 2+2?', 'response': '4'},
+          {'prompt': 'Count: ' + ' '.join(['one'] * 300), 'response': 'many'}]
+  _assert_stopped_before_training(_files_config(tmp_path, rows), pipeline.DataError,
+                                  r'train record \d+ .*exceeds the maximum 128 and truncation '
+                                  r'is off')
+
+
+def test_token_ids_out_of_range_name_the_record():
+  class _Tokenizer:
+    def encode_example(self, prompt, response, system=None):
+      del prompt, response, system
+      return type('E', (), {'token_ids': np.array([1, 2, 500], np.int32),
+                            'loss_mask': np.array([False, True, True])})()
+  with pytest.raises(pipeline.DataError, match=r'record 0 .*token id 500 is out of range for '
+                                               r'the model vocabulary 100'):
+    pipeline.scan([{'prompt': 'p', 'response': 'r', 'metadata': '{}'}], _Tokenizer(),
+                  max_length=16, truncate=False, vocab_size=100)
+
+
+def test_prior_with_a_different_tokenizer(tmp_path):
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  other = tmp_path / 'other_tokenizer'
+  other.mkdir()
+  vocab = {f'w{i}': i for i in range(1000)}
+  tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='w0')).save(
+      str(other / 'tokenizer.json'))
+  rows = [{'prompt': 'What is 2+2?', 'response': '4'}]
+  arch = dict(test_train_step.tiny_config().model.architecture)
+  config = _files_config(tmp_path, rows, **{
+      'prior.source': 'random', 'prior.tokenizer_path': str(other),
+      'prior.architecture': {**arch, 'vocab_size': 1000}})
+  _assert_stopped_before_training(config, train.ConfigError,
+                                  r"prior's tokenizer \(1000 tokens\) differs from the "
+                                  r"student's \(49152 tokens\)")
+
+
+def test_prior_too_small_for_the_tokenizer(tmp_path):
+  rows = [{'prompt': 'What is 2+2?', 'response': '4'}]
+  arch = dict(test_train_step.tiny_config().model.architecture)
+  config = _files_config(tmp_path, rows, **{'prior.source': 'random',
+                                            'prior.architecture': {**arch, 'vocab_size': 40000}})
+  _assert_stopped_before_training(config, ValueError, 'tokenizer has 49152 tokens but the model '
+                                                      'embeds only 40000')
+
+
+def test_unknown_method(tmp_path):
+  config = _files_config(tmp_path, [{'prompt': 'a', 'response': 'b'}], method='sfft')
+  _assert_stopped_before_training(config, train.ConfigError, "unknown method 'sfft'")

@@ -1,0 +1,207 @@
+"""The pure train step: sharding, accumulation, the frozen prior, traced hyperparameters."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh
+
+from qtarget import train
+from qtarget.models import llama
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
+VOCAB, SEQ = 128, 16
+
+
+def tiny_config(**overrides):
+  spec = importlib.util.spec_from_file_location('tiny', CONFIGS / 'tiny.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model.architecture.vocab_size = VOCAB
+  config.batch_size = 8
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def _models(config):
+  arch = dict(config.model.architecture)
+  student = llama.Llama(llama.LlamaConfig(**arch, **train._model_overrides(config.model)),
+                        rngs=nnx.Rngs(0))
+  prior = None
+  if config.model.lora_rank == 0:
+    prior = llama.Llama(llama.LlamaConfig(**arch), rngs=nnx.Rngs(1))
+  return student, prior
+
+
+def make_batch(seed=0, rows=8):
+  """Uneven response lengths: the loss mask covers a different span in each row."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, VOCAB, (rows, SEQ)).astype(np.int32)
+  targets = np.roll(tokens, -1, axis=1)
+  starts = rng.integers(2, SEQ - 2, rows)
+  ends = np.minimum(starts + rng.integers(1, 8, rows), SEQ)
+  mask = (np.arange(SEQ) >= starts[:, None]) & (np.arange(SEQ) < ends[:, None])
+  segments = np.ones((rows, SEQ), np.int32)
+  segments[0, SEQ // 2:] = 2  # one packed row
+  positions = np.tile(np.arange(SEQ, dtype=np.int32), (rows, 1))
+  positions[0, SEQ // 2:] -= SEQ // 2
+  return {'tokens': tokens, 'targets': targets, 'loss_mask': mask, 'segment_ids': segments,
+          'positions': positions}
+
+
+def _single_device_step(state, batch):
+  return jax.jit(train.train_step)(state, jax.tree.map(jnp.asarray, batch))
+
+
+def test_sharded_step_equals_single_device_step():
+  assert jax.device_count() >= 8, 'conftest sets 8 CPU devices'
+  config = tiny_config(**{'mesh.data': 2, 'mesh.fsdp': 4})
+  state = train.create_state(config, *_models(config))
+  batch = make_batch()
+  expected_state, expected_metrics = _single_device_step(state, batch)
+
+  mesh = train.build_mesh(config.mesh)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  step_fn, shardings = train.jit_train_step(jax.eval_shape(lambda: state), mesh,
+                                            dict(config.sharding_rules))
+  sharded_state = train.place(state, shardings)
+  sharded_batch = {k: jax.device_put(v, train.batch_sharding(mesh)) for k, v in batch.items()}
+  new_state, metrics = step_fn(sharded_state, sharded_batch)
+
+  for name in ('loss', 'nll', 'grad_norm'):
+    np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=1e-5, err_msg=name)
+  for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected_state.params)):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+  # The parameters really are sharded over fsdp: an embed-axis kernel is split four ways.
+  kernel = new_state.params['layers'][0]['mlp']['gate']['kernel'][...]
+  assert kernel.sharding.spec[0] == 'fsdp'
+  assert kernel.addressable_shards[0].data.shape == (kernel.shape[0] // 4, kernel.shape[1])
+
+
+def test_accumulation_equals_the_whole_batch():
+  batch = make_batch(seed=3)
+  results = []
+  for accum in (1, 4):
+    config = tiny_config(accum_steps=accum)
+    state = train.create_state(config, *_models(config))
+    results.append(_single_device_step(state, batch))
+  (whole, whole_metrics), (split, split_metrics) = results
+  assert whole.spec.accum_steps == 1 and split.spec.accum_steps == 4
+  for name in ('loss', 'nll', 'trust', 'grad_norm', 'response_tokens'):
+    np.testing.assert_allclose(split_metrics[name], whole_metrics[name], rtol=1e-5, err_msg=name)
+  # Adam's first step is about lr * sign(g) (lr = 3.3e-4 here): float rounding of gradients near
+  # zero moves single entries by ~1e-7, far below a step.
+  for got, want in zip(jax.tree.leaves(split.params), jax.tree.leaves(whole.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_separate_prior_is_frozen():
+  config = tiny_config()
+  state = train.create_state(config, *_models(config))
+  assert state.spec.prior == 'separate'
+  prior_before = jax.tree.map(np.array, state.prior)
+  for step in range(2):
+    state, _ = _single_device_step(state, make_batch(seed=step))
+  for got, want in zip(jax.tree.leaves(state.prior), jax.tree.leaves(prior_before)):
+    np.testing.assert_array_equal(got, want)
+  # Optimizer state exists for the trainable parameters only.
+  param_count = len(jax.tree.leaves(state.params))
+  adam_state = state.opt_state[1][0]
+  assert len(jax.tree.leaves(adam_state.mu)) == param_count
+  assert jax.tree.structure(adam_state.mu) == jax.tree.structure(state.params)
+
+
+def test_lora_student_uses_itself_without_adapters_as_prior():
+  config = tiny_config(**{'model.lora_rank': 4})
+  student, _ = _models(config)
+  state = train.create_state(config, student, None)
+  assert state.spec.prior == 'lora_off'
+  assert all(isinstance(v, llama.LoRAParam) for v in jax.tree.leaves(
+      state.params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  frozen_before = jax.tree.map(np.array, state.frozen)
+  new_state, metrics = _single_device_step(state, make_batch())
+  for got, want in zip(jax.tree.leaves(new_state.frozen), jax.tree.leaves(frozen_before)):
+    np.testing.assert_array_equal(got, want)
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state.params),
+                                                      jax.tree.leaves(state.params))]
+  assert any(changed)
+  # At step 0 the adapters are zero: the student is its own prior, so Target-SFT's residual
+  # p^(1-eta) prior^eta is p, and the trust p_y is the same as DFT's.
+  dft_state = train.create_state(tiny_config(**{'model.lora_rank': 4, 'method': 'dft',
+                                                'hparams': {}}), student, None)
+  _, dft_metrics = _single_device_step(dft_state, make_batch())
+  np.testing.assert_allclose(metrics['loss'], dft_metrics['loss'], rtol=1e-5)
+
+
+def test_prior_with_padding_rows_is_cut_to_the_student_vocabulary():
+  # Qwen2.5's 1.5B and 7B share a tokenizer but pad their embeddings to different sizes.
+  config = tiny_config()
+  student, _ = _models(config)
+  arch = dict(config.model.architecture)
+  padded_prior = llama.Llama(llama.LlamaConfig(**{**arch, 'vocab_size': VOCAB + 8}),
+                             rngs=nnx.Rngs(1))
+  state = train.create_state(config, student, padded_prior)
+  batch = jax.tree.map(jnp.asarray, make_batch())
+  logits = train._prior_logits(state, batch)
+  assert logits.shape[-1] == VOCAB
+  np.testing.assert_array_equal(logits, padded_prior(batch['tokens'],
+                                                     segment_ids_BxT=batch['segment_ids'],
+                                                     positions_BxT=batch['positions'])[..., :VOCAB])
+  _, metrics = _single_device_step(state, make_batch())
+  assert np.isfinite(metrics['loss'])
+  padded = train._match_vocabulary(jnp.zeros((2, VOCAB - 8)), VOCAB)
+  assert padded.shape == (2, VOCAB) and np.all(np.isneginf(padded[:, -8:]))
+
+
+def test_hyperparameter_sweep_does_not_recompile():
+  config = tiny_config()
+  state = train.create_state(config, *_models(config))
+  step_fn = jax.jit(train.train_step)
+  batch = jax.tree.map(jnp.asarray, make_batch())
+  losses, cache_sizes = [], []
+  for eta in (0.0, 0.5, 1.0):
+    swept = state.replace(hyperparameters={'eta': jnp.asarray(eta, jnp.float32)})
+    losses.append(float(step_fn(swept, batch)[1]['loss']))
+    cache_sizes.append(step_fn._cache_size())  # the jit cache is shared with other tests
+  assert cache_sizes[0] == cache_sizes[1] == cache_sizes[2]
+  assert len(set(losses)) == 3
+
+
+def test_metrics_are_consistent():
+  config = tiny_config(method='sft', hparams={})
+  state = train.create_state(config, *_models(config))
+  _, metrics = _single_device_step(state, make_batch())
+  # SFT: trust 1, the loss is the NLL, nothing goes to the residual.
+  np.testing.assert_allclose(metrics['trust'], 1.0)
+  np.testing.assert_allclose(metrics['loss'], metrics['nll'], rtol=1e-6)
+  assert metrics['response_tokens'] == make_batch()['loss_mask'].sum()
+  assert 0.0 <= metrics['accuracy'] <= 1.0 and metrics['grad_norm'] > 0
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'method': 'sfft'}, "unknown method 'sfft'"),
+    ({'hparams': {'lam': 0.1}}, r"takes hyperparameters \['eta'\]"),
+    ({'hparams': {'eta': 1.5}}, 'eta=1.5 is outside'),
+    ({'method': 'weighted', 'hparams': {}}, 'per-token weights'),
+    ({'accum_steps': 3}, 'not divisible by accum_steps'),
+])
+def test_bad_config(overrides, message):
+  config = tiny_config(**overrides)
+  with pytest.raises((train.ConfigError, ValueError), match=message):
+    train.create_state(config, *_models(config))
+
+
+def test_mesh_errors():
+  config = tiny_config(**{'mesh.data': 3, 'mesh.fsdp': 1})
+  with pytest.raises(train.ConfigError, match=r'mesh \[3, 1, 1\] needs 3 devices'):
+    train.build_mesh(config.mesh)
