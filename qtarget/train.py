@@ -517,6 +517,12 @@ def run(config) -> dict:
 
   mesh = build_mesh(config.mesh)
   rules = dict(config.sharding_rules)
+  batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if (config.batch_size // config.accum_steps) % batch_shards:
+    raise ConfigError(
+        f'the micro-batch of {config.batch_size // config.accum_steps} rows (batch_size / '
+        f'accum_steps) does not split over data x fsdp = {batch_shards} devices; change '
+        'batch_size or the mesh.')
   host_state = create_state(config, student, prior_model)
   del student, prior_model
   step_fn, shardings = jit_train_step(jax.eval_shape(lambda: host_state), mesh, rules)

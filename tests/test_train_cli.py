@@ -119,12 +119,12 @@ def test_two_processes_agree_with_one(tmp_path):
     assert process.returncode == 0, stderr[-3000:]
   assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in outputs[0][0]
   expected, got = _exported(single), _exported(multi)
-  # Same losses and gradient norms at every step (measured: agreement to about 1e-7).
-  for name in ('loss', 'grad_norm'):
+  # Same losses and gradient norms at every step (measured: 2e-7 and 1.4e-5 relative).
+  for name, rtol in (('loss', 1e-5), ('grad_norm', 1e-4)):
     single_values = [json.loads(l)[name] for l in _metric_lines(single)]
     multi_values = [json.loads(l)[name] for l in _metric_lines(multi)]
     assert len(single_values) == 3
-    np.testing.assert_allclose(multi_values, single_values, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(multi_values, single_values, rtol=rtol, err_msg=name)
   # Reductions run in another order across processes, and the tiny random model's gradients
   # are ~1e-7 per entry, where Adam's g / sqrt(v) turns rounding into visible differences on a
   # few entries (measured: mean 1e-7, at most 1e-5, against steps of ~1e-3). Wrong data or a
