@@ -13,6 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # LoRA initialization and random models
   config.method = 'target_sft'  # any name of qtarget.targets.CONSTRUCTORS except 'weighted'
   config.hparams = ml_collections.ConfigDict({'eta': 0.5})  # the method's hyperparameters
+  config.loss = 'dense'  # 'dense' (B x T x V logits) or 'fused' (qtarget.fused, token chunks)
+  config.loss_chunk_size = 1024  # tokens per chunk of the fused loss
 
   config.model = ml_collections.ConfigDict()
   config.model.source = 'gguf'  # 'gguf', 'hf' (a Hugging Face directory) or 'random'

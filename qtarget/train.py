@@ -59,14 +59,18 @@ class StepSpec:
     accum_steps: micro-batches per optimizer step.
     static_hyperparameters: hyperparameters that set shapes (EAFT's k), as (name, value) pairs.
     vocab_size: the student's embedding rows (a prior's padding rows are cut to it).
+    loss: 'dense' (logits, target, q_cross_entropy) or 'fused' (q_cross_entropy_fused).
+    chunk_size: tokens per chunk of the fused loss.
   """
   method: str
   prior: str
   accum_steps: int
   vocab_size: int
+  loss: str
   tx: Any  # optax.GradientTransformation; hashed by identity
   schedule: Any
   static_hyperparameters: tuple = ()
+  chunk_size: int = 1024
 
 
 @struct.dataclass
@@ -88,16 +92,30 @@ class TrainState:
   spec: StepSpec = struct.field(pytree_node=False)
 
 
+def _prior_model(state: TrainState):
+  """The frozen prior and the ``lora`` flag to run it with (constants of the step)."""
+  if state.spec.prior == 'lora_off':
+    return nnx.merge(state.graphdef, jax.lax.stop_gradient(state.params), state.frozen), False
+  return nnx.merge(state.prior_graphdef, state.prior), True
+
+
 def _prior_logits(state: TrainState, micro: dict) -> Array | None:
-  kwargs = dict(segment_ids_BxT=micro['segment_ids'], positions_BxT=micro['positions'])
   if state.spec.prior == 'none':
     return None
-  if state.spec.prior == 'lora_off':
-    model = nnx.merge(state.graphdef, jax.lax.stop_gradient(state.params), state.frozen)
-    return jax.lax.stop_gradient(model(micro['tokens'], lora=False, **kwargs))
-  prior = nnx.merge(state.prior_graphdef, state.prior)
-  logits = jax.lax.stop_gradient(prior(micro['tokens'], **kwargs))
-  return _match_vocabulary(logits, state.spec.vocab_size)
+  prior, lora = _prior_model(state)
+  logits = prior(micro['tokens'], segment_ids_BxT=micro['segment_ids'],
+                 positions_BxT=micro['positions'], lora=lora)
+  return _match_vocabulary(jax.lax.stop_gradient(logits), state.spec.vocab_size)
+
+
+def _prior_hidden_and_head(state: TrainState, micro: dict):
+  if state.spec.prior == 'none':
+    return None, None
+  prior, lora = _prior_model(state)
+  hidden = prior.hidden(micro['tokens'], segment_ids_BxT=micro['segment_ids'],
+                        positions_BxT=micro['positions'], lora=lora)
+  head = prior.head_weights_HxV()[:, :state.spec.vocab_size]  # cut padding rows
+  return jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(head)
 
 
 def _match_vocabulary(prior_logits, vocab_size: int):
@@ -111,8 +129,11 @@ def _match_vocabulary(prior_logits, vocab_size: int):
   return prior_logits
 
 
-def _micro_loss(params, state: TrainState, micro: dict, prior_logits, count):
+def _micro_loss(params, state: TrainState, micro: dict, count):
   """Summed Q-loss of a micro-batch / the global response-token count, and metric sums."""
+  if state.spec.loss == 'fused':
+    return _micro_loss_fused(params, state, micro, count)
+  prior_logits = _prior_logits(state, micro)
   model = nnx.merge(state.graphdef, params, state.frozen)
   logits = model(micro['tokens'], segment_ids_BxT=micro['segment_ids'],
                  positions_BxT=micro['positions'])
@@ -122,19 +143,46 @@ def _micro_loss(params, state: TrainState, micro: dict, prior_logits, count):
   per_token = losses.q_cross_entropy(logits, labels, target, where=mask)
   sg = jax.lax.stop_gradient
   log_probs = jax.nn.log_softmax(sg(logits), axis=-1)
-  nll = -targets.label_log_probs(log_probs, jnp.where(mask, labels, 0))
-  masked_sum = lambda x: jnp.sum(jnp.where(mask, x, 0.0))
-  sums = {
-      'loss': masked_sum(sg(per_token)),
-      'nll': masked_sum(nll),
-      'trust': masked_sum(target.trust),
-      'accuracy': masked_sum((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)),
-  }
+  prior_entropy = None
   if prior_logits is not None:
     prior_log_probs = jax.nn.log_softmax(prior_logits, axis=-1)
-    prior_entropy = -jnp.sum(jnp.exp(prior_log_probs) * prior_log_probs, axis=-1)
-    sums['prior_entropy'] = masked_sum(prior_entropy)
+    prior_entropy = -jnp.sum(jnp.where(prior_log_probs > -jnp.inf,
+                                       jnp.exp(prior_log_probs) * prior_log_probs, 0.0), axis=-1)
+  sums = _metric_sums(mask, sg(per_token), targets.label_log_probs(log_probs, jnp.where(
+      mask, labels, 0)), target.trust, jnp.argmax(logits, axis=-1) == labels, prior_entropy)
   return jnp.sum(per_token) / count, sums
+
+
+def _micro_loss_fused(params, state: TrainState, micro: dict, count):
+  """The same loss through :func:`qtarget.fused.q_cross_entropy_fused` (no B x T x V logits)."""
+  from qtarget import fused  # pylint: disable=g-import-not-at-top
+  model = nnx.merge(state.graphdef, params, state.frozen)
+  hidden = model.hidden(micro['tokens'], segment_ids_BxT=micro['segment_ids'],
+                        positions_BxT=micro['positions'])
+  prior_hidden, prior_head = _prior_hidden_and_head(state, micro)
+  mask, labels = micro['loss_mask'], micro['targets']
+  flat = lambda x: None if x is None else x.reshape((-1,) + x.shape[2:])
+  hyper = {name: jnp.broadcast_to(value, mask.shape).reshape(-1)
+           for name, value in state.hyperparameters.items()}
+  loss, aux = fused.q_cross_entropy_fused(
+      flat(hidden), model.head_weights_HxV(), flat(jnp.where(mask, labels, 0)), state.spec.method,
+      prior_hidden_NxP=flat(prior_hidden), prior_head_PxV=prior_head,
+      weights_N=flat(mask).astype(jnp.float32) / count, chunk_size=state.spec.chunk_size,
+      **hyper)
+  unflat = lambda x: x.reshape(mask.shape)
+  sums = _metric_sums(mask, unflat(aux.per_token_loss), unflat(aux.label_log_prob),
+                      unflat(aux.trust), unflat(aux.predicted) == labels,
+                      unflat(aux.prior_entropy) if prior_hidden is not None else None)
+  return loss, sums
+
+
+def _metric_sums(mask, per_token_loss, label_log_prob, trust, correct, prior_entropy):
+  masked_sum = lambda x: jnp.sum(jnp.where(mask, x, 0.0))
+  sums = {'loss': masked_sum(per_token_loss), 'nll': masked_sum(-label_log_prob),
+          'trust': masked_sum(trust), 'accuracy': masked_sum(correct.astype(jnp.float32))}
+  if prior_entropy is not None:
+    sums['prior_entropy'] = masked_sum(prior_entropy)
+  return sums
 
 
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -154,9 +202,8 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
 
   def accumulate(carry, micro):
     grads, sums = carry
-    prior_logits = _prior_logits(state, micro)
     (_, micro_sums), micro_grads = jax.value_and_grad(_micro_loss, has_aux=True)(
-        state.params, state, micro, prior_logits, count)
+        state.params, state, micro, count)
     grads = jax.tree.map(jnp.add, grads, micro_grads)
     sums = jax.tree.map(jnp.add, sums, micro_sums)
     return (grads, sums), None
@@ -365,9 +412,20 @@ def create_state(config, student, prior_model=None) -> TrainState:
   if config.batch_size % config.accum_steps:
     raise ConfigError(f'batch_size {config.batch_size} is not divisible by accum_steps '
                       f'{config.accum_steps}.')
+  if config.loss not in ('dense', 'fused'):
+    raise ConfigError(f"loss must be 'dense' or 'fused', got {config.loss!r}.")
+  if config.loss == 'fused':
+    from qtarget import fused  # pylint: disable=g-import-not-at-top
+    if config.method not in fused.SUPPORTED_METHODS:
+      raise ConfigError(f'the fused loss does not support method {config.method!r}; use '
+                        f"loss='dense' or one of {', '.join(fused.SUPPORTED_METHODS)}.")
+    if prior_model is not None and prior_model.config.vocab_size < student.config.vocab_size:
+      raise ConfigError('the fused loss needs a prior vocabulary at least as large as the '
+                        "student's; use loss='dense'.")
   spec = StepSpec(method=config.method, prior=prior_mode, accum_steps=config.accum_steps,
-                  vocab_size=student.config.vocab_size, tx=tx, schedule=schedule,
-                  static_hyperparameters=static)
+                  vocab_size=student.config.vocab_size, loss=config.loss, tx=tx,
+                  schedule=schedule, static_hyperparameters=static,
+                  chunk_size=config.loss_chunk_size)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                     prior=prior_state, opt_state=tx.init(params),
                     hyperparameters=hyperparameters, graphdef=graphdef,

@@ -71,6 +71,12 @@ def test_resume_after_sigkill_reaches_the_same_parameters(tmp_path):
   reference = tmp_path / 'reference'
   subprocess.run(_command(reference), env=_env(), check=True, capture_output=True)
   expected = _exported(reference)
+  logged = json.loads(_metric_lines(reference)[-1])
+  assert set(logged) >= {'step', 'loss', 'nll', 'trust', 'residual_mass', 'prior_entropy',
+                         'accuracy', 'grad_norm', 'learning_rate', 'tokens_per_second'}
+  assert list((reference / 'tensorboard').glob('events.out.tfevents.*'))
+  summary = json.loads((reference / 'summary.json').read_text())
+  assert summary['steps'] == 8 and summary['exported_to'].endswith('hf')
 
   interrupted = tmp_path / 'interrupted'
   checkpoints_dir = interrupted / 'checkpoints'

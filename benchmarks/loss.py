@@ -1,0 +1,161 @@
+"""Loss-head benchmark: time and compiled memory of fwd+bwd, as ratios within one process.
+
+    python benchmarks/loss.py            # CPU: scaled-down shapes
+    python benchmarks/loss.py --gpu      # the issue's three shapes (on a GPU)
+
+Compared, each as loss and gradients with respect to the hidden states and the head:
+  optax_ce     optax's hard-label cross-entropy on dense logits (hidden @ head)
+  dense_q      Target-SFT's target + q_cross_entropy on dense student and prior logits
+  fused_q      qtarget.fused.q_cross_entropy_fused (token chunks, no N x V array)
+  floor        3 student-head matmuls + 1 prior-head matmul (the matmuls any exact method needs)
+Prints a markdown table and writes JSON next to this file (results/loss_<device>.json).
+"""
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qtarget import fused
+from qtarget import losses
+from qtarget import targets
+
+GPU_SHAPES = [(16384, 576, 576, 49152), (8192, 1536, 3584, 151936), (8192, 4096, 4096, 128256)]
+CPU_SHAPES = [(2048, 256, 256, 8192), (2048, 384, 512, 16384)]
+ETA = 0.5
+
+
+def _inputs(n, h, p, v, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  return dict(
+      hidden=(jax.random.normal(keys[0], (n, h)) / 4).astype(dtype),
+      head=(jax.random.normal(keys[1], (h, v)) / h ** 0.5 * 4).astype(dtype),
+      prior_hidden=(jax.random.normal(keys[2], (n, p)) / 4).astype(dtype),
+      prior_head=(jax.random.normal(keys[3], (p, v)) / p ** 0.5 * 4).astype(dtype),
+      labels=jax.random.randint(keys[4], (n,), 0, v),
+      weights=jnp.full((n,), 1.0 / n, jnp.float32))
+
+
+def optax_ce(hidden, head, prior_hidden, prior_head, labels, weights):
+  del prior_hidden, prior_head
+  logits = jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+  return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights)
+
+
+def dense_q(hidden, head, prior_hidden, prior_head, labels, weights):
+  logits = jnp.dot(hidden, head, preferred_element_type=jnp.float32)
+  prior_logits = jnp.dot(prior_hidden, prior_head, preferred_element_type=jnp.float32)
+  target = targets.target_sft(logits, labels, prior_logits=prior_logits, eta=ETA)
+  return jnp.sum(losses.q_cross_entropy(logits, labels, target) * weights)
+
+
+def make_fused_q(chunk_size):
+  def fused_q(hidden, head, prior_hidden, prior_head, labels, weights):
+    loss, _ = fused.q_cross_entropy_fused(hidden, head, labels, 'target_sft',
+                                          prior_hidden_NxP=prior_hidden,
+                                          prior_head_PxV=prior_head, weights_N=weights,
+                                          chunk_size=chunk_size, eta=ETA)
+    return loss
+  return fused_q
+
+
+def _value_and_grads(loss_fn):
+  return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+
+
+def _matmul(x, w):
+  return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _time(fn, args, repeats):
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _memory(fn, args):
+  analysis = fn.lower(*args).compile().memory_analysis()
+  if analysis is None:
+    return None
+  return {'temp': analysis.temp_size_in_bytes, 'argument': analysis.argument_size_in_bytes,
+          'output': analysis.output_size_in_bytes}
+
+
+def bench(shape, dtype, repeats, chunk_size):
+  n, h, p, v = shape
+  x = _inputs(n, h, p, v, dtype)
+  args = (x['hidden'], x['head'], x['prior_hidden'], x['prior_head'], x['labels'], x['weights'])
+  row = {'shape': shape, 'dtype': jnp.dtype(dtype).name, 'chunk_size': chunk_size}
+  for name, fn in (('optax_ce', optax_ce), ('dense_q', dense_q),
+                   ('fused_q', make_fused_q(chunk_size))):
+    compiled = _value_and_grads(fn)
+    row[f'{name}_s'] = _time(compiled, args, repeats)
+    row[f'{name}_memory'] = _memory(compiled, args)
+  matmul = jax.jit(_matmul)
+  student = _time(matmul, (x['hidden'], x['head']), repeats)
+  prior = _time(matmul, (x['prior_hidden'], x['prior_head']), repeats)
+  row['floor_s'] = 3 * student + prior
+  # Equality check while we are here: the fused loss is the dense one.
+  dense_value, dense_grads = _value_and_grads(dense_q)(*args)
+  fused_value, fused_grads = _value_and_grads(make_fused_q(chunk_size))(*args)
+  row['max_rel_value_error'] = float(abs(fused_value - dense_value) / abs(dense_value))
+  row['max_abs_grad_error'] = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) -
+                                                         b.astype(jnp.float32))))
+                                  for a, b in zip(fused_grads, dense_grads))
+  return row
+
+
+def _gib(x):
+  return f'{x / 2**30:.2f}' if x is not None else 'n/a'
+
+
+def report(rows, device):
+  lines = [f'device: {device}', '',
+           '| N, H, P, V | optax CE ms | dense Q ms | fused Q ms | floor ms | fused/floor | '
+           'fused/dense | dense temp GiB | fused temp GiB | dense/fused temp |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    dense_temp = r['dense_q_memory'] and r['dense_q_memory']['temp']
+    fused_temp = r['fused_q_memory'] and r['fused_q_memory']['temp']
+    ratio = f'{dense_temp / fused_temp:.1f}x' if dense_temp and fused_temp else 'n/a'
+    lines.append(
+        f"| {', '.join(map(str, r['shape']))} | {1e3 * r['optax_ce_s']:.1f} | "
+        f"{1e3 * r['dense_q_s']:.1f} | {1e3 * r['fused_q_s']:.1f} | {1e3 * r['floor_s']:.1f} | "
+        f"{r['fused_q_s'] / r['floor_s']:.2f} | {r['fused_q_s'] / r['dense_q_s']:.2f} | "
+        f"{_gib(dense_temp)} | {_gib(fused_temp)} | {ratio} |")
+  return '\n'.join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--gpu', action='store_true', help="the issue's GPU shapes")
+  parser.add_argument('--dtype', default=None, help='float32 or bfloat16 (default: bf16 on GPU)')
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--chunk-size', type=int, default=None)
+  args = parser.parse_args()
+  shapes = GPU_SHAPES if args.gpu else CPU_SHAPES
+  dtype = jnp.dtype(args.dtype or ('bfloat16' if args.gpu else 'float32'))
+  chunk = args.chunk_size or (1024 if args.gpu else 256)
+  device = f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}'
+  rows = []
+  for shape in shapes:
+    print(f'benchmarking N, H, P, V = {shape} ...', flush=True)
+    rows.append(bench(shape, dtype, args.repeats, chunk))
+  print(report(rows, device))
+  out = pathlib.Path(__file__).parent / 'results' / f"loss_{jax.default_backend()}.json"
+  out.parent.mkdir(exist_ok=True)
+  out.write_text(json.dumps({'device': device, 'rows': rows}, indent=2))
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  main()

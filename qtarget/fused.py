@@ -1,0 +1,239 @@
+r"""The Q cross-entropy fused with the output head: no tokens x vocabulary array is kept.
+
+:func:`q_cross_entropy_fused` takes hidden states and head weights instead of logits. It walks
+the tokens in chunks; for each chunk it computes full-vocabulary rows of the student's (and the
+prior's) logits, the target Q of the method, the loss and its logit gradient p - Q in the same
+pass (Q is a constant), and accumulates the gradients of the hidden states and of the head. The
+matmuls are the floor: three with the student's head (logits, hidden gradient, head gradient)
+and one with the prior's. Only a chunk of logits lives at a time, so memory beyond inputs and
+gradients is O(chunk x V) instead of O(N x V).
+
+This is the portable XLA implementation (``lax.scan`` with a custom VJP); it runs on CPU, GPU
+and TPU. Methods: those whose residual is a normalized product of powers of the model, the prior
+and the uniform distribution (:data:`qtarget.targets.METHODS`).
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qtarget import targets as targets_lib
+from qtarget import validation
+
+Array = jax.Array
+SUPPORTED_METHODS = tuple(targets_lib.METHODS)
+
+
+class FusedAux(NamedTuple):
+  """Per-token values for metrics (not differentiable).
+
+  Attributes:
+    per_token_loss: ``[N]`` CE(Q, p) of each token (unweighted).
+    trust: ``[N]`` the target's mass on the label.
+    label_log_prob: ``[N]`` log p(label).
+    predicted: ``[N]`` argmax of the student's logits.
+    prior_entropy: ``[N]`` entropy of the prior (zeros without a prior).
+  """
+  per_token_loss: Array
+  trust: Array
+  label_log_prob: Array
+  predicted: Array
+  prior_entropy: Array
+
+
+def _chunk_values(method, hidden_CxH, head_HxV, labels_C, weights_C, prior_hidden_CxP,
+                  prior_head_PxV, hyper_C):
+  """Loss, logit gradient and metrics of one chunk of tokens, in float32."""
+  logits = jnp.dot(hidden_CxH, head_HxV, preferred_element_type=jnp.float32)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  label_log_prob = targets_lib.label_log_probs(log_probs, labels_C)
+  prior_log_probs = None
+  prior_entropy = jnp.zeros(labels_C.shape, jnp.float32)
+  if method.needs_prior:
+    prior_logits = jnp.dot(prior_hidden_CxP, prior_head_PxV, preferred_element_type=jnp.float32)
+    prior_log_probs = jax.nn.log_softmax(prior_logits, axis=-1)
+    prior_probs = jnp.exp(prior_log_probs)
+    prior_entropy = -jnp.sum(jnp.where(prior_probs > 0, prior_probs * prior_log_probs, 0.0), -1)
+  trust = jnp.broadcast_to(method.trust(label_log_prob, **hyper_C), labels_C.shape)
+  model_power, prior_power = method.residual_powers(**hyper_C)
+  log_residual = targets_lib.log_residual_from_powers(log_probs, prior_log_probs, model_power,
+                                                      prior_power)
+  residual = jnp.exp(log_residual)
+  residual_ce = -jnp.sum(jnp.where(residual > 0, residual * log_probs, 0.0), axis=-1)
+  label_nll = -label_log_prob
+  loss = (jnp.where(trust == 0, 0.0, trust * label_nll)
+          + jnp.where(trust == 1, 0.0, (1 - trust) * residual_ce))
+  onehot = jax.nn.one_hot(labels_C, logits.shape[-1], dtype=jnp.float32)
+  target = trust[:, None] * onehot + (1 - trust[:, None]) * residual
+  grad_logits = (jnp.exp(log_probs) - target) * weights_C[:, None]
+  # Zero-weight tokens (padding) contribute nothing, even with garbage labels.
+  grad_logits = jnp.where(weights_C[:, None] == 0, 0.0, grad_logits)
+  loss = jnp.where(weights_C == 0, 0.0, loss)
+  aux = FusedAux(loss, trust, label_log_prob, jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                 prior_entropy)
+  return loss, grad_logits, aux
+
+
+def _pad_tokens(x, pad):
+  return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N, prior_hidden_NxP,
+           prior_head_PxV, hyper_N):
+  total, aux, _ = _forward(method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
+                           prior_hidden_NxP, prior_head_PxV, hyper_N)
+  return total, aux
+
+
+def _forward(method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
+             prior_hidden_NxP, prior_head_PxV, hyper_N):
+  method = targets_lib.METHODS[method_name]
+  n = labels_N.shape[0]
+  pad = (-n) % chunk_size
+  chunks = (n + pad) // chunk_size
+  as_chunks = lambda x: _pad_tokens(x, pad).reshape((chunks, chunk_size) + x.shape[1:])
+  xs = {
+      'hidden': as_chunks(hidden_NxH),
+      'labels': as_chunks(labels_N),
+      'weights': as_chunks(weights_N.astype(jnp.float32)),
+      'hyper': {k: as_chunks(v) for k, v in hyper_N.items()},
+  }
+  if method.needs_prior:
+    xs['prior_hidden'] = as_chunks(prior_hidden_NxP)
+
+  def step(grad_head, x):
+    loss, grad_logits, aux = _chunk_values(
+        method, x['hidden'], head_HxV, x['labels'], x['weights'], x.get('prior_hidden'),
+        prior_head_PxV, x['hyper'])
+    grad_logits = grad_logits.astype(head_HxV.dtype)
+    grad_hidden = jnp.dot(grad_logits, head_HxV.T, preferred_element_type=jnp.float32)
+    grad_head = grad_head + jnp.dot(x['hidden'].T, grad_logits,
+                                    preferred_element_type=jnp.float32)
+    weighted = jnp.sum(loss * x['weights'])
+    return grad_head, (weighted, grad_hidden.astype(hidden_NxH.dtype), aux)
+
+  grad_head, (weighted, grad_hidden, aux) = jax.lax.scan(
+      step, jnp.zeros(head_HxV.shape, jnp.float32), xs)
+  unchunk = lambda x: x.reshape((chunks * chunk_size,) + x.shape[2:])[:n]
+  aux = jax.tree.map(unchunk, aux)
+  grads = (unchunk(grad_hidden), grad_head.astype(head_HxV.dtype))
+  return jnp.sum(weighted), aux, grads
+
+
+def _fused_fwd(method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
+               prior_hidden_NxP, prior_head_PxV, hyper_N):
+  total, aux, grads = _forward(method_name, chunk_size, hidden_NxH, head_HxV, labels_N,
+                               weights_N, prior_hidden_NxP, prior_head_PxV, hyper_N)
+  shapes = (labels_N, weights_N, prior_hidden_NxP, prior_head_PxV, hyper_N)
+  return (total, aux), (grads, shapes)
+
+
+def _fused_bwd(method_name, chunk_size, residuals, cotangents):
+  del method_name, chunk_size
+  (grad_hidden, grad_head), (labels, weights, prior_hidden, prior_head, hyper) = residuals
+  g_total, _ = cotangents  # the per-token outputs are stop-gradient'ed by the caller
+  zeros = lambda x: None if x is None else jnp.zeros_like(x)
+  labels_ct = None if labels is None else jnp.zeros(labels.shape, jax.dtypes.float0)
+  return ((g_total * grad_hidden.astype(jnp.float32)).astype(grad_hidden.dtype),
+          (g_total * grad_head.astype(jnp.float32)).astype(grad_head.dtype),
+          labels_ct, zeros(weights), zeros(prior_hidden), zeros(prior_head),
+          jax.tree.map(jnp.zeros_like, hyper))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array, method: str, *,
+                          prior_hidden_NxP: Array | None = None,
+                          prior_head_PxV: Array | None = None, weights_N: Array | None = None,
+                          chunk_size: int = 1024, **hyperparameters) -> tuple[Array, FusedAux]:
+  r"""Weighted sum over tokens of CE(Q, softmax(hidden @ head)), without N x V arrays.
+
+  .. math::
+    L = \sum_i w_i\, \mathrm{CE}(Q_i, p_i), \qquad p_i = \mathrm{softmax}(h_i W),\quad
+    \frac{\partial L}{\partial h_i} = w_i (p_i - Q_i) W^\top
+
+  Args:
+    hidden_NxH: student hidden states (float32 or bfloat16).
+    head_HxV: the student's output head.
+    labels_N: integer labels in ``[0, V)`` where the weight is non-zero.
+    method: a name of :data:`qtarget.targets.METHODS` (sft, label_smoothing, dft, beyond_log,
+      profit, sft_kl, asft, distill, hybrid_distill, target_sft).
+    prior_hidden_NxP: the prior's hidden states, for methods with a prior.
+    prior_head_PxV: the prior's head (same vocabulary V).
+    weights_N: per-token weights carrying the mask and the normalization (None: all ones).
+    chunk_size: tokens per chunk; memory is O(chunk_size x V).
+    **hyperparameters: the method's, scalars or ``[N]`` arrays (traced: no recompilation).
+
+  Returns:
+    ``(loss, aux)``: the scalar weighted sum (differentiable with respect to the hidden states
+    and the head; the prior gets no gradient) and :class:`FusedAux` per-token values.
+
+  Example:
+    >>> h, w = jnp.ones((4, 8)), jnp.eye(8, 16)
+    >>> loss, aux = q_cross_entropy_fused(h, w, jnp.arange(4), 'dft')
+    >>> aux.per_token_loss.shape
+    (4,)
+  """
+  if method not in targets_lib.METHODS:
+    raise ValueError(f'q_cross_entropy_fused does not support method {method!r}; supported: '
+                     f'{", ".join(SUPPORTED_METHODS)}.')
+  spec = targets_lib.METHODS[method]
+  _check_inputs(hidden_NxH, head_HxV, labels_N, weights_N, 'hidden_NxH', 'head_HxV')
+  if spec.needs_prior:
+    if prior_hidden_NxP is None or prior_head_PxV is None:
+      raise ValueError(f'method {method!r} needs the prior: pass prior_hidden_NxP and '
+                       'prior_head_PxV.')
+    _check_inputs(prior_hidden_NxP, prior_head_PxV, labels_N, None, 'prior_hidden_NxP',
+                  'prior_head_PxV')
+    if prior_head_PxV.shape[1] != head_HxV.shape[1]:
+      raise ValueError(f"the prior head's vocabulary size {prior_head_PxV.shape[1]} differs from "
+                       f"the student's {head_HxV.shape[1]}.")
+  else:
+    prior_hidden_NxP = prior_head_PxV = None
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}.')
+  expected = set(spec.hyperparameters)
+  if set(hyperparameters) != expected:
+    raise TypeError(f'method {method!r} takes hyperparameters {sorted(expected)}; got '
+                    f'{sorted(hyperparameters)}.')
+  n = labels_N.shape[0]
+  for name, valid in spec.hyperparameters.items():
+    validation.check_hyperparameter(name, hyperparameters[name], (n,), valid.low, valid.high,
+                                    valid.low_open, valid.high_open)
+  validation.check_label_range(labels_N, head_HxV.shape[1],
+                               None if weights_N is None else jnp.asarray(weights_N) != 0)
+  hyper_N = {name: jnp.broadcast_to(jnp.asarray(jax.lax.stop_gradient(v), jnp.float32), (n,))
+             for name, v in hyperparameters.items()}
+  weights_N = (jnp.ones((n,), jnp.float32) if weights_N is None
+               else jax.lax.stop_gradient(jnp.asarray(weights_N, jnp.float32)))
+  if prior_hidden_NxP is not None:
+    prior_hidden_NxP = jax.lax.stop_gradient(prior_hidden_NxP)
+    prior_head_PxV = jax.lax.stop_gradient(prior_head_PxV)
+  chunk_size = min(chunk_size, max(n, 1))
+  total, aux = _fused(method, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
+                      prior_hidden_NxP, prior_head_PxV, hyper_N)
+  return total, jax.lax.stop_gradient(aux)
+
+
+def _check_inputs(hidden, head, labels, weights, hidden_name, head_name):
+  for name, x in ((hidden_name, hidden), (head_name, head)):
+    if jnp.ndim(x) != 2:
+      raise ValueError(f'{name} must be 2-D, got shape {jnp.shape(x)}.')
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      raise TypeError(f'{name} must be floating-point, got {jnp.result_type(x)}.')
+  if hidden.shape[1] != head.shape[0]:
+    raise ValueError(f'{hidden_name} of shape {hidden.shape} and {head_name} of shape '
+                     f'{head.shape} do not chain (hidden size {hidden.shape[1]} vs '
+                     f'{head.shape[0]}).')
+  if jnp.ndim(labels) != 1 or labels.shape[0] != hidden.shape[0]:
+    raise ValueError(f'labels_N of shape {jnp.shape(labels)} must be [N] with N = '
+                     f'{hidden.shape[0]} tokens.')
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+    raise TypeError(f'labels_N must be integers, got {jnp.result_type(labels)}.')
+  if weights is not None and jnp.shape(weights) != jnp.shape(labels):
+    raise ValueError(f'weights_N of shape {jnp.shape(weights)} must match labels_N '
+                     f'{jnp.shape(labels)}.')
