@@ -21,11 +21,16 @@ class _DigitsTokenizer:
     return ' '.join(str(int(i)) for i in ids)
 
 
+@nnx.jit
+def _last_logits(model, tokens):
+  return model(tokens)[0, -1]
+
+
 def _greedy_without_cache(model, ids, steps):
   ids = list(ids)
   out = []
   for _ in range(steps):
-    next_id = int(jnp.argmax(model(jnp.asarray([ids]))[0, -1]))
+    next_id = int(jnp.argmax(_last_logits(model, jnp.asarray([ids]))))
     if next_id == EOS:
       break
     out.append(next_id)
