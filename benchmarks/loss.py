@@ -144,7 +144,7 @@ def main():
   args = parser.parse_args()
   shapes = GPU_SHAPES if args.gpu else CPU_SHAPES
   dtype = jnp.dtype(args.dtype or ('bfloat16' if args.gpu else 'float32'))
-  chunk = args.chunk_size or (1024 if args.gpu else 256)
+  chunk = args.chunk_size or (1024 if args.gpu else 128)
   device = f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}'
   rows = []
   for shape in shapes:

@@ -10,13 +10,9 @@ The paper's training hyperparameters are not recovered (PAPER.md): these are ord
 for a 1.5B model; sweep eta.
 """
 
-import importlib.util
-import pathlib
+from qtarget import config_files
 
-_spec = importlib.util.spec_from_file_location(
-    'smollm2_demo', pathlib.Path(__file__).with_name('smollm2_demo.py'))
-smollm2_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(smollm2_demo)
+smollm2_demo = config_files.sibling(__file__, 'smollm2_demo')
 
 
 def get_config():
@@ -26,11 +22,20 @@ def get_config():
 
   config.model.source = 'hf'
   config.model.path = '/data/Qwen2.5-Math-1.5B'
+  # The shapes (from the checkpoint's config.json), for compile_check before the weights exist.
+  config.model.architecture.update(dict(
+      vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+      num_kv_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+      attention_bias=True, max_position_embeddings=4096, architecture='qwen2'))
   config.model.compute_dtype = 'bfloat16'  # float32 master weights, bfloat16 matmuls
   config.model.remat = True  # per-layer rematerialization for 2k-token sequences
 
   config.prior.source = 'hf'
   config.prior.path = '/data/Qwen2.5-Math-7B'
+  config.prior.architecture.update(dict(
+      vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+      num_kv_heads=4, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+      attention_bias=True, max_position_embeddings=4096, architecture='qwen2'))
   config.prior.param_dtype = 'bfloat16'  # frozen: no master copy needed
   config.prior.compute_dtype = 'bfloat16'
 
@@ -42,9 +47,10 @@ def get_config():
   config.data.truncate = True  # long solutions are cut (and counted) rather than stopping
   config.data.difficulty = {}
 
+  config.loss = 'fused'  # the dense loss needs ~160 GiB per chip of logits temporaries here
   config.steps = 2000
   config.batch_size = 64  # rows of 2048 tokens per step, across all devices
-  config.accum_steps = 1
+  config.accum_steps = 2  # fits a v5e:4x4 slice (see the README's scaling section)
   config.optimizer.learning_rate = 1e-5
   config.optimizer.warmup_steps = 100
   config.optimizer.weight_decay = 0.01

@@ -1,12 +1,8 @@
 """The demo shrunk for tests: a random two-layer model with SmolLM2's tokenizer, a few steps."""
 
-import importlib.util
-import pathlib
+from qtarget import config_files
 
-_spec = importlib.util.spec_from_file_location(
-    'smollm2_demo', pathlib.Path(__file__).with_name('smollm2_demo.py'))
-smollm2_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(smollm2_demo)
+smollm2_demo = config_files.sibling(__file__, 'smollm2_demo')
 
 
 def get_config():

@@ -245,10 +245,10 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
 
 # Sharding.
 
-def build_mesh(mesh_config) -> Mesh:
-  """A (data, fsdp, tensor) mesh over all devices; one axis may be -1 (the rest)."""
+def build_mesh(mesh_config, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over ``devices`` (default: all); one axis may be -1 (the rest)."""
   shape = [mesh_config.data, mesh_config.fsdp, mesh_config.tensor]
-  devices = jax.devices()
+  devices = jax.devices() if devices is None else list(devices)
   if shape.count(-1) > 1:
     raise ConfigError(f'mesh {shape}: at most one axis may be -1.')
   if -1 in shape:

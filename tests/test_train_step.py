@@ -1,7 +1,6 @@
 """The pure train step: sharding, accumulation, the frozen prior, traced hyperparameters."""
 
 import dataclasses
-import importlib.util
 import pathlib
 
 import jax
@@ -12,6 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh
 
+from qtarget import config_files
 from qtarget import train
 from qtarget.models import llama
 
@@ -20,10 +20,7 @@ VOCAB, SEQ = 128, 16
 
 
 def tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location('tiny', CONFIGS / 'tiny.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_files.load_module(CONFIGS / 'tiny.py').get_config()
   config.model.architecture.vocab_size = VOCAB
   config.batch_size = 8
   for key, value in overrides.items():

@@ -1,0 +1,252 @@
+r"""Compile the real train step for a TPU pod slice ahead of time, on a machine without a TPU.
+
+    python -m qtarget.compile_check --config configs/NAME.py --topology v5e:4x4 [--config.k=v]
+
+Builds the config's mesh over the named topology's devices (libtpu describes them; nothing runs),
+lowers and compiles :func:`qtarget.train.train_step` (student, prior, optimizer, the configured
+loss) from ``ShapeDtypeStruct`` inputs with the real shardings, and reports per-device memory
+against the chip's HBM, the step's FLOPs, and whether it fits, with what to change when it does
+not. Needs the ``tpu`` extra (``pip install -e .[tpu]``).
+
+Model shapes come from the checkpoint's config.json when the path exists, else from
+``model.architecture`` / ``prior.architecture`` in the config, so a plan can be checked before
+the weights are downloaded.
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qtarget import targets
+from qtarget import train
+from qtarget.models import llama
+
+GIB = 2 ** 30
+# HBM per chip by the device_kind libtpu reports.
+HBM_BYTES = {'TPU v4': 32 * GIB, 'TPU v5 lite': 16 * GIB, 'TPU v5e': 16 * GIB,
+             'TPU v5': 95 * GIB, 'TPU v5p': 95 * GIB, 'TPU v6 lite': 32 * GIB,
+             'TPU v6e': 32 * GIB}
+
+
+@dataclasses.dataclass
+class Report:
+  """Per-device memory of the compiled step (bytes) and what it means."""
+  topology: str
+  device_kind: str
+  num_devices: int
+  mesh: dict
+  arguments: int
+  outputs: int
+  temporaries: int
+  aliased: int
+  generated_code: int
+  hbm: int | None
+  flops: float | None
+  suggestions: list
+  compiler_message: str = ''  # the TPU compiler's own words when it refused the plan
+  model_flops: float | None = None  # analytic matmul FLOPs per step per device
+
+  @property
+  def total(self) -> int:
+    """Peak per-device bytes: arguments + outputs + temporaries, less donated (aliased) outputs."""
+    return self.arguments + self.outputs + self.temporaries + self.generated_code - self.aliased
+
+  @property
+  def fits(self) -> bool | None:
+    return None if self.hbm is None else self.total <= self.hbm
+
+  def table(self) -> str:
+    gib = lambda b: f'{b / GIB:.2f}'
+    lines = [
+        f'topology {self.topology}: {self.num_devices} x {self.device_kind}, HBM '
+        f'{gib(self.hbm) if self.hbm else "unknown"} GiB per device; mesh {self.mesh}',
+        '| per device | GiB |', '|---|---|',
+        f'| arguments (parameters, optimizer state, prior, batch) | {gib(self.arguments)} |',
+        f'| outputs | {gib(self.outputs)} |',
+        f'| donated (outputs aliasing arguments) | -{gib(self.aliased)} |',
+        f'| temporaries | {gib(self.temporaries)} |',
+        f'| generated code | {gib(self.generated_code)} |',
+        f'| **total** | **{gib(self.total)}** |',
+        f'FLOPs per step per device: {self.model_flops:.3e} from the parameter count (6 N T for '
+        'the student, 2 N T more with remat, 2 N T for the prior; attention not counted)',
+        f'FLOPs per step per device, compiled cost analysis: {self.flops:.3e} (counts each loop '
+        'body once: one micro-batch, one fused-loss chunk)' if self.flops else
+        'FLOPs per step per device, compiled cost analysis: not reported']
+    if self.compiler_message:
+      lines.append(f'the TPU compiler refused the plan: {self.compiler_message}')
+    if self.fits is True:
+      lines.append(f'fits: yes, {gib(self.hbm - self.total)} GiB of {gib(self.hbm)} GiB left')
+    elif self.fits is False:
+      lines.append(f'fits: NO, over by {gib(self.total - self.hbm)} GiB '
+                   f'({self.total / self.hbm:.2f}x the HBM). Try: ' + '; '.join(self.suggestions))
+    return '\n'.join(lines)
+
+
+_UNITS = {'': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
+
+
+def _compiler_bytes(message: str, what: str) -> int | None:
+  """Bytes the XLA TPU compiler names in an out-of-memory message, e.g. 'temporaries (28.27G)'."""
+  match = re.search(what + r'[^(]*\(([\d.]+)([KMGT]?)\)', message)
+  return None if match is None else int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _per_device_bytes(tree) -> int:
+  """Bytes one device holds of ShapeDtypeStructs with shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _architecture(model_config, overrides: dict) -> llama.LlamaConfig:
+  from qtarget import checkpoints  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(model_config.path) if model_config.path else None
+  if model_config.source == 'hf' and path is not None and (path / 'config.json').exists():
+    return checkpoints.config_from_hf(json.loads((path / 'config.json').read_text()),
+                                      **overrides)
+  if model_config.source == 'gguf':
+    import gguf  # pylint: disable=g-import-not-at-top
+    gguf_path = path if path is not None else checkpoints.smollm2_gguf_path()
+    return checkpoints.config_from_gguf(gguf.GGUFReader(str(gguf_path)), **overrides)
+  if len(model_config.architecture):
+    return llama.LlamaConfig(**dict(model_config.architecture), **overrides)
+  raise train.ConfigError(
+      f'no shapes for the model at {model_config.path!r}: the path has no config.json; set '
+      '--config.model.architecture (or prior.architecture) to the LlamaConfig fields.')
+
+
+def model_configs(config) -> tuple[llama.LlamaConfig, llama.LlamaConfig | None]:
+  """The student's and (if the step runs a separate one) the prior's architecture."""
+  student = _architecture(config.model, train._model_overrides(config.model))  # pylint: disable=protected-access
+  method = targets.METHODS.get(config.method)
+  if method is None or not method.needs_prior:
+    return student, None
+  if config.prior.source == 'initial':
+    if config.model.lora_rank > 0:
+      return student, None  # the student with adapters off
+    return student, dataclasses.replace(student, lora_rank=0)
+  return student, _architecture(config.prior, {**train._model_overrides(config.prior),  # pylint: disable=protected-access
+                                               'lora_rank': 0})
+
+
+def _suggestions(config, report_mesh: dict, num_devices: int) -> list:
+  tips = []
+  if report_mesh['fsdp'] < num_devices:
+    tips.append(f"a larger fsdp axis (--config.mesh.fsdp=-1 shards parameters and optimizer state "
+                f"over all {num_devices} chips)")
+  if not config.model.remat:
+    tips.append('rematerialization (--config.model.remat=True)')
+  if config.loss == 'dense':
+    tips.append("the fused loss (--config.loss=fused: no tokens x vocabulary logits)")
+  tips.append('a smaller per-device batch (lower batch_size, or raise accum_steps)')
+  if config.model.lora_rank == 0:
+    tips.append('LoRA (--config.model.lora_rank=16: no optimizer state for the base weights, and '
+                'the prior can be the student without adapters)')
+  return tips
+
+
+def check(config, topology_name: str) -> Report:
+  """Compiles the configured step for ``topology_name`` (e.g. 'v5e:4x4') and measures it."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    topology = topologies.get_topology_desc(platform='tpu', topology_name=topology_name)
+  except Exception as error:  # libtpu raises its own types
+    raise train.ConfigError(f'cannot describe TPU topology {topology_name!r}: {error} (is the '
+                            'tpu extra installed: pip install -e ".[tpu]"?)') from error
+  devices = topology.devices
+  mesh = train.build_mesh(config.mesh, devices)
+  student_config, prior_config = model_configs(config)
+
+  def make_state():
+    student = llama.Llama(student_config, rngs=nnx.Rngs(0))
+    prior = None if prior_config is None else llama.Llama(prior_config, rngs=nnx.Rngs(1))
+    return train.create_state(config, student, prior)
+
+  abstract = jax.eval_shape(make_state)
+  rules = dict(config.sharding_rules)
+  shardings = train.state_shardings(abstract, mesh, rules)
+  state_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
+  batch_sharding = train.batch_sharding(mesh)
+  rows, length = config.batch_size, config.data.seq_len
+  batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if (rows // config.accum_steps) % batch_shards:
+    raise train.ConfigError(f'the micro-batch of {rows // config.accum_steps} rows does not '
+                            f'split over data x fsdp = {batch_shards} chips.')
+  dtypes = {'tokens': jnp.int32, 'targets': jnp.int32, 'loss_mask': jnp.bool_,
+            'segment_ids': jnp.int32, 'positions': jnp.int32}
+  batch = {key: jax.ShapeDtypeStruct((rows, length), dtype, sharding=batch_sharding)
+           for key, dtype in dtypes.items()}
+  step = jax.jit(train.train_step,
+                 in_shardings=(shardings, {k: batch_sharding for k in dtypes}),
+                 out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+                 donate_argnums=0)
+  kind = devices[0].device_kind
+  cores_per_chip = max(getattr(d, 'core_on_chip', 0) for d in devices) + 1
+  hbm = HBM_BYTES.get(kind)
+  tokens = rows * length
+  student_factor = 8 if student_config.remat else 6
+  model_flops = student_factor * student_config.num_parameters() * tokens
+  if prior_config is not None:
+    model_flops += 2 * prior_config.num_parameters() * tokens
+  elif targets.METHODS.get(config.method) and targets.METHODS[config.method].needs_prior:
+    model_flops += 2 * student_config.num_parameters() * tokens  # the student without adapters
+  common = dict(topology=topology_name, device_kind=kind, num_devices=len(devices),
+                mesh=dict(mesh.shape), model_flops=model_flops / len(devices),
+                hbm=None if hbm is None else hbm // cores_per_chip,  # v4: 2 devices a chip
+                suggestions=_suggestions(config, dict(mesh.shape), len(devices)))
+  lowered = step.lower(state_in, batch)
+  try:
+    compiled = lowered.compile()
+  except Exception as error:  # pylint: disable=broad-except
+    message = str(error)
+    if 'RESOURCE_EXHAUSTED' not in message:
+      raise
+    # The compiler refuses plans that cannot fit: report what it said, with our own count of the
+    # arguments (the state is donated, so its outputs reuse the same memory).
+    state_bytes = _per_device_bytes(state_in)
+    temporaries = _compiler_bytes(message, 'temporaries') or 0
+    first_line = message.split('\n')[0].split('RESOURCE_EXHAUSTED: ')[-1]
+    return Report(arguments=state_bytes + _per_device_bytes(batch), outputs=state_bytes,
+                  aliased=state_bytes, temporaries=temporaries, generated_code=0, flops=None,
+                  compiler_message=first_line[:400], **common)
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return Report(arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
+                temporaries=memory.temp_size_in_bytes, aliased=memory.alias_size_in_bytes,
+                generated_code=memory.generated_code_size_in_bytes,
+                flops=(cost or {}).get('flops'), **common)
+
+
+def main(argv) -> None:
+  del argv
+  # Run on the CPU: the TPU is only described, never opened (no TPU is needed).
+  jax.config.update('jax_platforms', 'cpu')
+  config = _CONFIG.value
+  student, prior = model_configs(config)
+  print(f'[qtarget] student: {student.num_parameters():,} parameters; prior: '
+        f'{"the student without adapters" if prior is None else f"{prior.num_parameters():,} parameters"}'
+        f'; batch {config.batch_size} x {config.data.seq_len}; loss {config.loss}', flush=True)
+  report = check(config, _TOPOLOGY.value)
+  print(report.table(), flush=True)
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file',
+                                            lock_config=True)
+  _TOPOLOGY = flags.DEFINE_string('topology', 'v5e:2x2', 'a TPU topology name libtpu knows, '
+                                  'e.g. v4:2x2x1, v5e:4x4, v5p:2x2x2')
+  app.run(main)

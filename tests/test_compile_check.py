@@ -1,0 +1,51 @@
+"""Ahead-of-time compilation of the real train step for TPU slices (marked `tpu`)."""
+
+import importlib.util
+
+import pytest
+
+import test_train_step
+from qtarget import compile_check
+
+if importlib.util.find_spec('libtpu') is None:
+  pytest.skip('needs the tpu extra: pip install -e ".[tpu]"', allow_module_level=True)
+pytestmark = pytest.mark.tpu
+
+
+def test_tiny_config_fits_a_small_slice():
+  config = test_train_step.tiny_config(**{'model.architecture.vocab_size': 49152,
+                                          'batch_size': 4, 'data.seq_len': 128})
+  report = compile_check.check(config, 'v5e:2x2')
+  assert report.num_devices == 4 and report.device_kind == 'TPU v5 lite'
+  assert report.mesh == {'data': 1, 'fsdp': 4, 'tensor': 1}
+  assert report.hbm == 16 * 2 ** 30
+  assert 0 < report.arguments < 2 ** 30 and report.temporaries > 0 and report.flops > 0
+  assert report.fits
+  assert 'fits: yes' in report.table()
+
+
+def test_a_config_that_cannot_fit_is_reported_with_numbers():
+  # An 8B-class width (4 layers), full fine-tuning and a same-size prior, replicated (no fsdp)
+  # on each v5e chip.
+  config = test_train_step.tiny_config(**{
+      'model.architecture.hidden_size': 4096, 'model.architecture.intermediate_size': 14336,
+      'model.architecture.num_layers': 4, 'model.architecture.num_heads': 32,
+      'model.architecture.num_kv_heads': 8, 'model.architecture.vocab_size': 128256,
+      'batch_size': 8, 'data.seq_len': 1024, 'mesh.data': 4, 'mesh.fsdp': 1})
+  report = compile_check.check(config, 'v5e:2x2')
+  assert report.fits is False
+  assert report.total > report.hbm
+  # Parameters (1.8B) in float32 with AdamW's two moments already exceed 16 GiB.
+  assert report.arguments > 16 * 2 ** 30
+  table = report.table()
+  assert 'fits: NO, over by' in table and 'x the HBM' in table
+  # The TPU compiler itself refuses such a plan (libtpu 0.0.42); its words are in the report.
+  assert 'Ran out of memory on HBM' in report.compiler_message
+  assert report.temporaries > 16 * 2 ** 30
+  assert 'larger fsdp axis' in table and 'rematerialization' in table and 'fused loss' in table
+
+
+def test_unknown_topology_is_a_clear_error():
+  config = test_train_step.tiny_config()
+  with pytest.raises(Exception, match="cannot describe TPU topology 'v9z:9x9'"):
+    compile_check.check(config, 'v9z:9x9')
