@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.num_problems = 128  # held-out (test split) problems
   config.eval.max_new_tokens = 32  # greedy tokens per answer (the base model is verbose)
   config.eval.batch_size = 32
+  config.eval.num_samples = 1  # k of Average@k / pass@k (k > 1 needs temperature > 0)
+  config.eval.temperature = 0.0  # 0: greedy
+  config.eval.top_p = 1.0  # nucleus sampling mass
+  config.eval.seed = 0  # sampling keys
 
   config.export_hf = True  # write workdir/hf (transformers loads it)
   config.log_every = 1  # steps between metrics.jsonl / TensorBoard entries

@@ -1,10 +1,11 @@
-"""Greedy generation with the KV cache, answer extraction and the task's own scorer.
+"""Generation with the KV cache, answer extraction and the task's own scorer.
 
 ``evaluate`` turns held-out records into accuracy: prompts through the chat template, batched
-greedy decoding (left padding, one compiled program per prompt-length bucket), the final answer
-extracted (after ``####``, else the last ``\\boxed{}``, else the last number for numeric answers)
-and scored by reasoning-gym's ``score_answer`` for reasoning-gym tasks, or by exact match of the
-normalized answer otherwise.
+decoding (left padding, one compiled program per prompt-length bucket), greedy or sampled
+(temperature, top-p; k samples per problem for Average@k and pass@k), the final answer extracted
+(after ``####``, else the last ``\\boxed{}``, else the last number for numeric answers) and scored
+by reasoning-gym's ``score_answer`` for reasoning-gym tasks, or by exact match of the normalized
+answer otherwise.
 """
 
 import dataclasses
@@ -22,33 +23,56 @@ from qtarget.data import records as records_lib
 _BUCKET = 32  # prompt lengths are padded up to a multiple of this, to limit recompiles
 
 
+def _next_token(logits_BxV, key, temperature, top_p):
+  """Greedy when temperature is 0, else a sample from the top-p nucleus of p^(1/temperature)."""
+  greedy = jnp.argmax(logits_BxV, axis=-1)
+  scaled = logits_BxV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+  sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+  cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+  # The smallest set of top tokens whose mass reaches top_p (always at least one token).
+  cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+  cutoff = jnp.take_along_axis(sorted_logits, jnp.minimum(cutoff_index, scaled.shape[-1] - 1),
+                               axis=-1)
+  sampled = jax.random.categorical(key, jnp.where(scaled >= cutoff, scaled, -jnp.inf), axis=-1)
+  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'eos_id', 'lora'))
-def _generate(graphdef, state, tokens_BxP, valid_BxP, *, max_new_tokens, eos_id, lora):
+def _generate(graphdef, state, tokens_BxP, valid_BxP, key, temperature, top_p, *,
+              max_new_tokens, eos_id, lora):
   model = nnx.merge(graphdef, state)
   batch, prompt_len = tokens_BxP.shape
   cache = model.init_cache(batch, prompt_len + max_new_tokens)
   positions = jnp.maximum(jnp.cumsum(valid_BxP, axis=1) - 1, 0)
   hidden, cache = model.decode(tokens_BxP, cache, positions_BxT=positions, valid_BxT=valid_BxP,
                                lora=lora)
-  first = jnp.argmax(model.logits(hidden[:, -1]), axis=-1).astype(jnp.int32)
+  keys = jax.random.split(key, max_new_tokens + 1)
+  first = _next_token(model.logits(hidden[:, -1]), keys[0], temperature, top_p)
   next_position = jnp.sum(valid_BxP, axis=1)
 
-  def step(carry, _):
+  def step(carry, step_key):
     token, position, cache, done = carry
     hidden, cache = model.decode(token[:, None], cache, positions_BxT=position[:, None],
                                  lora=lora)
-    new_token = jnp.argmax(model.logits(hidden[:, 0]), axis=-1).astype(jnp.int32)
+    new_token = _next_token(model.logits(hidden[:, 0]), step_key, temperature, top_p)
     done = done | (token == eos_id)
     return (jnp.where(done, eos_id, new_token), position + 1, cache, done), token
 
   init = (first, next_position, cache, jnp.zeros((batch,), bool))
-  _, generated = jax.lax.scan(step, init, None, length=max_new_tokens)
+  _, generated = jax.lax.scan(step, init, keys[1:], length=max_new_tokens)
   return generated.T  # [B, max_new_tokens]
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
-             lora: bool = True, progress=None) -> list[str]:
-  """Greedy completions of chat prompts (text up to the end-of-turn token)."""
+             lora: bool = True, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             progress=None) -> list[str]:
+  """Completions of chat prompts (text up to the end-of-turn token).
+
+  ``temperature`` 0 decodes greedily; otherwise tokens are sampled from the top-p nucleus, with
+  keys derived from ``seed`` and the batch index (the same call gives the same samples).
+  """
+  if temperature < 0 or not 0 < top_p <= 1:
+    raise ValueError(f'temperature must be >= 0 and top_p in (0, 1]; got {temperature}, {top_p}.')
   graphdef, state = nnx.split(model)
   outputs = []
   for start in range(0, len(prompts), batch_size):
@@ -63,7 +87,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
       tokens[i, width - len(ids):] = ids
       valid[i, width - len(ids):] = True
     valid[rows:, -1] = True  # filler rows decode one dummy token
+    key = jax.random.fold_in(jax.random.key(seed), start)
     generated = np.asarray(_generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid),
+                                     key, jnp.float32(temperature), jnp.float32(top_p),
                                      max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                                      lora=lora))
     for row in generated[:rows]:
@@ -98,23 +124,38 @@ def score(record: dict, extracted: str) -> float:
 
 @dataclasses.dataclass
 class EvalResult:
+  """Average@k (``accuracy``: the mean score over problems and samples), pass@k (the fraction of
+  problems with at least one fully correct sample), and one prediction per problem and sample."""
   accuracy: float
+  pass_at_k: float
   predictions: list[dict]
   seconds: float
 
 
 def evaluate(model, tokenizer, records: list[dict], *, max_new_tokens: int = 64,
-             batch_size: int = 16, lora: bool = True, progress=None) -> EvalResult:
-  """Greedy accuracy on records; every prediction kept for re-scoring."""
+             batch_size: int = 16, lora: bool = True, num_samples: int = 1,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             progress=None) -> EvalResult:
+  """Average@k and pass@k on records (k = ``num_samples``); every prediction kept for re-scoring.
+
+  With ``temperature`` 0 the k samples would be identical, so k must then be 1.
+  """
+  if num_samples < 1 or (temperature == 0 and num_samples > 1):
+    raise ValueError(f'num_samples={num_samples} with temperature={temperature}: greedy decoding '
+                     'gives one answer per problem; sample (temperature > 0) for k > 1.')
   start = time.time()
-  outputs = generate(model, tokenizer, [r['prompt'] for r in records],
-                     max_new_tokens=max_new_tokens, batch_size=batch_size, lora=lora,
-                     progress=progress)
+  prompts = [r['prompt'] for r in records for _ in range(num_samples)]
+  outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, lora=lora, temperature=temperature, top_p=top_p,
+                     seed=seed, progress=progress)
   predictions = []
-  for record, output in zip(records, outputs):
+  for index, output in enumerate(outputs):
+    record = records[index // num_samples]
     extracted = records_lib.extract_answer(output, record['answer'])
     predictions.append({'task': record['task'], 'question': record['prompt'],
                         'gold': record['answer'], 'output': output, 'extracted': extracted,
-                        'score': score(record, extracted)})
-  accuracy = float(np.mean([p['score'] for p in predictions])) if predictions else 0.0
-  return EvalResult(accuracy, predictions, time.time() - start)
+                        'score': score(record, extracted), 'sample': index % num_samples})
+  scores = np.asarray([p['score'] for p in predictions]).reshape(len(records), num_samples)
+  accuracy = float(scores.mean()) if len(records) else 0.0
+  pass_at_k = float((scores == 1.0).any(axis=1).mean()) if len(records) else 0.0
+  return EvalResult(accuracy, pass_at_k, predictions, time.time() - start)

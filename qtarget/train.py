@@ -534,15 +534,20 @@ def _evaluate(label, state, tokenizer, eval_records, config, workdir, step):
          'evaluate the exported model instead.')
     return None
   _log(f'evaluating {label} on {len(records)} held-out problems...')
+  k = config.eval.num_samples
   result = evaluate_lib.evaluate(student_model(state), tokenizer, records,
                                  max_new_tokens=config.eval.max_new_tokens,
-                                 batch_size=config.eval.batch_size)
-  _log(f'{label}: accuracy {result.accuracy:.3f} ({len(records)} problems, '
-       f'{result.seconds:.0f} s)')
+                                 batch_size=config.eval.batch_size, num_samples=k,
+                                 temperature=config.eval.temperature, top_p=config.eval.top_p,
+                                 seed=config.eval.seed)
+  _log(f'{label}: accuracy {result.accuracy:.3f}' + (
+      f' (Average@{k}; pass@{k} {result.pass_at_k:.3f})' if k > 1 else '') +
+       f' ({len(records)} problems, {result.seconds:.0f} s)')
   if jax.process_index() == 0:
     out = workdir / f'predictions_{label}.jsonl'
-    out.write_text(''.join(json.dumps({**p, 'method': config.method, 'step': step}) + '\n'
-                           for p in result.predictions))
+    out.write_text(''.join(
+        json.dumps({**p, 'method': config.method, 'seed': config.seed, 'step': step}) + '\n'
+        for p in result.predictions))
   return result.accuracy
 
 

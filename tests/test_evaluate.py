@@ -1,7 +1,9 @@
 """Batched greedy generation with the KV cache equals a plain greedy loop; scoring."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from qtarget import evaluate
@@ -53,6 +55,51 @@ def test_batched_generation_equals_plain_greedy_decoding():
   for prompt, output in zip(prompts, outputs):
     expected = _greedy_without_cache(model, _DigitsTokenizer().encode_prompt(prompt), 6)
     assert output == ' '.join(map(str, expected)), prompt
+
+
+def _sharp_model(seed=3):
+  config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                             num_layers=2, num_heads=4, num_kv_heads=2)
+  return llama.Llama(config, rngs=nnx.Rngs(seed))
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
+  model = _sharp_model()
+  prompts = ['5 6 7', '9 9', '3 4 5 6']
+  kwargs = dict(max_new_tokens=8, batch_size=4)
+  greedy = evaluate.generate(model, _DigitsTokenizer(), prompts, **kwargs)
+  # A nucleus of (almost) zero mass keeps only the top token: greedy again.
+  assert evaluate.generate(model, _DigitsTokenizer(), prompts, temperature=1.0, top_p=1e-6,
+                           **kwargs) == greedy
+  hot = dict(temperature=2.0, top_p=1.0, **kwargs)
+  first = evaluate.generate(model, _DigitsTokenizer(), prompts, seed=1, **hot)
+  assert evaluate.generate(model, _DigitsTokenizer(), prompts, seed=1, **hot) == first
+  assert evaluate.generate(model, _DigitsTokenizer(), prompts, seed=2, **hot) != first
+  assert first != greedy  # a random small model at temperature 2 samples other tokens
+
+
+def test_next_token_top_p_cutoff():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  keys = jax.random.split(jax.random.key(0), 400)
+  draw = lambda p: {int(evaluate._next_token(logits, k, 1.0, p)[0]) for k in keys}
+  assert draw(0.5) == {0}
+  assert draw(0.75) == {0, 1}
+  assert draw(0.85) == {0, 1, 2}
+  assert draw(1.0) == {0, 1, 2, 3}
+  assert int(evaluate._next_token(logits, keys[0], 0.0, 1.0)[0]) == 0  # temperature 0: argmax
+
+
+def test_average_and_pass_at_k(monkeypatch):
+  records = [{'prompt': 'q1', 'answer': '12', 'task': 'file', 'metadata': '{}'},
+             {'prompt': 'q2', 'answer': '7', 'task': 'file', 'metadata': '{}'}]
+  outputs = ['12', '13', '12', '5', '6', '8']  # k = 3: problem 1 right twice, problem 2 never
+  monkeypatch.setattr(evaluate, 'generate', lambda *a, **k: outputs)
+  result = evaluate.evaluate(None, None, records, num_samples=3, temperature=0.7)
+  assert result.accuracy == 2 / 6 and result.pass_at_k == 0.5
+  assert [p['sample'] for p in result.predictions] == [0, 1, 2, 0, 1, 2]
+  assert [p['question'] for p in result.predictions] == ['q1'] * 3 + ['q2'] * 3
+  with pytest.raises(ValueError, match='greedy decoding gives one answer'):
+    evaluate.evaluate(None, None, records, num_samples=3)
 
 
 def test_evaluate_scores_and_keeps_every_prediction(monkeypatch):
