@@ -127,8 +127,7 @@ def _architecture(model_config, overrides: dict) -> llama.LlamaConfig:
 def model_configs(config) -> tuple[llama.LlamaConfig, llama.LlamaConfig | None]:
   """The student's and (if the step runs a separate one) the prior's architecture."""
   student = _architecture(config.model, train._model_overrides(config.model))  # pylint: disable=protected-access
-  method = targets.METHODS.get(config.method)
-  if method is None or not method.needs_prior:
+  if not targets.needs_prior(config.method):
     return student, None
   if config.prior.source == 'initial':
     if config.model.lora_rank > 0:
@@ -198,7 +197,7 @@ def check(config, topology_name: str) -> Report:
   model_flops = student_factor * student_config.num_parameters() * tokens
   if prior_config is not None:
     model_flops += 2 * prior_config.num_parameters() * tokens
-  elif targets.METHODS.get(config.method) and targets.METHODS[config.method].needs_prior:
+  elif targets.needs_prior(config.method):
     model_flops += 2 * student_config.num_parameters() * tokens  # the student without adapters
   common = dict(topology=topology_name, device_kind=kind, num_devices=len(devices),
                 mesh=dict(mesh.shape), model_flops=model_flops / len(devices),

@@ -196,14 +196,8 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array, m
     prior_hidden_NxP = prior_head_PxV = None
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}.')
-  expected = set(spec.hyperparameters)
-  if set(hyperparameters) != expected:
-    raise TypeError(f'method {method!r} takes hyperparameters {sorted(expected)}; got '
-                    f'{sorted(hyperparameters)}.')
   n = labels_N.shape[0]
-  for name, valid in spec.hyperparameters.items():
-    validation.check_hyperparameter(name, hyperparameters[name], (n,), valid.low, valid.high,
-                                    valid.low_open, valid.high_open)
+  spec.check_hyperparameters(hyperparameters, (n,))
   validation.check_label_range(labels_N, head_HxV.shape[1],
                                None if weights_N is None else jnp.asarray(weights_N) != 0)
   hyper_N = {name: jnp.broadcast_to(jnp.asarray(jax.lax.stop_gradient(v), jnp.float32), (n,))

@@ -79,6 +79,17 @@ class Method:
   hyperparameters: Mapping[str, Range] = dataclasses.field(default_factory=dict)
   needs_prior: bool = False
 
+  def check_hyperparameters(self, given: Mapping, labels_shape) -> None:
+    """TypeError for missing or unknown names; ValueError for shapes and concrete ranges."""
+    expected = set(self.hyperparameters)
+    if expected != set(given):
+      missing, unknown = sorted(expected - set(given)), sorted(set(given) - expected)
+      raise TypeError(f'method {self.name!r} takes hyperparameters {sorted(expected)}; '
+                      f'missing {missing}, unknown {unknown}.')
+    for name, valid in self.hyperparameters.items():
+      validation.check_hyperparameter(name, given[name], labels_shape, valid.low, valid.high,
+                                      valid.low_open, valid.high_open)
+
 
 def _ones(label_log_prob):
   return jnp.ones_like(label_log_prob)
@@ -180,15 +191,7 @@ def _check_common(method: Method, logits, labels, prior_logits, hyperparameters)
     raise ValueError(
         f'method {method.name!r} needs the prior distribution: pass prior_logits (the frozen '
         "model's logits, same shape as the student's).")
-  expected, given = set(method.hyperparameters), set(hyperparameters)
-  if expected != given:
-    missing, unknown = sorted(expected - given), sorted(given - expected)
-    raise TypeError(
-        f'method {method.name!r} takes hyperparameters {sorted(expected)}; '
-        f'missing {missing}, unknown {unknown}.')
-  for name, valid in method.hyperparameters.items():
-    validation.check_hyperparameter(name, hyperparameters[name], jnp.shape(labels), valid.low,
-                                    valid.high, valid.low_open, valid.high_open)
+  method.check_hyperparameters(hyperparameters, jnp.shape(labels))
 
 
 def _as_float_array(value, dtype, shape) -> Array:
@@ -422,6 +425,11 @@ CONSTRUCTORS: dict[str, Callable[..., Target]] = {
     'profit': profit, 'eaft': eaft, 'sft_kl': sft_kl, 'asft': asft, 'distill': distill,
     'hybrid_distill': hybrid_distill, 'target_sft': target_sft, 'weighted': weighted,
 }
+
+
+def needs_prior(name: str) -> bool:
+  """Whether the named method's target uses the prior (False for names outside the table)."""
+  return name in METHODS and METHODS[name].needs_prior
 
 
 def get(name: str) -> Callable[..., Target]:

@@ -379,27 +379,21 @@ def _hyperparameters(config) -> tuple[dict, tuple]:
                       'trainer does not provide.')
   given = dict(config.hparams)
   if config.method == 'eaft':
-    expected = {'k'}
-  else:
-    expected = set(targets.METHODS[config.method].hyperparameters)
-  if set(given) != expected:
-    raise ConfigError(f'method {config.method!r} takes hyperparameters {sorted(expected)}; the '
-                      f'config gives {sorted(given)} (set --config.hparams.NAME=VALUE).')
-  if config.method == 'eaft':
+    if set(given) != {'k'}:
+      raise ConfigError(f"method 'eaft' takes hyperparameters ['k']; the config gives "
+                        f'{sorted(given)} (set --config.hparams.NAME=VALUE).')
     return {}, (('k', int(given['k'])),)
-  from qtarget import validation  # pylint: disable=g-import-not-at-top
-  for name, valid in targets.METHODS[config.method].hyperparameters.items():
-    validation.check_hyperparameter(name, given[name], (), valid.low, valid.high,
-                                    valid.low_open, valid.high_open)
+  try:
+    targets.METHODS[config.method].check_hyperparameters(given, ())
+  except TypeError as error:
+    raise ConfigError(f'{error} Set --config.hparams.NAME=VALUE.') from error
   return {name: jnp.asarray(value, jnp.float32) for name, value in given.items()}, ()
 
 
 def create_state(config, student, prior_model=None) -> TrainState:
   """The initial :class:`TrainState` (host arrays) of a student and an optional prior."""
   hyperparameters, static = _hyperparameters(config)
-  needs_prior = targets.METHODS[config.method].needs_prior if config.method in targets.METHODS \
-      else False
-  if not needs_prior:
+  if not targets.needs_prior(config.method):
     prior_mode = 'none'
   elif prior_model is None:
     prior_mode = 'lora_off'
@@ -567,8 +561,8 @@ def run(config) -> dict:
 
   student, tokenizer = load_model(config.model, seed=config.seed)
   prior_model = None
-  needs_prior = config.method in targets.METHODS and targets.METHODS[config.method].needs_prior
-  if needs_prior and (config.prior.source != 'initial' or config.model.lora_rank == 0):
+  if targets.needs_prior(config.method) and (config.prior.source != 'initial'
+                                             or config.model.lora_rank == 0):
     if config.prior.source == 'initial':
       prior_model, prior_tokenizer = load_model(config.model, seed=config.seed, with_lora=False)
     else:
