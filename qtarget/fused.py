@@ -65,8 +65,7 @@ def _chunk_values(method, hidden_CxH, head_HxV, labels_C, weights_C, prior_hidde
   label_nll = -label_log_prob
   loss = (jnp.where(trust == 0, 0.0, trust * label_nll)
           + jnp.where(trust == 1, 0.0, (1 - trust) * residual_ce))
-  onehot = jax.nn.one_hot(labels_C, logits.shape[-1], dtype=jnp.float32)
-  target = trust[:, None] * onehot + (1 - trust[:, None]) * residual
+  target = targets_lib.dense(targets_lib.Target(trust, log_residual), labels_C)
   grad_logits = (jnp.exp(log_probs) - target) * weights_C[:, None]
   # Zero-weight tokens (padding) contribute nothing, even with garbage labels.
   grad_logits = jnp.where(weights_C[:, None] == 0, 0.0, grad_logits)
