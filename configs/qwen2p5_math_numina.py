@@ -8,14 +8,63 @@ For a GPU or TPU mesh. Set the local paths (no hub downloads happen at run time)
 Use --config.prior.source=initial for the frozen initial model as the prior instead of a teacher.
 The paper's training hyperparameters are not recovered (PAPER.md): these are ordinary SFT values
 for a 1.5B model; sweep eta.
+
+The paper's comparison is the grid below, run by experiments/compare.py (each cell is the config
+string SETTING/METHOD/SEED; edit the paths above in this file, since the grid runs one process per
+cell with no extra flags):
+  python experiments/compare.py run --config configs/qwen2p5_math_numina.py
 """
+
+import ml_collections
 
 from qtarget import config_files
 
 smollm2_demo = config_files.sibling(__file__, 'smollm2_demo')
 
 
-def get_config():
+SETTINGS = {'numina': {'rationale': {}}}  # the file's own demonstrations
+# name: (method, hyperparameters, prior): 'teacher' is config.prior (Qwen2.5-Math-7B), 'initial'
+# the frozen student. The paper's baselines are SFT, DFT and distillation.
+METHODS = {
+    'sft': ('sft', {}, None),
+    'dft': ('dft', {}, None),
+    'label_smoothing': ('label_smoothing', {'lam': 0.1}, None),
+    'sft_kl': ('sft_kl', {'lam': 0.1}, 'initial'),
+    'asft': ('asft', {'lam': 0.1}, 'initial'),
+    'distill': ('distill', {}, 'teacher'),
+    'target_sft_eta0.25': ('target_sft', {'eta': 0.25}, 'teacher'),
+    'target_sft_eta0.5': ('target_sft', {'eta': 0.5}, 'teacher'),
+    'target_sft_eta1': ('target_sft', {'eta': 1.0}, 'teacher'),
+    'target_sft_eta0.5_initial': ('target_sft', {'eta': 0.5}, 'initial'),
+}
+SEEDS = (0, 1, 2)
+EVAL = {'num_problems': 500, 'num_samples': 16, 'temperature': 0.6, 'top_p': 0.95,
+        'max_new_tokens': 2048, 'batch_size': 64}  # Average@16, as in the paper
+
+
+def get_config(name: str = ''):
+  """The single run above, or with ``name`` = 'SETTING/METHOD/SEED' one cell of the grid."""
+  config = _paper_config()
+  if not name:
+    return config
+  parts = name.split('/')
+  if len(parts) != 3 or parts[0] not in SETTINGS or parts[1] not in METHODS:
+    raise ValueError(f'expected SETTING/METHOD/SEED with a setting in {sorted(SETTINGS)} and a '
+                     f'method in {sorted(METHODS)}; got {name!r}')
+  setting, method, seed = parts[0], parts[1], int(parts[2])
+  method_name, hparams, prior = METHODS[method]
+  config.workdir = f'experiments/runs_qwen/{setting}/{method}/seed{seed}'
+  config.seed = config.eval.seed = seed
+  config.method = method_name
+  config.hparams = ml_collections.ConfigDict(hparams)
+  if prior == 'initial':
+    config.prior.source = 'initial'
+  config.eval.update(EVAL)
+  config.export_hf = False
+  return config
+
+
+def _paper_config():
   config = smollm2_demo.get_config()
   config.workdir = 'runs/qwen2p5_math_numina'
   config.hparams.eta = 0.5

@@ -10,7 +10,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.workdir = 'runs/smollm2_demo'  # checkpoints, metrics, predictions, the exported model
-  config.seed = 0  # LoRA initialization and random models
+  config.seed = 0  # LoRA initialization, random models and the order of training examples
   config.method = 'target_sft'  # any name of qtarget.targets.CONSTRUCTORS except 'weighted'
   config.hparams = ml_collections.ConfigDict({'eta': 0.5})  # the method's hyperparameters
   config.loss = 'dense'  # 'dense' (B x T x V logits) or 'fused' (qtarget.fused, token chunks)
@@ -43,9 +43,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.task = 'chain_sum'  # reasoning-gym task name (or a label for files)
   config.data.difficulty = ml_collections.ConfigDict(  # the task generator's own arguments
       {'min_terms': 2, 'max_terms': 2, 'min_digits': 1, 'max_digits': 2})
+  config.data.rationale = ml_collections.ConfigDict(  # training demonstrations
+      {'style': '',  # '': the task's own (answer only for chain_sum); 'steps': worked steps
+       'variants': 1,  # 'steps': different valid rationales per problem
+       'corrupt_fraction': 0.0,  # 'steps': fraction of problems with one wrong step
+       'seed': 0})  # 'steps': the corruption and variant draws
   config.data.train_size = 4000  # problems generated for training (held-out ones removed)
   config.data.eval_size = 128  # problems in each of validation and test
-  config.data.seed = 0  # generation and shuffling
+  config.data.seed = 0  # problem generation (train and held-out) and shuffling
   config.data.train_path = ''  # files: training jsonl/parquet
   config.data.eval_path = ''  # files: held-out jsonl/parquet (optional)
   config.data.prompt_field = ''  # files: empty to detect (prompt/problem/question or messages)
@@ -79,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.before = True  # accuracy of the initial model
   config.eval.after = True  # accuracy after training
+  config.eval.every = 0  # also evaluate every this many steps (0: never); predictions_stepN.jsonl
   config.eval.num_problems = 128  # held-out (test split) problems
   config.eval.max_new_tokens = 32  # greedy tokens per answer (the base model is verbose)
   config.eval.batch_size = 32

@@ -4,13 +4,15 @@
 decoding (left padding, one compiled program per prompt-length bucket), greedy or sampled
 (temperature, top-p; k samples per problem for Average@k and pass@k), the final answer extracted
 (after ``####``, else the last ``\\boxed{}``, else the last number for numeric answers) and scored
-by reasoning-gym's ``score_answer`` for reasoning-gym tasks, or by exact match of the normalized
-answer otherwise.
+by reasoning-gym's ``score_answer`` for reasoning-gym tasks, or by MATH-style equivalence
+(:func:`math_equal`) otherwise.
 """
 
 import dataclasses
 import functools
 import json
+import math
+import re
 import time
 
 import jax
@@ -23,18 +25,44 @@ from qtarget.data import records as records_lib
 _BUCKET = 32  # prompt lengths are padded up to a multiple of this, to limit recompiles
 
 
+_NUCLEUS_CANDIDATES = 128  # top-p looks at this many top tokens first (a full sort is slow)
+
+
+@jax.jit  # the branches close over arrays: eager calls would compile every time
 def _next_token(logits_BxV, key, temperature, top_p):
-  """Greedy when temperature is 0, else a sample from the top-p nucleus of p^(1/temperature)."""
-  greedy = jnp.argmax(logits_BxV, axis=-1)
-  scaled = logits_BxV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-  sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
-  cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-  # The smallest set of top tokens whose mass reaches top_p (always at least one token).
-  cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
-  cutoff = jnp.take_along_axis(sorted_logits, jnp.minimum(cutoff_index, scaled.shape[-1] - 1),
-                               axis=-1)
-  sampled = jax.random.categorical(key, jnp.where(scaled >= cutoff, scaled, -jnp.inf), axis=-1)
-  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+  """Greedy when temperature is 0, else a sample from the top-p nucleus of p^(1/temperature).
+
+  The nucleus is searched among the top ``_NUCLEUS_CANDIDATES`` tokens; only when it does not fit
+  there for some row does the step sort the whole vocabulary (same distribution, ties aside).
+  """
+  def greedy(_):
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+  def sample(_):
+    scaled = logits_BxV.astype(jnp.float32) / temperature
+
+    def whole_vocabulary(_):
+      return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    def nucleus(candidates):
+      top_logits, top_ids = jax.lax.top_k(scaled, candidates)
+      log_mass = top_logits - jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
+      cumulative = jnp.cumsum(jnp.exp(log_mass), axis=-1)
+      # The smallest set of top tokens whose mass reaches top_p (always at least one token).
+      last_kept = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+      keep = jnp.arange(candidates) <= last_kept
+      choice = jax.random.categorical(key, jnp.where(keep, top_logits, -jnp.inf), axis=-1)
+      token = jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0]
+      return token.astype(jnp.int32), jnp.all(cumulative[:, -1] >= top_p)
+
+    def top_p_sample(_):
+      candidates = min(_NUCLEUS_CANDIDATES, scaled.shape[-1])
+      token, fits = nucleus(candidates)
+      return jax.lax.cond(fits, lambda _: token, lambda _: nucleus(scaled.shape[-1])[0], None)
+
+    return jax.lax.cond(top_p >= 1.0, whole_vocabulary, top_p_sample, None)
+
+  return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'eos_id', 'lora'))
@@ -108,18 +136,86 @@ def _reasoning_gym_dataset(task: str):
   return reasoning_gym.create_dataset(task, size=1, seed=0)
 
 
-def _normalize(answer: str) -> str:
-  return answer.strip().rstrip('.').replace(',', '').replace(' ', '')
+_LATEX_NOISE = (r'\left', r'\right', r'\!', r'\,', r'\;', r'\:', r'\ ', '^\\circ', '^{\\circ}',
+                r'\%', '%', r'\$', '$', r'\displaystyle')
+
+
+def _strip_text_commands(answer: str) -> str:
+  r"""``\text{cm}``-style wrappers keep their content; ``\mbox`` and ``\mathrm`` too."""
+  return re.sub(r'\\(?:text|textbf|mbox|mathrm|mathbf)\{([^{}]*)\}', r'\1', answer)
+
+
+def normalize_math(answer: str) -> str:
+  r"""A MATH-style canonical form: LaTeX spacing and sizing dropped, ``dfrac``/``tfrac`` ->
+  ``frac``, ``\frac12`` -> ``\frac{1}{2}``, ``\sqrt2`` -> ``\sqrt{2}``, a leading ``x =`` and
+  thousands separators removed, no whitespace."""
+  answer = _strip_text_commands(answer.strip())
+  for noise in _LATEX_NOISE:
+    answer = answer.replace(noise, '')
+  answer = answer.replace(r'\dfrac', r'\frac').replace(r'\tfrac', r'\frac')
+  answer = re.sub(r'\\frac(\d)(\d)', r'\\frac{\1}{\2}', answer)
+  answer = re.sub(r'\\frac\{([^{}]*)\}(\d)', r'\\frac{\1}{\2}', answer)
+  answer = re.sub(r'\\sqrt(\d+)', r'\\sqrt{\1}', answer)
+  answer = re.sub(r'^[a-zA-Z]\s*=\s*', '', answer)  # "x = 5" -> "5"
+  answer = re.sub(r'(\d),(\d{3})(?!\d)', r'\1\2', answer)  # 1,000 -> 1000
+  answer = re.sub(r'\s+', '', answer).rstrip('.')
+  return answer
+
+
+def _number(answer: str) -> float | None:
+  r"""The value of an integer, decimal, ``a/b`` or ``\frac{a}{b}`` (optionally negative)."""
+  match = re.fullmatch(r'(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}', answer)
+  try:
+    if match:
+      return (-1 if match[1] else 1) * float(match[2]) / float(match[3])
+    if re.fullmatch(r'-?[\d.]+/-?[\d.]+', answer):
+      numerator, denominator = answer.split('/')
+      return float(numerator) / float(denominator)
+    if re.fullmatch(r'-?\d*\.?\d+', answer):
+      return float(answer)
+  except (ValueError, ZeroDivisionError):
+    return None
+  return None
+
+
+def _split_top_level(answer: str) -> list[str]:
+  parts, depth, current = [], 0, ''
+  for char in answer:
+    depth += char in '([{'
+    depth -= char in ')]}'
+    if char == ',' and depth == 0:
+      parts.append(current)
+      current = ''
+    else:
+      current += char
+  return parts + [current]
+
+
+def math_equal(prediction: str, gold: str) -> bool:
+  r"""MATH-style answer equivalence: equal canonical forms (:func:`normalize_math`), or equal
+  numbers (``0.5`` = ``\frac{1}{2}`` = ``1/2``, relative tolerance 1e-6), element by element for
+  tuples and lists with the same brackets."""
+  a, b = normalize_math(prediction), normalize_math(gold)
+  if a == b:
+    return True
+  x, y = _number(a), _number(b)
+  if x is not None and y is not None:
+    return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
+  if a[:1] in '([' and a[:1] == b[:1] and a[-1:] == b[-1:] and a[-1:] in ')]':
+    left, right = _split_top_level(a[1:-1]), _split_top_level(b[1:-1])
+    return len(left) == len(right) > 1 and all(map(math_equal, left, right))
+  return False
 
 
 def score(record: dict, extracted: str) -> float:
-  """The task's own score of an extracted answer: reasoning-gym's scorer, or exact match."""
+  """The task's own score of an extracted answer: reasoning-gym's scorer for reasoning-gym
+  tasks, else MATH-style equivalence with the gold answer (:func:`math_equal`)."""
   metadata = json.loads(record.get('metadata') or '{}')
   if record.get('task') not in (None, '', 'file') and 'question' in metadata:
     entry = {'question': metadata['question'], 'answer': metadata['answer'],
              'metadata': metadata['metadata']}
     return float(_reasoning_gym_dataset(record['task']).score_answer(extracted, entry))
-  return float(_normalize(extracted) == _normalize(record['answer']))
+  return float(math_equal(extracted, record['answer']))
 
 
 @dataclasses.dataclass
@@ -154,7 +250,8 @@ def evaluate(model, tokenizer, records: list[dict], *, max_new_tokens: int = 64,
     extracted = records_lib.extract_answer(output, record['answer'])
     predictions.append({'task': record['task'], 'question': record['prompt'],
                         'gold': record['answer'], 'output': output, 'extracted': extracted,
-                        'score': score(record, extracted), 'sample': index % num_samples})
+                        'score': score(record, extracted), 'sample': index % num_samples,
+                        'metadata': record.get('metadata', '')})
   scores = np.asarray([p['score'] for p in predictions]).reshape(len(records), num_samples)
   accuracy = float(scores.mean()) if len(records) else 0.0
   pass_at_k = float((scores == 1.0).any(axis=1).mean()) if len(records) else 0.0

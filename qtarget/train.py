@@ -464,7 +464,7 @@ def _data(config, tokenizer, vocab_size):
   if data.kind == 'reasoning_gym':
     builder_config = builders.ReasoningGymConfig(
         task=data.task, train_size=data.train_size, eval_size=data.eval_size, seed=data.seed,
-        difficulty=dict(data.difficulty))
+        difficulty=dict(data.difficulty), rationale=dict(data.get('rationale', {})))
     eval_split = 'test'
   elif data.kind == 'files':
     builder_config = builders.LocalFilesConfig(
@@ -479,7 +479,8 @@ def _data(config, tokenizer, vocab_size):
                          truncate=data.truncate, vocab_size=vocab_size, name='train')
   eval_records = builders.load_split(builder, eval_split) if eval_split else []
   dataset = pipeline.train_dataset(
-      builder, tokenizer, seq_len=data.seq_len, batch_size=config.batch_size, seed=data.seed,
+      builder, tokenizer, seq_len=data.seq_len, batch_size=config.batch_size,
+      seed=data.seed * 1_000_003 + config.seed,  # the run seed varies the order, not the data
       num_epochs=None, pack=data.pack, truncate=data.truncate,
       process_index=jax.process_index(), process_count=jax.process_count())
   return dataset, report, eval_records
@@ -519,6 +520,7 @@ class _MetricsLog:
 
 
 def _evaluate(label, state, tokenizer, eval_records, config, workdir, step):
+  """Held-out Average@k and pass@k; predictions to ``workdir/predictions_{label}.jsonl``."""
   from qtarget import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   records = eval_records[:config.eval.num_problems]
   if not records:
@@ -542,7 +544,8 @@ def _evaluate(label, state, tokenizer, eval_records, config, workdir, step):
     out.write_text(''.join(
         json.dumps({**p, 'method': config.method, 'seed': config.seed, 'step': step}) + '\n'
         for p in result.predictions))
-  return result.accuracy
+  return {'accuracy': result.accuracy, f'pass_at_{k}': result.pass_at_k, 'k': k,
+          'problems': len(records), 'step': step, 'seconds': round(result.seconds, 1)}
 
 
 def run(config) -> dict:
@@ -612,8 +615,9 @@ def run(config) -> dict:
   summary_path = workdir / 'summary.json'
   summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
   if config.eval.before and 'accuracy_before' not in summary:
-    summary['accuracy_before'] = _evaluate('before', state, tokenizer, eval_records, config,
-                                           workdir, 0)
+    summary['eval_before'] = _evaluate('before', state, tokenizer, eval_records, config,
+                                       workdir, 0)
+    summary['accuracy_before'] = (summary['eval_before'] or {}).get('accuracy')
     if jax.process_index() == 0:
       summary_path.write_text(json.dumps(summary, indent=2))
 
@@ -630,6 +634,17 @@ def run(config) -> dict:
         state=ocp.args.StandardSave(saved_tree(state)),
         data=grain.checkpoint.CheckpointSave(iterator)), force=True)
 
+  def interval_eval(step):
+    every = config.eval.get('every', 0)
+    if not every or step <= 0 or step % every or step >= config.steps:
+      return
+    if (workdir / f'predictions_step{step}.jsonl').exists():
+      return  # done before an interruption (its metrics line survived the rewind)
+    result = _evaluate(f'step{step}', state, tokenizer, eval_records, config, workdir, step)
+    if result is not None:
+      log.write(step, {'eval_accuracy': result['accuracy']})
+
+  interval_eval(start_step)  # killed during an evaluation right after its checkpoint
   train_seconds, tokens_seen, last = 0.0, 0, {}
   for step in range(start_step, config.steps):
     local = next(iterator)
@@ -654,6 +669,7 @@ def run(config) -> dict:
                            acc=f"{metrics['accuracy']:.2f}")
     if (step + 1) % config.checkpoint.every == 0 or step + 1 == config.steps:
       save(step + 1)
+    interval_eval(step + 1)
   if progress is not None:
     progress.close()
   if manager.latest_step() != config.steps:
@@ -662,8 +678,9 @@ def run(config) -> dict:
   log.close()
 
   if config.eval.after:
-    summary['accuracy_after'] = _evaluate('after', state, tokenizer, eval_records, config,
-                                          workdir, config.steps)
+    summary['eval_after'] = _evaluate('after', state, tokenizer, eval_records, config, workdir,
+                                      config.steps)
+    summary['accuracy_after'] = (summary['eval_after'] or {}).get('accuracy')
   if config.export_hf:
     from qtarget import checkpoints  # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from qtarget import evaluate
+from qtarget.data import records
 from qtarget.models import llama
 
 VOCAB, EOS = 50, 2
@@ -89,6 +90,30 @@ def test_next_token_top_p_cutoff():
   assert int(evaluate._next_token(logits, keys[0], 0.0, 1.0)[0]) == 0  # temperature 0: argmax
 
 
+@pytest.mark.parametrize('top_p', [0.3, 0.9, 0.999])
+def test_next_token_matches_the_nucleus_distribution(top_p):
+  # 300 tokens with geometric-ish mass: top_p 0.999 needs more than the 128 candidates, so the
+  # full-sort path runs; the others stay within the candidates. Frequencies of 4000 draws are
+  # compared with the exact renormalized nucleus (float64 NumPy).
+  rng = np.random.default_rng(0)
+  logits = np.sort(rng.normal(size=300) * 0.4)[::-1] - 0.015 * np.arange(300)
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  kept = np.searchsorted(np.cumsum(probs), top_p) + 1
+  assert (kept > evaluate._NUCLEUS_CANDIDATES) == (top_p == 0.999)
+  expected = np.zeros(300)
+  expected[:kept] = probs[:kept] / probs[:kept].sum()
+  batch = jnp.tile(jnp.asarray(logits, jnp.float32), (4000, 1))
+  draws = np.asarray(jax.jit(evaluate._next_token)(batch, jax.random.key(1), 1.0, top_p))
+  assert draws.max() < kept  # nothing outside the nucleus
+  empirical_cdf = np.cumsum(np.bincount(draws, minlength=300)) / draws.size
+  # Kolmogorov-Smirnov distance; 0.03 is above its 99% level (1.63 / sqrt(4000) = 0.026).
+  assert np.abs(empirical_cdf - np.cumsum(expected)).max() < 0.03
+  if kept > evaluate._NUCLEUS_CANDIDATES:  # the full sort ran and reached beyond the candidates
+    assert expected[evaluate._NUCLEUS_CANDIDATES:].sum() > 0.07
+    assert (draws >= evaluate._NUCLEUS_CANDIDATES).mean() > 0.05
+
+
 def test_average_and_pass_at_k(monkeypatch):
   records = [{'prompt': 'q1', 'answer': '12', 'task': 'file', 'metadata': '{}'},
              {'prompt': 'q2', 'answer': '7', 'task': 'file', 'metadata': '{}'}]
@@ -112,3 +137,30 @@ def test_evaluate_scores_and_keeps_every_prediction(monkeypatch):
   assert [p['extracted'] for p in result.predictions] == ['12', '8']
   assert [p['score'] for p in result.predictions] == [1.0, 0.0]
   assert set(result.predictions[0]) >= {'task', 'question', 'gold', 'output', 'extracted', 'score'}
+
+
+@pytest.mark.parametrize('prediction, gold', [
+    ('\\frac{1}{2}', '0.5'), ('\\dfrac12', '\\frac{1}{2}'), ('1/2', '\\tfrac{1}{2}'),
+    ('x = 5', '5'), ('5.', '5'), ('1,000', '1000'), ('10\\%', '10'), ('90^\\circ', '90'),
+    ('\\left( 1, \\frac{1}{2} \\right)', '(1,0.5)'), ('\\sqrt2', '\\sqrt{2}'),
+    ('\\text{(A)}', '(A)'), ('-\\frac{3}{4}', '-0.75'), ('\\$18.90', '18.9'),
+])
+def test_math_equal_accepts_equivalent_answers(prediction, gold):
+  assert evaluate.math_equal(prediction, gold)
+  assert evaluate.score({'task': 'numina_math', 'answer': gold, 'metadata': '{}'},
+                        prediction) == 1.0
+
+
+@pytest.mark.parametrize('prediction, gold', [
+    ('\\frac{1}{3}', '0.33'), ('2', '-2'), ('(1,2)', '(2,1)'), ('(1,2)', '[1,2]'),
+    ('\\sqrt{3}', '\\sqrt{2}'), ('', '0'), ('x', 'y'), ('1/0', '0'),
+])
+def test_math_equal_rejects_different_answers(prediction, gold):
+  assert not evaluate.math_equal(prediction, gold)
+
+
+def test_boxed_answers_are_extracted_and_scored():
+  record = {'task': 'numina_math', 'answer': '\\frac{3}{2}', 'metadata': '{}'}
+  output = 'We get $x = \\boxed{\\dfrac{3}{2}}$. Check: \\boxed{1.5} is the same.'
+  extracted = records.extract_answer(output, record['answer'])
+  assert extracted == '1.5' and evaluate.score(record, extracted) == 1.0

@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import pathlib
+import random
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from qtarget.data import rationales
 from qtarget.data import records
 
 _FEATURES = {name: tfds.features.Text() for name in records.RECORD_FIELDS}
@@ -25,18 +27,40 @@ def _digest(payload) -> str:
   return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def _rationale_options(rationale: dict | None) -> dict:
+  """Training demonstrations: style '' (the task's own rationale or answer) or 'steps'
+  (:mod:`qtarget.data.rationales`, with ``variants`` per problem, ``corrupt_fraction`` and the
+  ``seed`` of the corruption and variant draws; the problems themselves follow the dataset seed)."""
+  options = {'style': '', 'variants': 1, 'corrupt_fraction': 0.0, 'seed': 0}
+  unknown = set(rationale or {}) - set(options)
+  if unknown:
+    raise ValueError(f'unknown rationale options {sorted(unknown)}; known: {sorted(options)}.')
+  options.update(rationale or {})
+  if options['style'] not in ('', 'steps'):
+    raise ValueError(f"rationale style must be '' or 'steps', got {options['style']!r}.")
+  if options['style'] == '' and (options['variants'] != 1 or options['corrupt_fraction']):
+    raise ValueError("variants and corrupt_fraction need rationale style 'steps'.")
+  options['variants'] = int(options['variants'])
+  options['corrupt_fraction'] = float(options['corrupt_fraction'])
+  options['seed'] = int(options['seed'])
+  return options
+
+
 class ReasoningGymConfig(tfds.core.BuilderConfig):
   """A reasoning-gym task: ``difficulty`` holds the generator's own keyword arguments."""
 
   def __init__(self, *, task: str, train_size: int, eval_size: int, seed: int,
-               difficulty: dict | None = None):
+               difficulty: dict | None = None, rationale: dict | None = None):
     self.task, self.seed = task, seed
     self.train_size, self.eval_size = train_size, eval_size
     self.difficulty = dict(difficulty or {})
-    key = _digest([task, train_size, eval_size, seed, self.difficulty])
-    super().__init__(name=f'{task}-{key}', version='1.0.0',
+    self.rationale = _rationale_options(rationale)
+    payload = [task, train_size, eval_size, seed, self.difficulty]
+    if self.rationale['style']:  # names of datasets prepared before rationales stay the same
+      payload.append(self.rationale)
+    super().__init__(name=f'{task}-{_digest(payload)}', version='1.0.0',
                      description=f'{task}: {train_size} train, {eval_size} validation and test '
-                     f'problems, seed {seed}, {self.difficulty}')
+                     f'problems, seed {seed}, {self.difficulty}, demonstrations {self.rationale}')
 
   def split_seed(self, split: str) -> int:
     """Disjoint seeds per split (reasoning-gym problems are a function of the seed)."""
@@ -67,8 +91,21 @@ class ReasoningGym(tfds.core.GeneratorBasedBuilder):
       # Small tasks repeat questions across seeds: drop train copies of held-out ones.
       held_out = {r['prompt'] for s in ('validation', 'test') for r in self._records(s)}
       recs = (r for r in recs if r['prompt'] not in held_out)
+      if self.builder_config.rationale['style'] == 'steps':
+        recs = self._with_demonstrations(recs)
     for index, record in enumerate(recs):
       yield index, record
+
+  def _with_demonstrations(self, recs):
+    options = self.builder_config.rationale
+    rng = random.Random(f"{self.builder_config.split_seed('train')}/{options['seed']}")
+    for record in recs:
+      for demo in rationales.demonstrations(record, variants=options['variants'],
+                                            corrupt_fraction=options['corrupt_fraction'],
+                                            rng=rng):
+        metadata = json.loads(record['metadata'])
+        metadata.update(corrupted=demo.corrupted, variant=demo.variant)
+        yield {**record, 'response': demo.response, 'metadata': json.dumps(metadata)}
 
 
 class LocalFilesConfig(tfds.core.BuilderConfig):

@@ -1,0 +1,288 @@
+"""The method comparison: a resumable grid of training runs, their held-out scores and the table.
+
+A grid is defined by a config module (``configs/compare_smollm2.py`` on CPU, or
+``configs/qwen2p5_math_numina.py`` for the paper's setting) with ``SETTINGS``, ``METHODS``,
+``SEEDS`` and ``get_config('SETTING/METHOD/SEED')``; a module with ``teacher_config()`` also
+trains its teacher first (``get_config('teacher')``). Every run is one
+``python -m qtarget.train --config MODULE:NAME`` process.
+
+  python experiments/compare.py run      [--config configs/compare_smollm2.py] [--only GLOB ...]
+  python experiments/compare.py report   # experiments/RESULTS.md tables and plots
+  python experiments/compare.py rescore  # re-score every saved prediction, compare with the table
+
+Resuming: a finished run is a line of ``results/runs.jsonl`` (config, seed, metrics, wall time,
+predictions file) and is skipped; an unfinished one resumes from its last checkpoint in its
+workdir. Base (the untouched model) is evaluated once per seed; its held-out problems, sampling
+settings and scorer are those of the runs.
+"""
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = 'configs/compare_smollm2.py'
+DEFAULT_RESULTS = 'experiments/results'
+
+
+def _log(message: str) -> None:
+  print(f'[compare {time.strftime("%H:%M:%S")}] {message}', flush=True)
+
+
+def load_grid(config_path: str):
+  from qtarget import config_files  # pylint: disable=g-import-not-at-top
+  module = config_files.load_module(ROOT / config_path)
+  for name in ('SETTINGS', 'METHODS', 'SEEDS', 'get_config'):
+    if not hasattr(module, name):
+      raise SystemExit(f'{config_path} defines no {name}: not a comparison grid.')
+  return module
+
+
+def run_names(grid) -> list[str]:
+  """Base, then the grid seed by seed (so a partial table covers every cell a little)."""
+  names = []
+  for seed in grid.SEEDS:
+    names.append(f'base/{seed}')
+    names += [f'{s}/{m}/{seed}' for s in grid.SETTINGS for m in grid.METHODS]
+  return (['teacher'] if hasattr(grid, 'teacher_config') else []) + names
+
+
+class Registry:
+  """results/runs.jsonl: one line per finished run; predictions under results/predictions/."""
+
+  def __init__(self, results_dir: pathlib.Path):
+    self.dir = results_dir
+    self.path = results_dir / 'runs.jsonl'
+    self.dir.mkdir(parents=True, exist_ok=True)
+
+  def records(self) -> dict[str, dict]:
+    if not self.path.exists():
+      return {}
+    return {r['name']: r for r in map(json.loads, self.path.read_text().splitlines()) if r}
+
+  def add(self, record: dict) -> None:
+    with self.path.open('a') as f:
+      f.write(json.dumps(record) + '\n')
+
+  def predictions_path(self, name: str) -> pathlib.Path:
+    return self.dir / 'predictions' / (name.replace('/', '__') + '.jsonl')
+
+
+def _relative(path: pathlib.Path) -> str:
+  """Paths inside the repository are recorded relative to it (the results travel with it)."""
+  try:
+    return str(path.resolve().relative_to(ROOT))
+  except ValueError:
+    return str(path.resolve())
+
+
+def _train_command(config_path: str, name: str) -> list[str]:
+  return [sys.executable, '-m', 'qtarget.train', f'--config={config_path}:{name}']
+
+
+def _subprocess(command: list[str], log_path: pathlib.Path) -> None:
+  log_path.parent.mkdir(parents=True, exist_ok=True)
+  env = {**os.environ, 'PYTHONPATH': str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', '')}
+  with log_path.open('a') as log:
+    log.write(f'\n$ {" ".join(command)}\n')
+    log.flush()
+    code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+  if code:
+    tail = log_path.read_text().splitlines()[-15:]
+    raise RuntimeError(f'{" ".join(command)} failed with exit code {code}; log {log_path}:\n' +
+                       '\n'.join(tail))
+
+
+def _annotate_predictions(source: pathlib.Path, target: pathlib.Path, **fields) -> list[dict]:
+  rows = [{**json.loads(line), **fields} for line in source.read_text().splitlines() if line]
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  return rows
+
+
+def train_run(grid, config_path: str, name: str, registry: Registry) -> dict:
+  """One training run (resuming from its checkpoint), recorded with its predictions."""
+  config = grid.get_config(name)
+  workdir = ROOT / config.workdir
+  started = time.time()
+  _subprocess(_train_command(config_path, name), workdir / 'log.txt')
+  summary = json.loads((workdir / 'summary.json').read_text())
+  setting, method, seed = (name.split('/') + [None, None])[:3] if name != 'teacher' else (
+      None, 'teacher', config.seed)
+  predictions = registry.predictions_path(name)
+  _annotate_predictions(workdir / 'predictions_after.jsonl', predictions, run=name,
+                        setting=setting, method_name=method)
+  record = {
+      'name': name, 'setting': setting, 'method': method, 'seed': int(seed),
+      'command': ' '.join(['python', '-m', 'qtarget.train', f'--config={config_path}:{name}']),
+      'config': json.loads(config.to_json_best_effort()),
+      'eval': summary.get('eval_after'), 'accuracy': summary.get('accuracy_after'),
+      'final_metrics': summary.get('final_metrics'), 'train_data': summary.get('train_data'),
+      'mean_step_seconds': summary.get('mean_step_seconds'),
+      'wall_seconds': round(time.time() - started, 1),
+      'run_wall_seconds': summary.get('wall_seconds'),
+      'predictions': _relative(predictions), 'finished': time.strftime('%Y-%m-%d %H:%M'),
+  }
+  if name != 'teacher':  # the teacher's export is the students' prior: keep it
+    shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)  # ~1.6 GB each; the run is done
+  return record
+
+
+def base_run(grid, config_path: str, name: str, registry: Registry) -> dict:
+  """The untouched model's held-out score, with the runs' evaluation settings."""
+  seed = int(name.split('/')[1])
+  workdir = registry.dir.parent / 'runs' / 'base' / f'seed{seed}'
+  started = time.time()
+  command = [sys.executable, str(pathlib.Path(__file__).resolve()), '_base', '--config',
+             config_path, '--seed', str(seed), '--workdir', str(workdir)]
+  _subprocess(command, workdir / 'log.txt')
+  result = json.loads((workdir / 'eval.json').read_text())
+  predictions = registry.predictions_path(name)
+  _annotate_predictions(workdir / 'predictions.jsonl', predictions, run=name, setting=None,
+                        method_name='base')
+  return {'name': name, 'setting': None, 'method': 'base', 'seed': seed,
+          'command': f'python experiments/compare.py _base --config {config_path} --seed {seed}',
+          'config': None, 'eval': result, 'accuracy': result['accuracy'],
+          'wall_seconds': round(time.time() - started, 1),
+          'predictions': _relative(predictions),
+          'finished': time.strftime('%Y-%m-%d %H:%M')}
+
+
+def _base_eval(args) -> None:
+  """Subprocess body of a Base run (loads the model once, evaluates, writes eval.json)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  del jax
+  from qtarget import evaluate, train  # pylint: disable=g-import-not-at-top
+  grid = load_grid(args.config)
+  first = f'{next(iter(grid.SETTINGS))}/{next(iter(grid.METHODS))}/{args.seed}'
+  config = grid.get_config(first)
+  model, tokenizer = train.load_model(config.model, seed=args.seed, with_lora=False)
+  _, _, eval_records = train._data(config, tokenizer, model.config.vocab_size)  # pylint: disable=protected-access
+  records = eval_records[:config.eval.num_problems]
+  result = evaluate.evaluate(model, tokenizer, records,
+                             max_new_tokens=config.eval.max_new_tokens,
+                             batch_size=config.eval.batch_size,
+                             num_samples=config.eval.num_samples,
+                             temperature=config.eval.temperature, top_p=config.eval.top_p,
+                             seed=config.eval.seed)
+  workdir = pathlib.Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'predictions.jsonl').write_text(''.join(
+      json.dumps({**p, 'method': 'base', 'seed': args.seed, 'step': 0}) + '\n'
+      for p in result.predictions))
+  k = config.eval.num_samples
+  (workdir / 'eval.json').write_text(json.dumps(
+      {'accuracy': result.accuracy, f'pass_at_{k}': result.pass_at_k, 'k': k,
+       'problems': len(records), 'step': 0, 'seconds': round(result.seconds, 1)}))
+  print(f'base seed {args.seed}: accuracy {result.accuracy:.3f}', flush=True)
+
+
+def run(args) -> None:
+  grid = load_grid(args.config)
+  registry = Registry(ROOT / args.results_dir)
+  names = run_names(grid)
+  if args.only:
+    names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in args.only)]
+  done = registry.records()
+  todo = [n for n in names if n not in done]
+  _log(f'{len(names) - len(todo)} of {len(names)} runs recorded; {len(todo)} to go')
+  if 'teacher' in todo and todo[0] != 'teacher':
+    todo.insert(0, todo.pop(todo.index('teacher')))
+  started = time.time()
+  for count, name in enumerate(todo[:args.max_runs] if args.max_runs else todo, start=1):
+    if args.dry_run:
+      print(' '.join(_train_command(args.config, name)) if not name.startswith('base/')
+            else f'(base evaluation) {name}')
+      continue
+    if 'teacher' not in done and name != 'teacher' and hasattr(grid, 'teacher_config'):
+      raise SystemExit('the teacher run is not recorded; run it first (it is the prior).')
+    _log(f'[{count}/{len(todo)}] {name} ...')
+    body = base_run if name.startswith('base/') else train_run
+    record = body(grid, args.config, name, registry)
+    registry.add(record)
+    done[name] = record
+    elapsed = time.time() - started
+    _log(f'{name}: accuracy {record["accuracy"]:.3f} in {record["wall_seconds"]:.0f} s '
+         f'(session so far {elapsed / 60:.1f} min; about '
+         f'{elapsed / count * (len(todo) - count) / 60:.0f} min left at this pace)')
+
+
+# Statistics and the report.
+
+_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+          9: 2.262, 10: 2.228}
+
+
+def mean_and_interval(values: list[float]) -> tuple[float, float]:
+  """Mean and half-width of the 95% Student-t interval over seeds (nan with one value)."""
+  n = len(values)
+  mean = sum(values) / n
+  if n < 2:
+    return mean, math.nan
+  sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+  return mean, _T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def rescore_file(path: pathlib.Path) -> float:
+  """Average score of a predictions file, re-extracted and re-scored with the task's scorer."""
+  from qtarget import evaluate  # pylint: disable=g-import-not-at-top
+  from qtarget.data import records  # pylint: disable=g-import-not-at-top
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+  scores = []
+  for row in rows:
+    record = {'task': row['task'], 'answer': row['gold'], 'metadata': row.get('metadata', '')}
+    scores.append(evaluate.score(record, records.extract_answer(row['output'], row['gold'])))
+  return sum(scores) / len(scores)
+
+
+def rescore(args) -> int:
+  registry = Registry(ROOT / args.results_dir)
+  mismatches = 0
+  for name, record in sorted(registry.records().items()):
+    again = rescore_file(ROOT / record['predictions'])
+    ok = abs(again - record['accuracy']) < 1e-9
+    mismatches += not ok
+    print(f'{name:45s} recorded {record["accuracy"]:.4f} re-scored {again:.4f} '
+          f'{"ok" if ok else "MISMATCH"}')
+  print(f'{mismatches} mismatches')
+  return 1 if mismatches else 0
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  sub = parser.add_subparsers(dest='command', required=True)
+  for command in ('run', 'report', 'rescore', '_base'):
+    p = sub.add_parser(command)
+    p.add_argument('--config', default=DEFAULT_CONFIG, help='a grid config module')
+    p.add_argument('--results_dir', default=DEFAULT_RESULTS)
+    if command == 'run':
+      p.add_argument('--only', nargs='*', help='glob patterns of run names (SETTING/METHOD/SEED)')
+      p.add_argument('--max_runs', type=int, default=0, help='stop after this many runs')
+      p.add_argument('--dry_run', action='store_true', help='print the commands only')
+    if command == 'report':
+      p.add_argument('--output', default='experiments/RESULTS.md')
+    if command == '_base':
+      p.add_argument('--seed', type=int, required=True)
+      p.add_argument('--workdir', required=True)
+  args = parser.parse_args()
+  if args.command == 'run':
+    run(args)
+  elif args.command == 'rescore':
+    sys.exit(rescore(args))
+  elif args.command == 'report':
+    import report  # pylint: disable=g-import-not-at-top  (experiments/report.py)
+    report.write(load_grid(args.config), Registry(ROOT / args.results_dir), ROOT / args.output,
+                 args)
+  else:
+    _base_eval(args)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,131 @@
+"""experiments/compare.py end to end on the paper's grid (configs/qwen2p5_math_numina.py) with a
+tiny random model and a tiny synthetic NuminaMath-CoT file: runs, records, resume, re-scoring,
+the report, and the MATH-style scoring of boxed answers."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+pytest.importorskip('gguf')  # the tiny grid uses SmolLM2's tokenizer
+try:
+  from qtarget import checkpoints
+  checkpoints.smollm2_gguf_path()
+except (ModuleNotFoundError, FileNotFoundError) as missing:
+  pytest.skip(str(missing), allow_module_level=True)
+
+_GRID = '''
+from qtarget import config_files
+paper = config_files.load_module({paper!r})
+SETTINGS, METHODS, SEEDS, EVAL = paper.SETTINGS, paper.METHODS, (0,), dict(
+    paper.EVAL, num_problems=4, num_samples=2, max_new_tokens=6, batch_size=8)
+
+def get_config(name):
+  config = paper.get_config(name)
+  config.workdir = {runs!r} + '/' + name.replace('/', '_')
+  tiny = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=1,
+              num_heads=2, num_kv_heads=1, tie_word_embeddings=True)
+  for model in (config.model, config.prior):
+    model.path, model.architecture = '', dict(tiny)
+    model.param_dtype = model.compute_dtype = 'float32'
+    model.remat = False
+  config.model.source = 'random'
+  if config.prior.source != 'initial':
+    config.prior.source = 'random'
+  config.data.train_path, config.data.eval_path = {train!r}, {held_out!r}
+  config.data.seq_len, config.data.data_dir = 256, {tfds!r}
+  config.steps, config.batch_size, config.accum_steps = 2, 2, 1
+  config.checkpoint.every, config.log_every = 1, 1
+  config.optimizer.warmup_steps = 1
+  config.loss_chunk_size = 64
+  config.eval.update(EVAL)
+  config.progress_bar = False
+  return config
+'''
+
+
+def _numina_rows(count, offset=0):
+  rows = []
+  for i in range(offset, offset + count):
+    solution = f'We add: {i} + {i} = {2 * i}. Halving gives $\\\\frac{{{2 * i}}}{{4}}$, so the '
+    solution += f'answer is $\\\\boxed{{\\\\dfrac{{{i}}}{{2}}}}$.'
+    rows.append({'source': 'synthetic', 'problem': f'What is half of {i}?',
+                 'solution': solution,
+                 'messages': [{'role': 'user', 'content': f'What is half of {i}?'},
+                              {'role': 'assistant', 'content': solution}]})
+  return rows
+
+
+def _compare(*args, results):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return subprocess.run([sys.executable, str(ROOT / 'experiments' / 'compare.py'), *args,
+                         '--results_dir', str(results)], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=900)
+
+
+def test_paper_grid_runs_records_resumes_and_rescores(tmp_path):
+  train = tmp_path / 'numina_cot.jsonl'
+  train.write_text(''.join(json.dumps(r) + '\n' for r in _numina_rows(40)))
+  held_out = tmp_path / 'math.jsonl'
+  held_out.write_text(''.join(
+      json.dumps({'problem': r['problem'], 'solution': r['solution'],
+                  'answer': f'{i / 2:g}'}) + '\n'  # decimal gold vs \dfrac in the solutions
+      for i, r in zip(range(100, 104), _numina_rows(4, offset=100))))
+  grid = tmp_path / 'tiny_numina_grid.py'
+  grid.write_text(_GRID.format(paper=str(ROOT / 'configs' / 'qwen2p5_math_numina.py'),
+                               runs=str(tmp_path / 'runs'), train=str(train),
+                               held_out=str(held_out), tfds=str(tmp_path / 'tfds')))
+  results = tmp_path / 'results'
+  only = ['--only', 'base/*', 'numina/sft/*', 'numina/target_sft_eta0.5/*']
+
+  # An interrupted cell: one step done and checkpointed, then the grid picks it up.
+  env = dict(os.environ, PYTHONPATH=str(ROOT),
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  subprocess.run([sys.executable, '-m', 'qtarget.train',
+                  f'--config={grid}:numina/target_sft_eta0.5/0', '--config.steps=1',
+                  '--config.eval.after=False'], cwd=ROOT, env=env, check=True,
+                 capture_output=True, timeout=600)
+  first = _compare('run', '--config', str(grid), *only, results=results)
+  assert first.returncode == 0, first.stdout + first.stderr
+  assert '0 of 3 runs recorded' in first.stdout
+  log = (tmp_path / 'runs' / 'numina_target_sft_eta0.5_0' / 'log.txt').read_text()
+  assert 'resumed from the checkpoint at step 1' in log
+
+  runs = [json.loads(line) for line in (results / 'runs.jsonl').read_text().splitlines()]
+  assert sorted(r['name'] for r in runs) == ['base/0', 'numina/sft/0', 'numina/target_sft_eta0.5/0']
+  for record in runs:
+    predictions = [json.loads(line) for line in (ROOT / record['predictions']).read_text()
+                   .splitlines()]
+    assert len(predictions) == 4 * 2  # problems x samples
+    for p in predictions:
+      assert {'task', 'question', 'gold', 'output', 'extracted', 'score', 'method', 'seed',
+              'step', 'metadata', 'sample'} <= set(p)
+    assert abs(sum(p['score'] for p in predictions) / 8 - record['accuracy']) < 1e-12
+    assert record['wall_seconds'] > 0 and record['command']
+  trained = next(r for r in runs if r['name'] == 'numina/target_sft_eta0.5/0')
+  assert trained['config']['method'] == 'target_sft' and trained['config']['hparams'] == {'eta': 0.5}
+  assert trained['final_metrics']['trust'] < 1.0  # Target-SFT's trust is p_y
+  assert not (tmp_path / 'runs' / 'numina_sft_0' / 'checkpoints').exists()  # cleaned up
+
+  again = _compare('run', '--config', str(grid), *only, results=results)
+  assert again.returncode == 0 and '3 of 3 runs recorded; 0 to go' in again.stdout
+
+  rescored = _compare('rescore', '--config', str(grid), results=results)
+  assert rescored.returncode == 0 and '0 mismatches' in rescored.stdout, rescored.stdout
+  # A tampered score is caught.
+  path = ROOT / runs[0]['predictions']
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  rows[0]['output'] = f"#### {rows[0]['gold']}" if rows[0]['score'] == 0 else 'no answer'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  assert _compare('rescore', '--config', str(grid), results=results).returncode == 1
+
+  report = _compare('report', '--config', str(grid), '--output', str(tmp_path / 'R.md'),
+                    results=results)
+  assert report.returncode == 0, report.stderr
+  text = (tmp_path / 'R.md').read_text()
+  assert '| base (no training) |' in text and 'numina/sft/0' in text
+  assert (tmp_path / 'accuracy_vs_eta.png').exists()
