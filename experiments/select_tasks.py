@@ -14,6 +14,8 @@ import json
 import pathlib
 import time
 
+import tensorflow_datasets as tfds
+
 from qtarget import checkpoints, evaluate
 from qtarget.data import builders
 
@@ -36,6 +38,7 @@ def main():
   parser.add_argument('--temperature', type=float, default=0.7)
   parser.add_argument('--max_new_tokens', type=int, default=48)
   args = parser.parse_args()
+  tfds.disable_progress_bar()
   done = set()
   if OUT.exists():
     done = {json.dumps([r['task'], r['difficulty']], sort_keys=True)
@@ -46,8 +49,15 @@ def main():
     if key in done:
       print(f'{task} {difficulty}: done already')
       continue
-    builder = builders.prepare(builders.ReasoningGymConfig(
-        task=task, train_size=16, eval_size=args.num_problems, seed=0, difficulty=difficulty))
+    try:
+      builder = builders.prepare(builders.ReasoningGymConfig(
+          task=task, train_size=16, eval_size=args.num_problems, seed=0, difficulty=difficulty))
+    except ValueError as error:  # e.g. fewer distinct problems than the held-out splits need
+      row = {'task': task, 'difficulty': difficulty, 'error': str(error)}
+      print(json.dumps(row), flush=True)
+      with OUT.open('a') as f:
+        f.write(json.dumps(row) + '\n')
+      continue
     problems = builders.load_split(builder, 'test')
     greedy = evaluate.evaluate(model, tokenizer, problems, max_new_tokens=args.max_new_tokens,
                                batch_size=32)

@@ -219,3 +219,33 @@ def test_prior_too_small_for_the_tokenizer(tmp_path):
 def test_unknown_method(tmp_path):
   config = _files_config(tmp_path, [{'prompt': 'a', 'response': 'b'}], method='sfft')
   _assert_stopped_before_training(config, train.ConfigError, "unknown method 'sfft'")
+
+
+def test_evaluation_at_intervals_and_after_an_interruption(tmp_path):
+  workdir = tmp_path / 'interval'
+  flags = ['--config.steps=5', '--config.eval.every=2', '--config.eval.after=True',
+           '--config.eval.num_problems=2', '--config.export_hf=False']
+  subprocess.run(_command(workdir, *flags), env=_env(), check=True, capture_output=True)
+  evaluated = sorted(p.name for p in workdir.glob('predictions_*.jsonl'))
+  assert evaluated == ['predictions_after.jsonl', 'predictions_step2.jsonl',
+                       'predictions_step4.jsonl']
+  lines = [json.loads(line) for line in _metric_lines(workdir)]
+  assert [l['step'] for l in lines if 'eval_accuracy' in l] == [2, 4]
+  step2 = [json.loads(line) for line in (workdir / 'predictions_step2.jsonl').read_text()
+           .splitlines()]
+  assert {p['step'] for p in step2} == {2} and len(step2) == 2
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['eval_after']['step'] == 5 and summary['eval_after']['problems'] == 2
+  # Killed during the step-4 evaluation (its checkpoint written, its predictions not): the
+  # resumed run evaluates step 4 before going on, and logs it once.
+  (workdir / 'predictions_step4.jsonl').unlink()
+  for path in (workdir / 'checkpoints').iterdir():
+    if path.name == '5':
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(path)
+  kept = [l for l in _metric_lines(workdir) if json.loads(l)['step'] <= 3]
+  (workdir / 'metrics.jsonl').write_text(''.join(l + '\n' for l in kept))
+  subprocess.run(_command(workdir, *flags), env=_env(), check=True, capture_output=True)
+  assert (workdir / 'predictions_step4.jsonl').exists()
+  lines = [json.loads(line) for line in _metric_lines(workdir)]
+  assert [l['step'] for l in lines if 'eval_accuracy' in l] == [2, 4]

@@ -93,8 +93,13 @@ class ReasoningGym(tfds.core.GeneratorBasedBuilder):
       recs = (r for r in recs if r['prompt'] not in held_out)
       if self.builder_config.rationale['style'] == 'steps':
         recs = self._with_demonstrations(recs)
-    for index, record in enumerate(recs):
-      yield index, record
+    count = 0
+    for count, record in enumerate(recs, start=1):
+      yield count - 1, record
+    if count == 0:
+      raise ValueError(
+          f'{self.builder_config.task}: no {split} problems left (every train problem is a copy '
+          'of a held-out one): the task has too few distinct problems for these sizes.')
 
   def _with_demonstrations(self, recs):
     options = self.builder_config.rationale
