@@ -23,20 +23,10 @@ smollm2_demo = config_files.sibling(__file__, 'smollm2_demo')
 
 
 SETTINGS = {'numina': {'rationale': {}}}  # the file's own demonstrations
-# name: (method, hyperparameters, prior): 'teacher' is config.prior (Qwen2.5-Math-7B), 'initial'
-# the frozen student. The paper's baselines are SFT, DFT and distillation.
-METHODS = {
-    'sft': ('sft', {}, None),
-    'dft': ('dft', {}, None),
-    'label_smoothing': ('label_smoothing', {'lam': 0.1}, None),
-    'sft_kl': ('sft_kl', {'lam': 0.1}, 'initial'),
-    'asft': ('asft', {'lam': 0.1}, 'initial'),
-    'distill': ('distill', {}, 'teacher'),
-    'target_sft_eta0.25': ('target_sft', {'eta': 0.25}, 'teacher'),
-    'target_sft_eta0.5': ('target_sft', {'eta': 0.5}, 'teacher'),
-    'target_sft_eta1': ('target_sft', {'eta': 1.0}, 'teacher'),
-    'target_sft_eta0.5_initial': ('target_sft', {'eta': 0.5}, 'initial'),
-}
+# The methods of the CPU comparison, as (method, hyperparameters, prior): here 'teacher' is
+# config.prior (Qwen2.5-Math-7B) and 'initial' the frozen student. The paper's baselines are SFT,
+# DFT and distillation.
+METHODS = config_files.sibling(__file__, 'compare_smollm2').METHODS
 SEEDS = (0, 1, 2)
 EVAL = {'num_problems': 500, 'num_samples': 16, 'temperature': 0.6, 'top_p': 0.95,
         'max_new_tokens': 2048, 'batch_size': 64}  # Average@16, as in the paper

@@ -22,11 +22,31 @@ def _cell(values: list[float]) -> str:
   return f'{100 * mean:.1f}{interval} ({len(values)})'
 
 
-def _by(records, key_fn):
+def _by(records, key_fn, value='accuracy'):
   table = collections.defaultdict(list)
   for r in records:
-    table[key_fn(r)].append(r['accuracy'])
+    table[key_fn(r)].append(r[value])
   return table
+
+
+def _exact_share(record) -> float:
+  """Fraction of the run's samples with a fully correct answer (score 1)."""
+  rows = [json.loads(line) for line in
+          (compare.ROOT / record['predictions']).read_text().splitlines() if line]
+  return sum(r['score'] == 1.0 for r in rows) / len(rows)
+
+
+def _table(grid, cells, base_values) -> list[str]:
+  lines = ['| method | ' + ' | '.join(grid.SETTINGS) + ' |', '|---|' + '---|' * len(grid.SETTINGS)]
+  lines.append('| base (no training) | ' + ' | '.join(_cell(base_values) for _ in grid.SETTINGS)
+               + ' |')
+  for method in grid.METHODS:
+    name, hparams, prior = grid.METHODS[method]
+    label = f'{method} ({name}{", " if hparams else ""}' + ', '.join(
+        f'{k_}={v}' for k_, v in hparams.items()) + (f'; prior {prior}' if prior else '') + ')'
+    lines.append(f'| {label} | ' + ' | '.join(_cell(cells[(s, method)]) for s in grid.SETTINGS)
+                 + ' |')
+  return lines
 
 
 def _eta_of(grid, method: str):
@@ -100,15 +120,43 @@ def write(grid, registry, output: pathlib.Path, args) -> None:
            'Student-t interval over seeds, and (n) the number of seeds recorded so far. '
            '`python experiments/compare.py rescore` re-scores every saved prediction with the '
            "task's scorer and checks it against these numbers.", '']
-  lines += ['## Accuracy', '', '| method | ' + ' | '.join(grid.SETTINGS) + ' |',
-            '|---|' + '---|' * len(grid.SETTINGS)]
-  lines.append('| base (no training) | ' + ' | '.join(_cell(base) for _ in grid.SETTINGS) + ' |')
-  for method in grid.METHODS:
-    name, hparams, prior = grid.METHODS[method]
-    label = f'{method} ({name}{", " if hparams else ""}' + ', '.join(
-        f'{k_}={v}' for k_, v in hparams.items()) + (f'; prior {prior}' if prior else '') + ')'
-    lines.append(f'| {label} | ' + ' | '.join(_cell(cells[(s, method)]) for s in grid.SETTINGS)
-                 + ' |')
+  expected = compare.run_names(grid)
+  missing = [n for n in expected if n not in registry.records()]
+  per_run = [r['wall_seconds'] for r in records if r['method'] not in ('base', 'teacher')]
+  lines += ['## Status and budget', '',
+            f'{len(expected) - len(missing)} of {len(expected)} runs recorded. '
+            + (f'Still to run: {len(missing)} (`python experiments/compare.py run` resumes). '
+               if missing else 'The grid is complete. ')
+            + (f'A training run takes {sum(per_run) / len(per_run):.0f} s on average here '
+               f'(min {min(per_run):.0f}, max {max(per_run):.0f}; load, compile, '
+               f'{grid.get_config(expected[-1]).steps} steps and the evaluation), so the whole grid '
+               f'needs about {(sum(per_run) / len(per_run)) * sum(1 for n in expected if "/" in n and not n.startswith("base/")) / 3600:.1f} h '
+               'of this machine plus the teacher and Base.' if per_run else ''), '']
+  selection = output.parent / 'results' / 'task_selection.jsonl'
+  if selection.exists():
+    lines += ['## Task selection (before any comparison)', '',
+              'Base accuracy of the untouched model on 64 held-out problems of each candidate '
+              '(`python experiments/select_tasks.py`; greedy, and Average@4 / pass@4 at '
+              'temperature 0.7, top-p 0.95). Kept: between about 5% and 50%.', '',
+              '| task | difficulty | greedy | Average@4 | pass@4 |', '|---|---|---|---|---|']
+    for row in map(json.loads, selection.read_text().splitlines()):
+      if 'error' in row:
+        lines.append(f"| {row['task']} | {row['difficulty']} | not usable: {row['error']} | | |")
+      else:
+        lines.append(f"| {row['task']} | {row['difficulty']} | {100 * row['greedy_accuracy']:.1f} "
+                     f"| {100 * row['average_at_4']:.1f} | {100 * row['pass_at_4']:.1f} |")
+    lines.append('')
+  for r in records:
+    r['exact'] = _exact_share(r)
+  lines += ['## Accuracy', '',
+            f"Average@{k} with the task's own scorer (reasoning-gym's `score_answer`; for "
+            'chain_sum it gives partial credit when the gold answer is a substring of the '
+            "extracted one, e.g. 0.5 for '-4' against '4'):", '']
+  lines += _table(grid, cells, base)
+  lines += ['', f'The same samples counted as right only when fully correct (score 1):', '']
+  lines += _table(grid, _by([r for r in records if r['setting']],
+                            lambda r: (r['setting'], r['method']), 'exact'),
+                  [r['exact'] for r in records if r['method'] == 'base'])
   teacher = next((r for r in records if r['name'] == 'teacher'), None)
   if teacher:
     lines += ['', f"Teacher (the 'teacher' prior): Average@{k} {100 * teacher['accuracy']:.1f} "
