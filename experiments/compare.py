@@ -191,18 +191,21 @@ def run(args) -> None:
   if args.only:
     names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in args.only)]
   done = registry.records()
+  if 'teacher' in done and not (ROOT / grid.teacher_config().workdir / 'hf').exists():
+    # The export is the students' prior and lives outside git (0.5 GB): a fresh checkout
+    # retrains it with the same config and seed before any run that needs it.
+    _log('the recorded teacher has no export here; training it again')
+    del done['teacher']
   todo = [n for n in names if n not in done]
   _log(f'{len(names) - len(todo)} of {len(names)} runs recorded; {len(todo)} to go')
-  if 'teacher' in todo and todo[0] != 'teacher':
-    todo.insert(0, todo.pop(todo.index('teacher')))
+  if hasattr(grid, 'teacher_config') and 'teacher' not in done:
+    todo = ['teacher'] + [n for n in todo if n != 'teacher']  # every student may need it
   started = time.time()
   for count, name in enumerate(todo[:args.max_runs] if args.max_runs else todo, start=1):
     if args.dry_run:
       print(' '.join(_train_command(args.config, name)) if not name.startswith('base/')
             else f'(base evaluation) {name}')
       continue
-    if 'teacher' not in done and name != 'teacher' and hasattr(grid, 'teacher_config'):
-      raise SystemExit('the teacher run is not recorded; run it first (it is the prior).')
     _log(f'[{count}/{len(todo)}] {name} ...')
     body = base_run if name.startswith('base/') else train_run
     record = body(grid, args.config, name, registry)
