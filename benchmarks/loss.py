@@ -7,6 +7,7 @@ Compared, each as loss and gradients with respect to the hidden states and the h
   optax_ce     optax's hard-label cross-entropy on dense logits (hidden @ head)
   dense_q      Target-SFT's target + q_cross_entropy on dense student and prior logits
   fused_q      qtarget.fused.q_cross_entropy_fused (token chunks, no N x V array)
+  pallas_q     the same with implementation='pallas' (GPU kernels; default on GPU, --pallas)
   floor        3 student-head matmuls + 1 prior-head matmul (the matmuls any exact method needs)
 Prints a markdown table and writes JSON next to this file (results/loss_<device>.json).
 """
@@ -54,12 +55,13 @@ def dense_q(hidden, head, prior_hidden, prior_head, labels, weights):
   return jnp.sum(losses.q_cross_entropy(logits, labels, target) * weights)
 
 
-def make_fused_q(chunk_size):
+def make_fused_q(chunk_size, implementation='xla'):
   def fused_q(hidden, head, prior_hidden, prior_head, labels, weights):
     loss, _ = fused.q_cross_entropy_fused(hidden, head, labels, 'target_sft',
                                           prior_hidden_NxP=prior_hidden,
                                           prior_head_PxV=prior_head, weights_N=weights,
-                                          chunk_size=chunk_size, eta=ETA)
+                                          chunk_size=chunk_size, implementation=implementation,
+                                          eta=ETA)
     return loss
   return fused_q
 
@@ -90,7 +92,15 @@ def _memory(fn, args):
           'output': analysis.output_size_in_bytes}
 
 
-def bench(shape, dtype, repeats, chunk_size):
+def _errors(fn, args, dense_value, dense_grads):
+  value, grads = _value_and_grads(fn)(*args)
+  return {'max_rel_value_error': float(abs(value - dense_value) / abs(dense_value)),
+          'max_abs_grad_error': max(float(jnp.max(jnp.abs(a.astype(jnp.float32) -
+                                                           b.astype(jnp.float32))))
+                                    for a, b in zip(grads, dense_grads))}
+
+
+def bench(shape, dtype, repeats, chunk_size, pallas=False):
   n, h, p, v = shape
   x = _inputs(n, h, p, v, dtype)
   args = (x['hidden'], x['head'], x['prior_hidden'], x['prior_head'], x['labels'], x['weights'])
@@ -106,11 +116,17 @@ def bench(shape, dtype, repeats, chunk_size):
   row['floor_s'] = 3 * student + prior
   # Equality check while we are here: the fused loss is the dense one.
   dense_value, dense_grads = _value_and_grads(dense_q)(*args)
-  fused_value, fused_grads = _value_and_grads(make_fused_q(chunk_size))(*args)
-  row['max_rel_value_error'] = float(abs(fused_value - dense_value) / abs(dense_value))
-  row['max_abs_grad_error'] = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) -
-                                                         b.astype(jnp.float32))))
-                                  for a, b in zip(fused_grads, dense_grads))
+  row.update(_errors(make_fused_q(chunk_size), args, dense_value, dense_grads))
+  if pallas:  # the GPU kernels; a failure to compile is recorded, not fatal to the run
+    kernel = make_fused_q(chunk_size, 'pallas')
+    try:
+      compiled = _value_and_grads(kernel)
+      row['pallas_q_s'] = _time(compiled, args, repeats)
+      row['pallas_q_memory'] = _memory(compiled, args)
+      row['pallas'] = _errors(kernel, args, dense_value, dense_grads)
+    except Exception as error:  # pylint: disable=broad-except
+      row['pallas_error'] = f'{type(error).__name__}: {str(error)[:2000]}'
+      print(f'pallas kernel failed at {shape}: {row["pallas_error"][:500]}', flush=True)
   return row
 
 
@@ -132,6 +148,20 @@ def report(rows, device):
         f"{1e3 * r['dense_q_s']:.1f} | {1e3 * r['fused_q_s']:.1f} | {1e3 * r['floor_s']:.1f} | "
         f"{r['fused_q_s'] / r['floor_s']:.2f} | {r['fused_q_s'] / r['dense_q_s']:.2f} | "
         f"{_gib(dense_temp)} | {_gib(fused_temp)} | {ratio} |")
+  kernel_rows = [r for r in rows if 'pallas_q_s' in r or 'pallas_error' in r]
+  if kernel_rows:
+    lines += ['', '| N, H, P, V | Pallas Q ms | Pallas/floor | Pallas temp GiB | '
+              'max rel value error | max abs grad error |', '|---|---|---|---|---|---|']
+    for r in kernel_rows:
+      if 'pallas_error' in r:
+        lines.append(f"| {', '.join(map(str, r['shape']))} | failed: "
+                     f"{r['pallas_error'][:200]} | | | | |")
+        continue
+      temp = r['pallas_q_memory'] and r['pallas_q_memory']['temp']
+      lines.append(f"| {', '.join(map(str, r['shape']))} | {1e3 * r['pallas_q_s']:.1f} | "
+                   f"{r['pallas_q_s'] / r['floor_s']:.2f} | {_gib(temp)} | "
+                   f"{r['pallas']['max_rel_value_error']:.1e} | "
+                   f"{r['pallas']['max_abs_grad_error']:.1e} |")
   return '\n'.join(lines)
 
 
@@ -141,6 +171,8 @@ def main():
   parser.add_argument('--dtype', default=None, help='float32 or bfloat16 (default: bf16 on GPU)')
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--chunk-size', type=int, default=None)
+  parser.add_argument('--pallas', action=argparse.BooleanOptionalAction, default=None,
+                      help='also time the Pallas kernels (default: on GPU only)')
   args = parser.parse_args()
   shapes = GPU_SHAPES if args.gpu else CPU_SHAPES
   dtype = jnp.dtype(args.dtype or ('bfloat16' if args.gpu else 'float32'))
@@ -149,7 +181,8 @@ def main():
   rows = []
   for shape in shapes:
     print(f'benchmarking N, H, P, V = {shape} ...', flush=True)
-    rows.append(bench(shape, dtype, args.repeats, chunk))
+    pallas = args.pallas if args.pallas is not None else jax.default_backend() == 'gpu'
+    rows.append(bench(shape, dtype, args.repeats, chunk, pallas=pallas))
   print(report(rows, device))
   out = pathlib.Path(__file__).parent / 'results' / f"loss_{jax.default_backend()}.json"
   out.parent.mkdir(exist_ok=True)

@@ -79,11 +79,23 @@ def _pad_tokens(x, pad):
   return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused(method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N, prior_hidden_NxP,
-           prior_head_PxV, hyper_N):
-  total, aux, _ = _forward(method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
-                           prior_hidden_NxP, prior_head_PxV, hyper_N)
+IMPLEMENTATIONS = ('xla', 'pallas', 'pallas_interpret')
+
+
+def _implementation_forward(implementation, method_name, chunk_size, *args):
+  if implementation == 'xla':
+    return _forward(method_name, chunk_size, *args)
+  from qtarget import fused_pallas  # pylint: disable=g-import-not-at-top
+  return fused_pallas.forward(method_name, *args,
+                              interpret=implementation == 'pallas_interpret')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused(implementation, method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
+           prior_hidden_NxP, prior_head_PxV, hyper_N):
+  total, aux, _ = _implementation_forward(implementation, method_name, chunk_size, hidden_NxH,
+                                          head_HxV, labels_N, weights_N, prior_hidden_NxP,
+                                          prior_head_PxV, hyper_N)
   return total, aux
 
 
@@ -122,16 +134,17 @@ def _forward(method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
   return jnp.sum(weighted), aux, grads
 
 
-def _fused_fwd(method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
-               prior_hidden_NxP, prior_head_PxV, hyper_N):
-  total, aux, grads = _forward(method_name, chunk_size, hidden_NxH, head_HxV, labels_N,
-                               weights_N, prior_hidden_NxP, prior_head_PxV, hyper_N)
+def _fused_fwd(implementation, method_name, chunk_size, hidden_NxH, head_HxV, labels_N,
+               weights_N, prior_hidden_NxP, prior_head_PxV, hyper_N):
+  total, aux, grads = _implementation_forward(implementation, method_name, chunk_size,
+                                              hidden_NxH, head_HxV, labels_N, weights_N,
+                                              prior_hidden_NxP, prior_head_PxV, hyper_N)
   shapes = (labels_N, weights_N, prior_hidden_NxP, prior_head_PxV, hyper_N)
   return (total, aux), (grads, shapes)
 
 
-def _fused_bwd(method_name, chunk_size, residuals, cotangents):
-  del method_name, chunk_size
+def _fused_bwd(implementation, method_name, chunk_size, residuals, cotangents):
+  del implementation, method_name, chunk_size
   (grad_hidden, grad_head), (labels, weights, prior_hidden, prior_head, hyper) = residuals
   g_total, _ = cotangents  # the per-token outputs are stop-gradient'ed by the caller
   zeros = lambda x: None if x is None else jnp.zeros_like(x)
@@ -148,7 +161,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array, method: str, *,
                           prior_hidden_NxP: Array | None = None,
                           prior_head_PxV: Array | None = None, weights_N: Array | None = None,
-                          chunk_size: int = 1024, **hyperparameters) -> tuple[Array, FusedAux]:
+                          chunk_size: int = 1024, implementation: str = 'xla',
+                          **hyperparameters) -> tuple[Array, FusedAux]:
   r"""Weighted sum over tokens of CE(Q, softmax(hidden @ head)), without N x V arrays.
 
   .. math::
@@ -164,7 +178,10 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array, m
     prior_hidden_NxP: the prior's hidden states, for methods with a prior.
     prior_head_PxV: the prior's head (same vocabulary V).
     weights_N: per-token weights carrying the mask and the normalization (None: all ones).
-    chunk_size: tokens per chunk; memory is O(chunk_size x V).
+    chunk_size: tokens per chunk; memory is O(chunk_size x V) (the XLA implementation).
+    implementation: 'xla' (token chunks, any backend), 'pallas' (the GPU kernels of
+      :mod:`qtarget.fused_pallas`: vocabulary blocks, not yet run on a GPU) or
+      'pallas_interpret' (the same kernels interpreted, for checks on CPU).
     **hyperparameters: the method's, scalars or ``[N]`` arrays (traced: no recompilation).
 
   Returns:
@@ -193,6 +210,8 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array, m
                        f"the student's {head_HxV.shape[1]}.")
   else:
     prior_hidden_NxP = prior_head_PxV = None
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.')
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}.')
   n = labels_N.shape[0]
@@ -207,8 +226,8 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array, m
     prior_hidden_NxP = jax.lax.stop_gradient(prior_hidden_NxP)
     prior_head_PxV = jax.lax.stop_gradient(prior_head_PxV)
   chunk_size = min(chunk_size, max(n, 1))
-  total, aux = _fused(method, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
-                      prior_hidden_NxP, prior_head_PxV, hyper_N)
+  total, aux = _fused(implementation, method, chunk_size, hidden_NxH, head_HxV, labels_N,
+                      weights_N, prior_hidden_NxP, prior_head_PxV, hyper_N)
   return total, jax.lax.stop_gradient(aux)
 
 
