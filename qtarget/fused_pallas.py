@@ -34,7 +34,7 @@ from qtarget import targets as targets_lib
 
 Array = jax.Array
 DEFAULT_BLOCKS = {'tokens': 32, 'vocab': 128, 'hidden': 64}
-_STATS = ('max_s', 'sum_s', 'max_p', 'sum_p', 'ent_p', 'max_w', 'sum_w', 'dot_w', 'label_logit',
+_STATS = ('max_s', 'sum_s', 'max_p', 'sum_p', 'dot_p', 'max_w', 'sum_w', 'dot_w', 'label_logit',
           'best', 'best_index')
 
 
@@ -69,8 +69,17 @@ def _stats_kernel(h_ref, w_ref, hp_ref, wp_ref, labels_ref, a_ref, b_ref, *out_r
   minus_inf = jnp.full((bt,), -jnp.inf, jnp.float32)
   zero = jnp.zeros((bt,), jnp.float32)
 
-  def rescale(old_max, new_max):
-    return jnp.where(old_max == -jnp.inf, 0.0, jnp.exp(old_max - new_max))
+  def online(c, key, x, valid, values=None):
+    """Folds a block into running max, sum of exp and (optionally) exp-weighted sum of values."""
+    new_max = jnp.maximum(c[f'max_{key}'], x.max(axis=1))
+    e = jnp.where(valid, jnp.exp(x - new_max[:, None]), 0.0)
+    old = c[f'max_{key}']
+    scale = jnp.where(old == -jnp.inf, 0.0, jnp.exp(old - new_max))
+    c[f'sum_{key}'] = c[f'sum_{key}'] * scale + e.sum(axis=1)
+    if values is not None:
+      c[f'dot_{key}'] = (c[f'dot_{key}'] * scale
+                         + jnp.sum(jnp.where(valid, e * values, 0.0), axis=1))
+    c[f'max_{key}'] = new_max
 
   def body(j, c):
     v0 = j * bv
@@ -82,25 +91,10 @@ def _stats_kernel(h_ref, w_ref, hp_ref, wp_ref, labels_ref, a_ref, b_ref, *out_r
     c = dict(c)
     if has_prior:
       zp_raw = _logits_block(hp_ref, wp_ref, rows, v0, prior_hidden, blocks)
-      zp = jnp.where(valid, zp_raw, -jnp.inf)
       exponent = exponent + _power_times(b[:, None], zp_raw)
-      new_max = jnp.maximum(c['max_p'], zp.max(axis=1))
-      e = jnp.where(valid, jnp.exp(zp - new_max[:, None]), 0.0)
-      scale = rescale(c['max_p'], new_max)
-      c['sum_p'] = c['sum_p'] * scale + e.sum(axis=1)
-      c['ent_p'] = c['ent_p'] * scale + jnp.sum(jnp.where(valid, e * zp_raw, 0.0), axis=1)
-      c['max_p'] = new_max
-    exponent = jnp.where(valid, exponent, -jnp.inf)
-    new_max = jnp.maximum(c['max_s'], z.max(axis=1))
-    c['sum_s'] = (c['sum_s'] * rescale(c['max_s'], new_max)
-                  + jnp.where(valid, jnp.exp(z - new_max[:, None]), 0.0).sum(axis=1))
-    c['max_s'] = new_max
-    new_max = jnp.maximum(c['max_w'], exponent.max(axis=1))
-    e = jnp.where(valid, jnp.exp(exponent - new_max[:, None]), 0.0)
-    scale = rescale(c['max_w'], new_max)
-    c['sum_w'] = c['sum_w'] * scale + e.sum(axis=1)
-    c['dot_w'] = c['dot_w'] * scale + jnp.sum(jnp.where(valid, e * z_raw, 0.0), axis=1)
-    c['max_w'] = new_max
+      online(c, 'p', jnp.where(valid, zp_raw, -jnp.inf), valid, zp_raw)
+    online(c, 's', z, valid)
+    online(c, 'w', jnp.where(valid, exponent, -jnp.inf), valid, z_raw)
     c['label_logit'] = c['label_logit'] + jnp.sum(
         jnp.where(cols == labels[:, None], z_raw, 0.0), axis=1)
     block_best = z.max(axis=1)
@@ -110,7 +104,7 @@ def _stats_kernel(h_ref, w_ref, hp_ref, wp_ref, labels_ref, a_ref, b_ref, *out_r
     c['best'] = jnp.where(better, block_best, c['best'])
     return c
 
-  init = {'max_s': minus_inf, 'sum_s': zero, 'max_p': minus_inf, 'sum_p': zero, 'ent_p': zero,
+  init = {'max_s': minus_inf, 'sum_s': zero, 'max_p': minus_inf, 'sum_p': zero, 'dot_p': zero,
           'max_w': minus_inf, 'sum_w': zero, 'dot_w': zero, 'label_logit': zero,
           'best': minus_inf, 'best_index': jnp.zeros((bt,), jnp.int32)}
   final = jax.lax.fori_loop(0, padded_vocab // bv, body, init)
@@ -217,7 +211,7 @@ def forward(method_name, hidden_NxH, head_HxV, labels_N, weights_N, prior_hidden
   weights = weights_N.astype(jnp.float32)
   loss = jnp.where(weights == 0, 0.0, loss)
   if has_prior:  # -sum pi log pi = lse(zp) - sum pi zp
-    prior_entropy = s['max_p'] + jnp.log(s['sum_p']) - s['ent_p'] / s['sum_p']
+    prior_entropy = s['max_p'] + jnp.log(s['sum_p']) - s['dot_p'] / s['sum_p']
   else:
     prior_entropy = jnp.zeros((n,), jnp.float32)
 
