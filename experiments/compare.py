@@ -114,8 +114,10 @@ def train_run(grid, config_path: str, name: str, registry: Registry) -> dict:
   started = time.time()
   _subprocess(_train_command(config_path, name), workdir / 'log.txt')
   summary = json.loads((workdir / 'summary.json').read_text())
-  setting, method, seed = (name.split('/') + [None, None])[:3] if name != 'teacher' else (
-      None, 'teacher', config.seed)
+  if name == 'teacher':
+    setting, method, seed = None, 'teacher', config.seed
+  else:
+    setting, method, seed = name.split('/')
   predictions = registry.predictions_path(name)
   _annotate_predictions(workdir / 'predictions_after.jsonl', predictions, run=name,
                         setting=setting, method_name=method)
@@ -157,8 +159,6 @@ def base_run(grid, config_path: str, name: str, registry: Registry) -> dict:
 
 def _base_eval(args) -> None:
   """Subprocess body of a Base run (loads the model once, evaluates, writes eval.json)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  del jax
   from qtarget import evaluate, train  # pylint: disable=g-import-not-at-top
   grid = load_grid(args.config)
   first = f'{next(iter(grid.SETTINGS))}/{next(iter(grid.METHODS))}/{args.seed}'
