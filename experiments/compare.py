@@ -164,8 +164,7 @@ def _base_eval(args) -> None:
   first = f'{next(iter(grid.SETTINGS))}/{next(iter(grid.METHODS))}/{args.seed}'
   config = grid.get_config(first)
   model, tokenizer = train.load_model(config.model, seed=args.seed, with_lora=False)
-  _, _, eval_records = train._data(config, tokenizer, model.config.vocab_size)  # pylint: disable=protected-access
-  records = eval_records[:config.eval.num_problems]
+  records = train.held_out_records(config)[:config.eval.num_problems]
   result = evaluate.evaluate(model, tokenizer, records,
                              max_new_tokens=config.eval.max_new_tokens,
                              batch_size=config.eval.batch_size,

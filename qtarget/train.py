@@ -458,8 +458,9 @@ def maybe_initialize_distributed(config) -> None:
   jax.distributed.initialize(**kwargs)  # without arguments: detected from the cluster
 
 
-def _data(config, tokenizer, vocab_size):
-  from qtarget.data import builders, pipeline  # pylint: disable=g-import-not-at-top
+def _builder(config):
+  """The tfds builder of ``config.data`` (prepared) and the name of its held-out split or None."""
+  from qtarget.data import builders  # pylint: disable=g-import-not-at-top
   data = config.data
   if data.kind == 'reasoning_gym':
     builder_config = builders.ReasoningGymConfig(
@@ -473,7 +474,20 @@ def _data(config, tokenizer, vocab_size):
     eval_split = 'test' if data.eval_path else None
   else:
     raise ConfigError(f"data.kind must be 'reasoning_gym' or 'files', got {data.kind!r}.")
-  builder = builders.prepare(builder_config, data.data_dir or None)
+  return builders.prepare(builder_config, data.data_dir or None), eval_split
+
+
+def held_out_records(config) -> list[dict]:
+  """The held-out problems a run with ``config`` evaluates on (the training split is not read)."""
+  from qtarget.data import builders  # pylint: disable=g-import-not-at-top
+  builder, eval_split = _builder(config)
+  return builders.load_split(builder, eval_split) if eval_split else []
+
+
+def _data(config, tokenizer, vocab_size):
+  from qtarget.data import builders, pipeline  # pylint: disable=g-import-not-at-top
+  data = config.data
+  builder, eval_split = _builder(config)
   train_records = builders.load_split(builder, 'train')
   report = pipeline.scan(train_records, tokenizer, max_length=data.seq_len,
                          truncate=data.truncate, vocab_size=vocab_size, name='train')

@@ -10,13 +10,11 @@ import sys
 
 import pytest
 
+import availability
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-pytest.importorskip('gguf')  # the tiny grid uses SmolLM2's tokenizer
-try:
-  from qtarget import checkpoints
-  checkpoints.smollm2_gguf_path()
-except (ModuleNotFoundError, FileNotFoundError) as missing:
-  pytest.skip(str(missing), allow_module_level=True)
+needs_smollm2 = pytest.mark.skipif(availability.smollm2_missing() is not None,
+                                   reason="the tiny grid uses SmolLM2's tokenizer")
 
 _GRID = '''
 from qtarget import config_files
@@ -67,6 +65,7 @@ def _compare(*args, results):
                         text=True, timeout=900)
 
 
+@needs_smollm2
 def test_paper_grid_runs_records_resumes_and_rescores(tmp_path):
   train = tmp_path / 'numina_cot.jsonl'
   train.write_text(''.join(json.dumps(r) + '\n' for r in _numina_rows(40)))
@@ -129,3 +128,44 @@ def test_paper_grid_runs_records_resumes_and_rescores(tmp_path):
   text = (tmp_path / 'R.md').read_text()
   assert '| base (no training) |' in text and 'numina/sft/0' in text
   assert (tmp_path / 'accuracy_vs_eta.png').exists()
+
+
+_TEACHER_GRID = '''
+import ml_collections
+SETTINGS, METHODS, SEEDS = {{'clean': {{}}}}, {{'sft': None}}, (0,)
+
+def teacher_config():
+  return ml_collections.ConfigDict({{'workdir': {teacher!r}}})
+
+def get_config(name):
+  return teacher_config()
+'''
+
+
+def test_teacher_without_export_is_trained_again_before_the_students(tmp_path):
+  grid = tmp_path / 'grid.py'
+  grid.write_text(_TEACHER_GRID.format(teacher=str(tmp_path / 'teacher')))
+  results = tmp_path / 'results'
+  results.mkdir()
+  (results / 'runs.jsonl').write_text(''.join(
+      json.dumps({'name': name}) + '\n' for name in ('teacher', 'base/0')))
+
+  planned = _compare('run', '--config', str(grid), '--dry_run', results=results)
+  assert planned.returncode == 0, planned.stderr
+  assert 'the recorded teacher has no export here; training it again' in planned.stdout
+  commands = [line for line in planned.stdout.splitlines() if not line.startswith('[compare')]
+  assert [c.split(':')[-1] for c in commands] == ['teacher', 'clean/sft/0']
+
+  (tmp_path / 'teacher' / 'hf').mkdir(parents=True)  # the export is back: nothing to retrain
+  planned = _compare('run', '--config', str(grid), '--dry_run', results=results)
+  assert 'training it again' not in planned.stdout
+  assert '2 of 3 runs recorded; 1 to go' in planned.stdout
+  commands = [line for line in planned.stdout.splitlines() if not line.startswith('[compare')]
+  assert [c.split(':')[-1] for c in commands] == ['clean/sft/0']
+
+
+def test_a_config_without_a_grid_is_refused(tmp_path):
+  refused = _compare('run', '--config', str(ROOT / 'configs' / 'tiny.py'), '--dry_run',
+                     results=tmp_path / 'results')
+  assert refused.returncode != 0
+  assert 'defines no SETTINGS: not a comparison grid' in refused.stderr

@@ -5,18 +5,16 @@ import json
 import numpy as np
 import pytest
 
+from qtarget import checkpoints
 from qtarget import evaluate
 from qtarget.data import builders
 from qtarget.data import pipeline
 from qtarget.data import records
 
-try:
-  from qtarget import checkpoints
-  checkpoints.smollm2_gguf_path()
-  HAVE_SMOLLM2 = True
-except (ModuleNotFoundError, FileNotFoundError):
-  HAVE_SMOLLM2 = False
-needs_tokenizer = pytest.mark.skipif(not HAVE_SMOLLM2, reason='needs the SmolLM2 GGUF tokenizer')
+import availability
+
+needs_tokenizer = pytest.mark.skipif(availability.smollm2_missing() is not None,
+                                     reason='needs the SmolLM2 GGUF tokenizer')
 
 
 @pytest.fixture(scope='module')

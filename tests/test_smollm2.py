@@ -12,11 +12,9 @@ from flax import nnx
 
 from qtarget import checkpoints
 
-pytest.importorskip('gguf', reason='needs the gguf package (the test extra)')
-try:
-  checkpoints.smollm2_gguf_path()
-except (ModuleNotFoundError, FileNotFoundError) as missing:
-  pytest.skip(str(missing), allow_module_level=True)
+import availability
+
+availability.skip_module_without_smollm2()
 pytestmark = pytest.mark.gguf
 
 SENTENCE = 'The capital of France is Paris. It is a beautiful city with many museums.'

@@ -16,15 +16,11 @@ from qtarget import train
 from qtarget.data import pipeline
 from qtarget.data import records
 
+import availability
 import test_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-pytest.importorskip('gguf')  # the tiny config uses SmolLM2's tokenizer
-try:
-  from qtarget import checkpoints
-  checkpoints.smollm2_gguf_path()
-except (ModuleNotFoundError, FileNotFoundError) as missing:
-  pytest.skip(str(missing), allow_module_level=True)
+availability.skip_module_without_smollm2()  # the tiny config uses SmolLM2's tokenizer
 
 
 def _command(workdir, *flags):
