@@ -49,6 +49,51 @@ def _table(grid, cells, base_values) -> list[str]:
   return lines
 
 
+PAIRED_BASELINES = ('sft', 'dft', 'distill')  # the paper's claim: Target-SFT beats these
+
+
+def paired_differences(grid, records) -> dict[tuple[str, str, str], list[float]]:
+  """Target-SFT minus baseline accuracy, one value per seed where both ran.
+
+  Keyed by (Target-SFT method, baseline, setting). A seed fixes the data order, the corrupted
+  problems and the sampling keys, and every run is scored on the same held-out problems, so the
+  difference within a seed removes the part of the noise the two runs share.
+  """
+  accuracy = {(r['setting'], r['method'], r['seed']): r['accuracy'] for r in records
+              if r['setting']}
+  ours = [m for m, (name, _, _) in grid.METHODS.items() if name == 'target_sft']
+  differences = {}
+  for method in ours:
+    for baseline in (b for b in PAIRED_BASELINES if b in grid.METHODS):
+      for setting in grid.SETTINGS:
+        differences[(method, baseline, setting)] = [
+            accuracy[(setting, method, seed)] - accuracy[(setting, baseline, seed)]
+            for seed in grid.SEEDS
+            if (setting, method, seed) in accuracy and (setting, baseline, seed) in accuracy]
+  return differences
+
+
+def _paired_table(grid, records) -> list[str]:
+  differences = paired_differences(grid, records)
+  baselines = [b for b in PAIRED_BASELINES if b in grid.METHODS]
+  columns = [(b, s) for b in baselines for s in grid.SETTINGS]
+  lines = ['| Target-SFT | ' + ' | '.join(f'vs {b} ({s})' for b, s in columns) + ' |',
+           '|---|' + '---|' * len(columns)]
+  for method in sorted({m for m, _, _ in differences}):
+    cells = []
+    for baseline, setting in columns:
+      values = differences[(method, baseline, setting)]
+      if not values:
+        cells.append('-')
+        continue
+      mean, half = compare.mean_and_interval(values)
+      interval = '' if math.isnan(half) else f' ± {100 * half:.1f}'
+      wins = sum(v > 0 for v in values)
+      cells.append(f'{100 * mean:+.1f}{interval} ({wins}/{len(values)})')
+    lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+  return lines
+
+
 def _eta_of(grid, method: str):
   if method == 'dft':
     return 0.0
@@ -109,6 +154,7 @@ def _plots(grid, records, out_dir: pathlib.Path) -> list[str]:
 
 
 def write(grid, registry, output: pathlib.Path, args) -> None:
+  output.parent.mkdir(parents=True, exist_ok=True)
   records = list(registry.records().values())
   k = grid.EVAL['num_samples']
   base = [r['accuracy'] for r in records if r['method'] == 'base']
@@ -157,6 +203,12 @@ def write(grid, registry, output: pathlib.Path, args) -> None:
   lines += _table(grid, _by([r for r in records if r['setting']],
                             lambda r: (r['setting'], r['method']), 'exact'),
                   [r['exact'] for r in records if r['method'] == 'base'])
+  lines += ['', '### Target-SFT against SFT, DFT and distillation, seed by seed', '',
+            f'Average@{k} of each Target-SFT run minus that of the baseline run with the same '
+            'seed and setting (same data order, corrupted problems and sampling keys; the same '
+            'held-out problems everywhere), in points: mean over seeds ± the 95% Student-t '
+            'half-width, and (w/n) the seeds where Target-SFT is ahead.', '']
+  lines += _paired_table(grid, records)
   teacher = next((r for r in records if r['name'] == 'teacher'), None)
   if teacher:
     lines += ['', f"Teacher (the 'teacher' prior): Average@{k} {100 * teacher['accuracy']:.1f} "

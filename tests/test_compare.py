@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -169,3 +170,31 @@ def test_a_config_without_a_grid_is_refused(tmp_path):
                      results=tmp_path / 'results')
   assert refused.returncode != 0
   assert 'defines no SETTINGS: not a comparison grid' in refused.stderr
+
+
+def test_paired_differences_match_seeds_and_count_wins():
+  sys.path.insert(0, str(ROOT / 'experiments'))
+  try:
+    import report  # pylint: disable=g-import-not-at-top  (experiments/report.py)
+  finally:
+    sys.path.pop(0)
+  grid = types.SimpleNamespace(
+      SETTINGS={'clean': {}, 'noisy': {}}, SEEDS=(0, 1, 2),
+      METHODS={'sft': ('sft', {}, None), 'distill': ('distill', {}, 'teacher'),
+               'target_sft_eta0.5': ('target_sft', {'eta': 0.5}, 'teacher')})
+  accuracy = {('clean', 'sft'): (0.50, 0.40, 0.60), ('clean', 'target_sft_eta0.5'): (0.55, 0.50, 0.55),
+              ('clean', 'distill'): (0.70, 0.70, 0.70), ('noisy', 'sft'): (0.30, 0.30, None),
+              ('noisy', 'target_sft_eta0.5'): (0.40, None, 0.90)}
+  records = [{'setting': None, 'method': 'base', 'seed': 0, 'accuracy': 0.1}]
+  for (setting, method), values in accuracy.items():
+    records += [{'setting': setting, 'method': method, 'seed': seed, 'accuracy': value}
+                for seed, value in enumerate(values) if value is not None]
+  differences = report.paired_differences(grid, records)
+  assert differences[('target_sft_eta0.5', 'sft', 'clean')] == pytest.approx([0.05, 0.10, -0.05])
+  assert differences[('target_sft_eta0.5', 'sft', 'noisy')] == pytest.approx([0.10])  # seed 0 only
+  assert differences[('target_sft_eta0.5', 'distill', 'noisy')] == []
+  assert 'dft' not in {baseline for _, baseline, _ in differences}  # not in this grid
+  table = '\n'.join(report._paired_table(grid, records))  # pylint: disable=protected-access
+  # vs sft, clean: mean +3.3, t(2) half-width 4.303 * sd 7.64 / sqrt(3) = 19.0, ahead in 2 of 3;
+  # vs distill, clean: -15, -20, -15: mean -16.7, 4.303 * 2.89 / sqrt(3) = 7.2.
+  assert '| target_sft_eta0.5 | +3.3 ± 19.0 (2/3) | +10.0 (1/1) | -16.7 ± 7.2 (0/3) | - |' in table
