@@ -79,7 +79,7 @@ def _paired_table(grid, records) -> list[str]:
   columns = [(b, s) for b in baselines for s in grid.SETTINGS]
   lines = ['| Target-SFT | ' + ' | '.join(f'vs {b} ({s})' for b, s in columns) + ' |',
            '|---|' + '---|' * len(columns)]
-  for method in sorted({m for m, _, _ in differences}):
+  for method in dict.fromkeys(m for m, _, _ in differences):  # the grid's order
     cells = []
     for baseline, setting in columns:
       values = differences[(method, baseline, setting)]
