@@ -75,8 +75,7 @@ def paired_differences(grid, records) -> dict[tuple[str, str, str], list[float]]
 
 def _paired_table(grid, records) -> list[str]:
   differences = paired_differences(grid, records)
-  baselines = [b for b in PAIRED_BASELINES if b in grid.METHODS]
-  columns = [(b, s) for b in baselines for s in grid.SETTINGS]
+  columns = list(dict.fromkeys((b, s) for _, b, s in differences))  # baseline, then setting
   lines = ['| Target-SFT | ' + ' | '.join(f'vs {b} ({s})' for b, s in columns) + ' |',
            '|---|' + '---|' * len(columns)]
   for method in dict.fromkeys(m for m, _, _ in differences):  # the grid's order

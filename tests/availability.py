@@ -22,3 +22,9 @@ def skip_module_without_smollm2() -> None:
   reason = smollm2_missing()
   if reason:
     pytest.skip(reason, allow_module_level=True)
+
+
+def needs_smollm2(what_for: str):
+  """A skip mark for tests that need SmolLM2's GGUF; ``what_for`` goes into the reason."""
+  missing = smollm2_missing()
+  return pytest.mark.skipif(missing is not None, reason=f'{what_for}: {missing}')

@@ -14,8 +14,7 @@ import pytest
 import availability
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-needs_smollm2 = pytest.mark.skipif(availability.smollm2_missing() is not None,
-                                   reason="the tiny grid uses SmolLM2's tokenizer")
+needs_smollm2 = availability.needs_smollm2("the tiny grid uses SmolLM2's tokenizer")
 
 _GRID = '''
 from qtarget import config_files

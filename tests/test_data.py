@@ -13,8 +13,7 @@ from qtarget.data import records
 
 import availability
 
-needs_tokenizer = pytest.mark.skipif(availability.smollm2_missing() is not None,
-                                     reason='needs the SmolLM2 GGUF tokenizer')
+needs_tokenizer = availability.needs_smollm2('needs the SmolLM2 GGUF tokenizer')
 
 
 @pytest.fixture(scope='module')
