@@ -1,21 +1,46 @@
 #!/usr/bin/env bash
-# The one prepared script for a session with a lent GPU (the device tool runs it in the repository
-# root; $OUT comes back). Correctness first, then the loss and train-step benchmarks; each part
-# logs to $OUT and a failure does not stop the next part.
-#   device run: bash benchmarks/gpu_session.sh
+# The one prepared script for a session with a lent GPU. The device tool runs it in the repository
+# root and brings back $OUT (at most 8 files). Correctness first, then the loss-head and
+# train-step benchmarks; each part has its own time limit, logs to $OUT and writes its JSON as it
+# goes, so a part that fails or runs out of time does not cost the others.
+#
+#   device run (carry .whl):  bash benchmarks/gpu_session.sh
+#
+# .whl (ignored by git) holds the pure-Python wheels the GPU image lacks or has at another
+# version than the one tested here: ml_collections 1.1.0 and flax 0.12.12 (fetched with
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl NAME==VERSION`).
+# The machine cannot reach a registry, so qtarget runs from the working tree through PYTHONPATH.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
-pip install -q --no-deps -e . >"$OUT/install.log" 2>&1
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-python -c "import jax; print(jax.__version__, jax.devices())" >"$OUT/jax.txt" 2>&1
-# The Pallas kernels compiled for real at small shapes, against the dense loss (the interpret-mode
-# tests run the same checks on CPU).
-JAX_PLATFORMS=cuda QTARGET_PALLAS_IMPLEMENTATION=pallas timeout 240 python -m pytest -q -x tests/test_fused_pallas.py \
-  >"$OUT/test_fused_pallas.log" 2>&1
-timeout 240 python benchmarks/loss.py --gpu >"$OUT/loss.log" 2>&1
-cp benchmarks/results/loss_gpu.json "$OUT/" 2>/dev/null
-timeout 240 python benchmarks/train_step.py --gpu >"$OUT/train_step.log" 2>&1
-cp benchmarks/results/train_step_gpu.json "$OUT/" 2>/dev/null
-timeout 180 python benchmarks/train_step.py --gpu --loss fused >"$OUT/train_step_fused.log" 2>&1
-tail -n 30 "$OUT"/*.log
+PYTHON=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PYTHON -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    >"$OUT/env.txt" 2>&1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PYTHON -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+} >>"$OUT/env.txt" 2>&1
+part() {  # part NAME SECONDS COMMAND...: one timed part, its output in $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "[$name] exit $? after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/env.txt"
+}
+# The Pallas kernels compiled with Triton, against the dense loss at small shapes (the same tests
+# run interpreted on CPU in the default suite).
+QTARGET_PALLAS_IMPLEMENTATION=pallas part test_fused_pallas 90 \
+  $PYTHON -m pytest -q -p no:cacheprovider tests/test_fused_pallas.py
+# The three loss-head shapes: optax CE, dense Q, fused Q (chunks of 1024 and 4096),
+# the Pallas kernels and the matmul floor.
+part loss 200 $PYTHON benchmarks/loss.py --gpu --chunk-sizes 1024,4096 --out "$OUT/loss_gpu.json"
+# Qwen2.5-1.5B shape, batch 4 x 2048, remat: SFT and Target-SFT, dense then fused loss.
+part train_step 260 $PYTHON benchmarks/train_step.py --gpu --loss dense,fused \
+  --out "$OUT/train_step_gpu.json"
+tail -n 40 "$OUT"/*.log

@@ -74,8 +74,24 @@ def _matmul(x, w):
   return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
-def _time(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # compile and warm up
+def _compile(loss_fn, args):
+  """One compiled executable, used for the timings and the memory analysis alike."""
+  start = time.perf_counter()
+  compiled = _value_and_grads(loss_fn).lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _time(fn, args, repeats, slow_s=None):
+  """Median seconds of ``fn(*args)`` after one warm-up call.
+
+  With ``slow_s``, a warm-up slower than that is the only measurement (a slow kernel at a large
+  shape would otherwise eat a lent GPU's minutes).
+  """
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - start
+  if slow_s is not None and first > slow_s:
+    return first
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -84,8 +100,8 @@ def _time(fn, args, repeats):
   return statistics.median(times)
 
 
-def _memory(fn, args):
-  analysis = fn.lower(*args).compile().memory_analysis()
+def _memory(compiled):
+  analysis = compiled.memory_analysis()
   if analysis is None:
     return None
   return {'temp': analysis.temp_size_in_bytes, 'argument': analysis.argument_size_in_bytes,
@@ -100,16 +116,18 @@ def _errors(fn, args, dense_value, dense_grads):
                                     for a, b in zip(grads, dense_grads))}
 
 
-def bench(shape, dtype, repeats, chunk_size, pallas=False):
+def bench(shape, dtype, repeats, chunk_sizes, pallas=None):
   n, h, p, v = shape
   x = _inputs(n, h, p, v, dtype)
   args = (x['hidden'], x['head'], x['prior_hidden'], x['prior_head'], x['labels'], x['weights'])
-  row = {'shape': shape, 'dtype': jnp.dtype(dtype).name, 'chunk_size': chunk_size}
+  chunk_size = chunk_sizes[0]
+  row = {'shape': shape, 'dtype': jnp.dtype(dtype).name, 'chunk_size': chunk_size,
+         'compile_s': {}}
   for name, fn in (('optax_ce', optax_ce), ('dense_q', dense_q),
                    ('fused_q', make_fused_q(chunk_size))):
-    compiled = _value_and_grads(fn)
+    compiled, row['compile_s'][name] = _compile(fn, args)
     row[f'{name}_s'] = _time(compiled, args, repeats)
-    row[f'{name}_memory'] = _memory(compiled, args)
+    row[f'{name}_memory'] = _memory(compiled)
   matmul = jax.jit(_matmul)
   student = _time(matmul, (x['hidden'], x['head']), repeats)
   prior = _time(matmul, (x['prior_hidden'], x['prior_head']), repeats)
@@ -117,12 +135,17 @@ def bench(shape, dtype, repeats, chunk_size, pallas=False):
   # Equality check while we are here: the fused loss is the dense one.
   dense_value, dense_grads = _value_and_grads(dense_q)(*args)
   row.update(_errors(make_fused_q(chunk_size), args, dense_value, dense_grads))
+  row['other_chunk_sizes'] = {}
+  for other in chunk_sizes[1:]:
+    compiled, _ = _compile(make_fused_q(other), args)
+    row['other_chunk_sizes'][other] = {'fused_q_s': _time(compiled, args, repeats),
+                                       'fused_q_memory': _memory(compiled)}
   if pallas:  # the GPU kernels; a failure to compile is recorded, not fatal to the run
-    kernel = make_fused_q(chunk_size, 'pallas')
+    kernel = make_fused_q(chunk_size, pallas)
     try:
-      compiled = _value_and_grads(kernel)
-      row['pallas_q_s'] = _time(compiled, args, repeats)
-      row['pallas_q_memory'] = _memory(compiled, args)
+      compiled, row['compile_s']['pallas_q'] = _compile(kernel, args)
+      row['pallas_q_s'] = _time(compiled, args, repeats, slow_s=max(1.0, 20 * row['floor_s']))
+      row['pallas_q_memory'] = _memory(compiled)
       row['pallas'] = _errors(kernel, args, dense_value, dense_grads)
     except Exception as error:  # pylint: disable=broad-except
       row['pallas_error'] = f'{type(error).__name__}: {str(error)[:2000]}'
@@ -148,6 +171,16 @@ def report(rows, device):
         f"{1e3 * r['dense_q_s']:.1f} | {1e3 * r['fused_q_s']:.1f} | {1e3 * r['floor_s']:.1f} | "
         f"{r['fused_q_s'] / r['floor_s']:.2f} | {r['fused_q_s'] / r['dense_q_s']:.2f} | "
         f"{_gib(dense_temp)} | {_gib(fused_temp)} | {ratio} |")
+  chunk_rows = [r for r in rows if r.get('other_chunk_sizes')]
+  if chunk_rows:
+    lines += ['', '| N, H, P, V | chunk | fused Q ms | fused/floor | fused temp GiB |',
+              '|---|---|---|---|---|']
+    for r in chunk_rows:
+      for chunk, other in r['other_chunk_sizes'].items():
+        temp = other['fused_q_memory'] and other['fused_q_memory']['temp']
+        lines.append(f"| {', '.join(map(str, r['shape']))} | {chunk} | "
+                     f"{1e3 * other['fused_q_s']:.1f} | {other['fused_q_s'] / r['floor_s']:.2f} | "
+                     f"{_gib(temp)} |")
   kernel_rows = [r for r in rows if 'pallas_q_s' in r or 'pallas_error' in r]
   if kernel_rows:
     lines += ['', '| N, H, P, V | Pallas Q ms | Pallas/floor | Pallas temp GiB | '
@@ -170,23 +203,40 @@ def main():
   parser.add_argument('--gpu', action='store_true', help="the issue's GPU shapes")
   parser.add_argument('--dtype', default=None, help='float32 or bfloat16 (default: bf16 on GPU)')
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--chunk-size', type=int, default=None)
+  parser.add_argument('--chunk-sizes', '--chunk-size', default=None,
+                      help='comma-separated token chunks of the fused loss; the first is the '
+                      'main one (default: 1024 on GPU, 128 on CPU)')
   parser.add_argument('--pallas', action=argparse.BooleanOptionalAction, default=None,
                       help='also time the Pallas kernels (default: on GPU only)')
+  parser.add_argument('--pallas-implementation', default='pallas',
+                      help="'pallas' (compiled) or 'pallas_interpret' (to check this script on CPU)")
+  parser.add_argument('--out', default=None, help='JSON file (default: results/loss_<backend>.json)')
+  parser.add_argument('--shapes', default=None,
+                      help="'N,H,P,V;N,H,P,V' instead of the GPU or CPU defaults")
   args = parser.parse_args()
   shapes = GPU_SHAPES if args.gpu else CPU_SHAPES
+  if args.shapes:
+    shapes = [tuple(int(d) for d in shape.split(',')) for shape in args.shapes.split(';')]
   dtype = jnp.dtype(args.dtype or ('bfloat16' if args.gpu else 'float32'))
-  chunk = args.chunk_size or (1024 if args.gpu else 128)
+  chunk_sizes = [int(c) for c in (args.chunk_sizes or ('1024' if args.gpu else '128')).split(',')]
+  pallas = args.pallas if args.pallas is not None else jax.default_backend() == 'gpu'
+  pallas = args.pallas_implementation if pallas else None
   device = f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}'
+  out = pathlib.Path(args.out or pathlib.Path(__file__).parent / 'results'
+                     / f"loss_{jax.default_backend()}.json")
+  out.parent.mkdir(exist_ok=True)
   rows = []
   for shape in shapes:
     print(f'benchmarking N, H, P, V = {shape} ...', flush=True)
-    pallas = args.pallas if args.pallas is not None else jax.default_backend() == 'gpu'
-    rows.append(bench(shape, dtype, args.repeats, chunk, pallas=pallas))
+    rows.append(bench(shape, dtype, args.repeats, chunk_sizes, pallas=pallas))
+    last = rows[-1]
+    if pallas and ('pallas_error' in last or last['pallas_q_s'] > 10 * last['floor_s']):
+      print('Pallas kernels failed or ran over 10x the floor: not timed at the larger shapes',
+            flush=True)
+      pallas = None
+    # Written after every shape: a run cut short still leaves what it measured.
+    out.write_text(json.dumps({'device': device, 'rows': rows}, indent=2))
   print(report(rows, device))
-  out = pathlib.Path(__file__).parent / 'results' / f"loss_{jax.default_backend()}.json"
-  out.parent.mkdir(exist_ok=True)
-  out.write_text(json.dumps({'device': device, 'rows': rows}, indent=2))
   print(f'wrote {out}')
 
 

@@ -70,25 +70,37 @@ def _time_step(config, arch, batch, repeats):
                                          {'embed': 'fsdp', 'vocab': None})
   state = train.place(state, shardings)
   batch = {k: jax.device_put(v, train.batch_sharding(mesh)) for k, v in batch.items()}
-  compiled = step.lower(state, batch).compile()
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()  # called below: one compilation per variant
+  compile_s = time.perf_counter() - start
   flops = (compiled.cost_analysis() or {}).get('flops')
-  state, metrics = step(state, batch)
+  analysis = compiled.memory_analysis()
+  temp = analysis.temp_size_in_bytes if analysis is not None else None
+  state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    state, metrics = step(state, batch)
+    state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  return statistics.median(times), flops
+  return {'step_s': statistics.median(times), 'compiled_flops': flops, 'compile_s': compile_s,
+          'temp_bytes': temp, 'loss': float(metrics['loss'])}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--gpu', action='store_true')
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--loss', default='dense', choices=['dense', 'fused'])
+  parser.add_argument('--loss', default='dense',
+                      help="'dense', 'fused' or both, comma-separated (e.g. 'dense,fused')")
+  parser.add_argument('--out', default=None,
+                      help='JSON file (default: results/train_step_<backend>_<loss>.json)')
   args = parser.parse_args()
+  loss_kinds = args.loss.split(',')
+  unknown = set(loss_kinds) - {'dense', 'fused'}
+  if unknown:
+    parser.error(f"unknown --loss {sorted(unknown)}: choose from 'dense', 'fused'")
   if args.gpu:
     arch = dict(QWEN_1P5B, compute_dtype='bfloat16', remat=True)
     batch_size, length = 4, 2048
@@ -98,29 +110,35 @@ def main():
   batch = _batch(batch_size, length, arch['vocab_size'])
   tokens = batch_size * length
   device = f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}'
-  rows = {}
-  for name, method, hparams in (('sft', 'sft', {}), ('target_sft', 'target_sft', {'eta': 0.5})):
-    seconds, flops = _time_step(_config(method, hparams, args.loss), dict(arch), batch,
-                                args.repeats)
-    rows[name] = {'step_s': seconds, 'tokens_per_s': tokens / seconds, 'compiled_flops': flops}
-    print(f'{name}: {seconds:.3f} s/step, {tokens / seconds:,.0f} tokens/s', flush=True)
-  ratio = rows['target_sft']['step_s'] / rows['sft']['step_s']
-  print(f'Target-SFT / SFT step time: {ratio:.2f}')
   n_params = llama.LlamaConfig(**{k: v for k, v in arch.items()
                                   if k not in ('compute_dtype', 'remat')}).num_parameters()
   # 6 N T for the forward and backward matmuls of the parameters, plus attention (12 L T^2 d).
   model_flops = (6 * n_params * tokens
                  + 12 * arch['num_layers'] * batch_size * length ** 2 * arch['hidden_size'])
-  if jax.default_backend() == 'gpu':
-    mfu = model_flops / rows['sft']['step_s'] / PEAK_BF16_FLOPS
-    print(f'SFT model FLOPs utilization: {100 * mfu:.1f}% of {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s')
-    rows['sft']['mfu'] = mfu
-  out = (pathlib.Path(__file__).parent / 'results'
-         / f'train_step_{jax.default_backend()}_{args.loss}.json')
+  on_gpu = jax.default_backend() == 'gpu'
+  out = pathlib.Path(args.out or pathlib.Path(__file__).parent / 'results'
+                     / f"train_step_{jax.default_backend()}_{'_'.join(loss_kinds)}.json")
   out.parent.mkdir(exist_ok=True)
-  out.write_text(json.dumps({'device': device, 'shape': arch, 'batch': [batch_size, length],
-                             'loss': args.loss, 'rows': rows, 'ratio': ratio,
-                             'model_flops_per_step': model_flops}, indent=2))
+  result = {'device': device, 'shape': arch, 'batch': [batch_size, length],
+            'model_flops_per_step': model_flops, 'rows': {}, 'ratios': {}}
+  for loss in loss_kinds:
+    for name, method, hparams in (('sft', 'sft', {}), ('target_sft', 'target_sft', {'eta': 0.5})):
+      row = _time_step(_config(method, hparams, loss), dict(arch), batch, args.repeats)
+      row['tokens_per_s'] = tokens / row['step_s']
+      if on_gpu:
+        row['mfu'] = model_flops / row['step_s'] / PEAK_BF16_FLOPS
+      result['rows'][f'{name}_{loss}'] = row
+      mfu = f", MFU {100 * row['mfu']:.1f}%" if on_gpu else ''
+      print(f"{name} ({loss} loss): {row['step_s']:.3f} s/step, {row['tokens_per_s']:,.0f} "
+            f"tokens/s{mfu} (compiled in {row['compile_s']:.0f} s)", flush=True)
+      out.write_text(json.dumps(result, indent=2))  # a run cut short keeps what it measured
+    ratio = (result['rows'][f'target_sft_{loss}']['step_s']
+             / result['rows'][f'sft_{loss}']['step_s'])
+    result['ratios'][loss] = ratio
+    print(f'Target-SFT / SFT step time ({loss} loss): {ratio:.2f}', flush=True)
+  if on_gpu:  # MFU counts the student's model FLOPs against the bf16 peak (989 TFLOP/s)
+    print(f'peak used for MFU: {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s')
+  out.write_text(json.dumps(result, indent=2))
   print(f'wrote {out}')
 
 
