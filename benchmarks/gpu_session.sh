@@ -33,14 +33,29 @@ part() {  # part NAME SECONDS COMMAND...: one timed part, its output in $OUT/NAM
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "[$name] exit $? after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/env.txt"
 }
-# The Pallas kernels compiled with Triton, against the dense loss at small shapes (the same tests
-# run interpreted on CPU in the default suite).
-QTARGET_PALLAS_IMPLEMENTATION=pallas part test_fused_pallas 90 \
-  $PYTHON -m pytest -q -p no:cacheprovider tests/test_fused_pallas.py
-# The three loss-head shapes: optax CE, dense Q, fused Q (chunks of 1024 and 4096),
-# the Pallas kernels and the matmul floor.
-part loss 200 $PYTHON benchmarks/loss.py --gpu --chunk-sizes 1024,4096 --out "$OUT/loss_gpu.json"
-# Qwen2.5-1.5B shape, batch 4 x 2048, remat: SFT and Target-SFT, dense then fused loss.
-part train_step 260 $PYTHON benchmarks/train_step.py --gpu --loss dense,fused \
-  --out "$OUT/train_step_gpu.json"
+# Parts, in this order unless named as arguments (e.g. `bash benchmarks/gpu_session.sh tests
+# train_step`): tests, loss, train_step, loss_small_chunks.
+tests() {  # the Pallas kernels compiled with Triton, against the dense loss at small shapes (the
+  # same tests run interpreted on CPU in the default suite; conftest defaults JAX to the CPU).
+  # float32 dots at full precision: XLA's default on a GPU lets cuBLAS use TF32 for the dense
+  # reference, which alone moves values by ~1e-4.
+  JAX_PLATFORMS=cuda,cpu JAX_DEFAULT_MATMUL_PRECISION=highest QTARGET_PALLAS_IMPLEMENTATION=pallas \
+    part test_fused_pallas 90 \
+    $PYTHON -m pytest -q -p no:cacheprovider tests/test_fused_pallas.py
+}
+loss() {  # the three loss-head shapes: optax CE, dense Q, fused Q (chunks of 1024 and
+  # 4096), the Pallas kernels and the matmul floor
+  part loss 200 $PYTHON benchmarks/loss.py --gpu --chunk-sizes 1024,4096 --out "$OUT/loss_gpu.json"
+}
+train_step() {  # Qwen2.5-1.5B shape, batch 4 x 2048, remat: SFT and Target-SFT, dense then fused
+  part train_step 280 $PYTHON benchmarks/train_step.py --gpu --loss dense,fused \
+    --out "$OUT/train_step_gpu.json"
+}
+loss_small_chunks() {  # the fused loss's memory at smaller token chunks (no Pallas)
+  part loss_small_chunks 90 $PYTHON benchmarks/loss.py --gpu --no-pallas --chunk-sizes 512,256 \
+    --out "$OUT/loss_gpu_small_chunks.json"
+}
+for name in "${@:-tests loss train_step loss_small_chunks}"; do
+  for each in $name; do $each; done
+done
 tail -n 40 "$OUT"/*.log

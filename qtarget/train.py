@@ -103,8 +103,10 @@ def _prior_logits(state: TrainState, micro: dict) -> Array | None:
   if state.spec.prior == 'none':
     return None
   prior, lora = _prior_model(state)
+  # No remat: nothing is differentiated through the prior (and flax's remat cannot update a
+  # module built outside the gradient's trace).
   logits = prior(micro['tokens'], segment_ids_BxT=micro['segment_ids'],
-                 positions_BxT=micro['positions'], lora=lora)
+                 positions_BxT=micro['positions'], lora=lora, remat=False)
   return _match_vocabulary(jax.lax.stop_gradient(logits), state.spec.vocab_size)
 
 
@@ -113,7 +115,7 @@ def _prior_hidden_and_head(state: TrainState, micro: dict):
     return None, None
   prior, lora = _prior_model(state)
   hidden = prior.hidden(micro['tokens'], segment_ids_BxT=micro['segment_ids'],
-                        positions_BxT=micro['positions'], lora=lora)
+                        positions_BxT=micro['positions'], lora=lora, remat=False)
   head = prior.head_weights_HxV()[:, :state.spec.vocab_size]  # cut padding rows
   return jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(head)
 

@@ -279,13 +279,22 @@ class Llama(nnx.Module):
   def _embed(self, tokens_BxT):
     return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.config.compute_dtype)
 
-  def _layer(self, block, x, positions, mask, lora):
-    if self.config.remat:
-      return nnx.remat(lambda blk, y: blk(y, positions, mask, None, lora)[0])(block, x)
-    return block(x, positions, mask, None, lora)[0]
+  def _layer(self, block, x, positions, mask, lora, remat):
+    if not remat:
+      return block(x, positions, mask, None, lora)[0]
+    # jax.checkpoint on a pure function of the block's values rather than nnx.remat: a layer
+    # mutates nothing, and nnx.remat writes every variable back after the call, which fails for
+    # values from an outer trace (a LoRA student's frozen base weights, a frozen prior).
+    graphdef, values = nnx.split(block)
+
+    def run(values, y, positions, mask):
+      return nnx.merge(graphdef, values)(y, positions, mask, None, lora)[0]
+
+    return jax.checkpoint(run)(values, x, positions, mask)
 
   def hidden(self, tokens_BxT: Array, *, positions_BxT: Array | None = None,
-             segment_ids_BxT: Array | None = None, lora: bool = True) -> Array:
+             segment_ids_BxT: Array | None = None, lora: bool = True,
+             remat: bool | None = None) -> Array:
     """Final hidden states ``[B, T, H]`` (after the last norm), in the compute dtype.
 
     Args:
@@ -294,6 +303,8 @@ class Llama(nnx.Module):
         at each segment; left-padded rows start them at the first real token.
       segment_ids_BxT: 1, 2, ... for packed segments, 0 for padding; default all 1.
       lora: False runs the base weights alone (the frozen prior of a LoRA student).
+      remat: recompute each layer in the backward pass; None takes ``config.remat``. A frozen
+        prior passes False: no gradient flows through it, so there is nothing to recompute.
     """
     b, t = tokens_BxT.shape
     if segment_ids_BxT is None:
@@ -302,8 +313,9 @@ class Llama(nnx.Module):
       positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = causal_segment_mask(segment_ids_BxT)
     x = self._embed(tokens_BxT)
+    remat = self.config.remat if remat is None else remat
     for block in self.layers:
-      x = self._layer(block, x, positions_BxT, mask, lora)
+      x = self._layer(block, x, positions_BxT, mask, lora, remat)
     return self.final_norm(x)
 
   def head_weights_HxV(self) -> Array:
