@@ -178,9 +178,10 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array, m
     prior_hidden_NxP: the prior's hidden states, for methods with a prior.
     prior_head_PxV: the prior's head (same vocabulary V).
     weights_N: per-token weights carrying the mask and the normalization (None: all ones).
-    chunk_size: tokens per chunk; memory is O(chunk_size x V) (the XLA implementation).
+    chunk_size: tokens per chunk; temporaries are O(chunk_size x V) plus the float32 H x V
+      accumulator of the head gradient (the XLA implementation).
     implementation: 'xla' (token chunks, any backend), 'pallas' (the GPU kernels of
-      :mod:`qtarget.fused_pallas`: vocabulary blocks, not yet run on a GPU) or
+      :mod:`qtarget.fused_pallas`: vocabulary blocks; correct but slow on an H100) or
       'pallas_interpret' (the same kernels interpreted, for checks on CPU).
     **hyperparameters: the method's, scalars or ``[N]`` arrays (traced: no recompilation).
 

@@ -29,8 +29,7 @@ def get_config(name):
               num_heads=2, num_kv_heads=1, tie_word_embeddings=True)
   for model in (config.model, config.prior):
     model.path, model.architecture = '', dict(tiny)
-    model.param_dtype = model.compute_dtype = 'float32'
-    model.remat = False
+    model.param_dtype = model.compute_dtype = 'float32'  # remat stays as the paper config sets it
   config.model.source = 'random'
   if config.prior.source != 'initial':
     config.prior.source = 'random'
