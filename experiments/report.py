@@ -8,6 +8,7 @@ import collections
 import json
 import math
 import pathlib
+import re
 
 import compare  # pylint: disable=import-error  (experiments/compare.py, the caller)
 
@@ -34,6 +35,61 @@ def _exact_share(record) -> float:
   rows = [json.loads(line) for line in
           (compare.ROOT / record['predictions']).read_text().splitlines() if line]
   return sum(r['score'] == 1.0 for r in rows) / len(rows)
+
+
+_STEP = re.compile(r'^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$')
+
+
+def sample_shape(rows: list[dict]) -> dict[str, float] | None:
+  """How a run's chain_sum samples are written, from its predictions.
+
+  Returns the share of samples with the closing ``####`` line, the mean number of step lines
+  (``a op b = c``), the share with more steps than the problem has operations, and the share of
+  written steps whose arithmetic is right; None when the predictions are not chain_sum.
+  """
+  counts = collections.Counter()
+  for row in rows:
+    metadata = row.get('metadata')
+    inner = json.loads(metadata).get('metadata', {}) if isinstance(metadata, str) else {}
+    if not isinstance(inner, dict) or inner.get('source_dataset') != 'chain_sum':
+      return None
+    steps = [m.groups() for m in map(_STEP.match, row['output'].split('\n')) if m]
+    counts['samples'] += 1
+    counts['closing'] += '####' in row['output']
+    counts['steps'] += len(steps)
+    counts['overlong'] += len(steps) > inner['num_terms'] - 1
+    operations = {'+': lambda a, b: a + b, '-': lambda a, b: a - b, '*': lambda a, b: a * b}
+    counts['right_steps'] += sum(operations[op](int(a), int(b)) == int(c) for a, op, b, c in steps)
+  if not counts['samples']:
+    return None
+  n = counts['samples']
+  return {'closing': counts['closing'] / n, 'steps': counts['steps'] / n,
+          'overlong': counts['overlong'] / n,
+          'step_accuracy': counts['right_steps'] / counts['steps'] if counts['steps'] else math.nan}
+
+
+def _shape_table(grid, records) -> list[str]:
+  shapes = collections.defaultdict(list)
+  for r in records:
+    if r['setting']:
+      rows = [json.loads(line) for line in
+              (compare.ROOT / r['predictions']).read_text().splitlines() if line]
+      shape = sample_shape(rows)
+      if shape is not None:
+        shapes[(r['setting'], r['method'])].append(shape)
+  if not shapes:
+    return []
+  lines = ['| setting | method | closing `####` line | steps per sample | more steps than '
+           'operations | written steps with right arithmetic |', '|---|---|---|---|---|---|']
+  for setting in grid.SETTINGS:
+    for method in grid.METHODS:
+      runs = shapes.get((setting, method))
+      if runs:
+        mean = lambda key: sum(run[key] for run in runs) / len(runs)  # pylint: disable=cell-var-from-loop
+        lines.append(f"| {setting} | {method} | {100 * mean('closing'):.0f}% | "
+                     f"{mean('steps'):.2f} | {100 * mean('overlong'):.0f}% | "
+                     f"{100 * mean('step_accuracy'):.0f}% |")
+  return lines
 
 
 def _table(grid, cells, base_values) -> list[str]:
@@ -208,6 +264,14 @@ def write(grid, registry, output: pathlib.Path, args) -> None:
             'held-out problems everywhere), in points: mean over seeds ± the 95% Student-t '
             'half-width, and (w/n) the seeds where Target-SFT is ahead.', '']
   lines += _paired_table(grid, records)
+  shape_lines = _shape_table(grid, records)
+  if shape_lines:
+    lines += ['', '### How the samples are written', '',
+              'From the saved predictions, mean over seeds: the share of samples that end with '
+              'the closing `#### N` line, step lines (`a op b = c`) per sample, the share that '
+              'write more steps than the problem has operations, and the share of written steps '
+              'whose arithmetic is right. A problem of 3 terms needs 2 steps.', '']
+    lines += shape_lines
   teacher = next((r for r in records if r['name'] == 'teacher'), None)
   if teacher:
     lines += ['', f"Teacher (the 'teacher' prior): Average@{k} {100 * teacher['accuracy']:.1f} "

@@ -196,3 +196,26 @@ def test_paired_differences_match_seeds_and_count_wins():
   # vs sft, clean: mean +3.3, t(2) half-width 4.303 * sd 7.64 / sqrt(3) = 19.0, ahead in 2 of 3;
   # vs distill, clean: -15, -20, -15: mean -16.7, 4.303 * 2.89 / sqrt(3) = 7.2.
   assert '| target_sft_eta0.5 | +3.3 ± 19.0 (2/3) | +10.0 (1/1) | -16.7 ± 7.2 (0/3) | - |' in table
+
+
+def test_sample_shape_counts_closing_lines_steps_and_arithmetic():
+  sys.path.insert(0, str(ROOT / 'experiments'))
+  try:
+    import report  # pylint: disable=g-import-not-at-top  (experiments/report.py)
+  finally:
+    sys.path.pop(0)
+  chain = lambda terms: json.dumps({'metadata': {'source_dataset': 'chain_sum',
+                                                 'num_terms': terms}})
+  rows = [
+      # 2 right steps and the closing line
+      {'output': '7 + 5 = 12\n12 - 3 = 9\n#### 9', 'metadata': chain(3)},
+      # 3 steps for 2 operations, one of them wrong (12 - 3 = 11), no closing line
+      {'output': '7 + 5 = 12\n12 - 3 = 11\n11 + 5 = 16\n16 -', 'metadata': chain(3)},
+      # prose: no steps at all
+      {'output': 'The answer is 9.', 'metadata': chain(3)},
+  ]
+  shape = report.sample_shape(rows)
+  assert shape == {'closing': pytest.approx(1 / 3), 'steps': pytest.approx(5 / 3),
+                   'overlong': pytest.approx(1 / 3), 'step_accuracy': pytest.approx(4 / 5)}
+  numina = [{'output': '\\boxed{2}', 'metadata': json.dumps({'metadata': {}})}]
+  assert report.sample_shape(numina) is None
