@@ -99,23 +99,27 @@ def _prior_model(state: TrainState):
   return nnx.merge(state.prior_graphdef, state.prior), True
 
 
-def _prior_logits(state: TrainState, micro: dict) -> Array | None:
-  if state.spec.prior == 'none':
-    return None
+def _prior_hidden(state: TrainState, micro: dict):
+  """The frozen prior and its final hidden states for a micro-batch."""
   prior, lora = _prior_model(state)
   # No remat: nothing is differentiated through the prior (and flax's remat cannot update a
   # module built outside the gradient's trace).
-  logits = prior(micro['tokens'], segment_ids_BxT=micro['segment_ids'],
-                 positions_BxT=micro['positions'], lora=lora, remat=False)
-  return _match_vocabulary(jax.lax.stop_gradient(logits), state.spec.vocab_size)
+  hidden = prior.hidden(micro['tokens'], segment_ids_BxT=micro['segment_ids'],
+                        positions_BxT=micro['positions'], lora=lora, remat=False)
+  return prior, hidden
+
+
+def _prior_logits(state: TrainState, micro: dict) -> Array | None:
+  if state.spec.prior == 'none':
+    return None
+  prior, hidden = _prior_hidden(state, micro)
+  return _match_vocabulary(jax.lax.stop_gradient(prior.logits(hidden)), state.spec.vocab_size)
 
 
 def _prior_hidden_and_head(state: TrainState, micro: dict):
   if state.spec.prior == 'none':
     return None, None
-  prior, lora = _prior_model(state)
-  hidden = prior.hidden(micro['tokens'], segment_ids_BxT=micro['segment_ids'],
-                        positions_BxT=micro['positions'], lora=lora, remat=False)
+  prior, hidden = _prior_hidden(state, micro)
   head = prior.head_weights_HxV()[:, :state.spec.vocab_size]  # cut padding rows
   return jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(head)
 
