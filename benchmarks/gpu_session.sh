@@ -55,7 +55,13 @@ loss_small_chunks() {  # the fused loss's memory at smaller token chunks (no Pal
   part loss_small_chunks 90 $PYTHON benchmarks/loss.py --gpu --no-pallas --chunk-sizes 512,256 \
     --out "$OUT/loss_gpu_small_chunks.json"
 }
-for name in "${@:-tests loss train_step loss_small_chunks}"; do
-  for each in $name; do $each; done
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(tests loss train_step loss_small_chunks)
+for name in "${parts[@]}"; do
+  case $name in
+    tests | loss | train_step | loss_small_chunks) $name ;;
+    *) echo "unknown part '$name': choose from tests, loss, train_step, loss_small_chunks" >&2
+       exit 2 ;;
+  esac
 done
 tail -n 40 "$OUT"/*.log

@@ -108,8 +108,8 @@ def _memory(compiled):
           'output': analysis.output_size_in_bytes}
 
 
-def _errors(fn, args, dense_value, dense_grads):
-  value, grads = _value_and_grads(fn)(*args)
+def _errors(compiled, args, dense_value, dense_grads):
+  value, grads = compiled(*args)
   return {'max_rel_value_error': float(abs(value - dense_value) / abs(dense_value)),
           'max_abs_grad_error': max(float(jnp.max(jnp.abs(a.astype(jnp.float32) -
                                                            b.astype(jnp.float32))))
@@ -123,30 +123,31 @@ def bench(shape, dtype, repeats, chunk_sizes, pallas=None):
   chunk_size = chunk_sizes[0]
   row = {'shape': shape, 'dtype': jnp.dtype(dtype).name, 'chunk_size': chunk_size,
          'compile_s': {}}
+  executables = {}
   for name, fn in (('optax_ce', optax_ce), ('dense_q', dense_q),
                    ('fused_q', make_fused_q(chunk_size))):
-    compiled, row['compile_s'][name] = _compile(fn, args)
-    row[f'{name}_s'] = _time(compiled, args, repeats)
-    row[f'{name}_memory'] = _memory(compiled)
+    executables[name], row['compile_s'][name] = _compile(fn, args)
+    row[f'{name}_s'] = _time(executables[name], args, repeats)
+    row[f'{name}_memory'] = _memory(executables[name])
   matmul = jax.jit(_matmul)
   student = _time(matmul, (x['hidden'], x['head']), repeats)
   prior = _time(matmul, (x['prior_hidden'], x['prior_head']), repeats)
   row['floor_s'] = 3 * student + prior
-  # Equality check while we are here: the fused loss is the dense one.
-  dense_value, dense_grads = _value_and_grads(dense_q)(*args)
-  row.update(_errors(make_fused_q(chunk_size), args, dense_value, dense_grads))
+  # Equality check while we are here, with the executables just timed: the fused loss is the
+  # dense one.
+  dense_value, dense_grads = executables['dense_q'](*args)
+  row.update(_errors(executables['fused_q'], args, dense_value, dense_grads))
   row['other_chunk_sizes'] = {}
   for other in chunk_sizes[1:]:
     compiled, _ = _compile(make_fused_q(other), args)
     row['other_chunk_sizes'][other] = {'fused_q_s': _time(compiled, args, repeats),
                                        'fused_q_memory': _memory(compiled)}
   if pallas:  # the GPU kernels; a failure to compile is recorded, not fatal to the run
-    kernel = make_fused_q(chunk_size, pallas)
     try:
-      compiled, row['compile_s']['pallas_q'] = _compile(kernel, args)
+      compiled, row['compile_s']['pallas_q'] = _compile(make_fused_q(chunk_size, pallas), args)
       row['pallas_q_s'] = _time(compiled, args, repeats, slow_s=max(1.0, 20 * row['floor_s']))
       row['pallas_q_memory'] = _memory(compiled)
-      row['pallas'] = _errors(kernel, args, dense_value, dense_grads)
+      row['pallas'] = _errors(compiled, args, dense_value, dense_grads)
     except Exception as error:  # pylint: disable=broad-except
       row['pallas_error'] = f'{type(error).__name__}: {str(error)[:2000]}'
       print(f'pallas kernel failed at {shape}: {row["pallas_error"][:500]}', flush=True)
@@ -216,7 +217,12 @@ def main():
   args = parser.parse_args()
   shapes = GPU_SHAPES if args.gpu else CPU_SHAPES
   if args.shapes:
-    shapes = [tuple(int(d) for d in shape.split(',')) for shape in args.shapes.split(';')]
+    try:
+      shapes = [tuple(int(d) for d in shape.split(',')) for shape in args.shapes.split(';')]
+    except ValueError:
+      parser.error(f'--shapes {args.shapes!r}: expected integers like 2048,256,256,8192;...')
+    if any(len(shape) != 4 or min(shape) < 1 for shape in shapes):
+      parser.error(f'--shapes {args.shapes!r}: each shape is four positive N,H,P,V')
   dtype = jnp.dtype(args.dtype or ('bfloat16' if args.gpu else 'float32'))
   chunk_sizes = [int(c) for c in (args.chunk_sizes or ('1024' if args.gpu else '128')).split(',')]
   pallas = args.pallas if args.pallas is not None else jax.default_backend() == 'gpu'
