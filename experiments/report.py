@@ -30,14 +30,18 @@ def _by(records, key_fn, value='accuracy'):
   return table
 
 
-def _exact_share(record) -> float:
-  """Fraction of the run's samples with a fully correct answer (score 1)."""
-  rows = [json.loads(line) for line in
+def _prediction_rows(record) -> list[dict]:
+  return [json.loads(line) for line in
           (compare.ROOT / record['predictions']).read_text().splitlines() if line]
+
+
+def _exact_share(rows: list[dict]) -> float:
+  """Fraction of a run's samples with a fully correct answer (score 1)."""
   return sum(r['score'] == 1.0 for r in rows) / len(rows)
 
 
 _STEP = re.compile(r'^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$')
+_OPERATIONS = {'+': lambda a, b: a + b, '-': lambda a, b: a - b, '*': lambda a, b: a * b}
 
 
 def sample_shape(rows: list[dict]) -> dict[str, float] | None:
@@ -58,8 +62,8 @@ def sample_shape(rows: list[dict]) -> dict[str, float] | None:
     counts['closing'] += '####' in row['output']
     counts['steps'] += len(steps)
     counts['overlong'] += len(steps) > inner['num_terms'] - 1
-    operations = {'+': lambda a, b: a + b, '-': lambda a, b: a - b, '*': lambda a, b: a * b}
-    counts['right_steps'] += sum(operations[op](int(a), int(b)) == int(c) for a, op, b, c in steps)
+    counts['right_steps'] += sum(_OPERATIONS[op](int(a), int(b)) == int(c)
+                                 for a, op, b, c in steps)
   if not counts['samples']:
     return None
   n = counts['samples']
@@ -71,12 +75,8 @@ def sample_shape(rows: list[dict]) -> dict[str, float] | None:
 def _shape_table(grid, records) -> list[str]:
   shapes = collections.defaultdict(list)
   for r in records:
-    if r['setting']:
-      rows = [json.loads(line) for line in
-              (compare.ROOT / r['predictions']).read_text().splitlines() if line]
-      shape = sample_shape(rows)
-      if shape is not None:
-        shapes[(r['setting'], r['method'])].append(shape)
+    if r['setting'] and r['shape'] is not None:
+      shapes[(r['setting'], r['method'])].append(r['shape'])
   if not shapes:
     return []
   lines = ['| setting | method | closing `####` line | steps per sample | more steps than '
@@ -248,7 +248,9 @@ def write(grid, registry, output: pathlib.Path, args) -> None:
                      f"| {100 * row['average_at_4']:.1f} | {100 * row['pass_at_4']:.1f} |")
     lines.append('')
   for r in records:
-    r['exact'] = _exact_share(r)
+    rows = _prediction_rows(r)  # read once for both per-run summaries
+    r['exact'] = _exact_share(rows)
+    r['shape'] = sample_shape(rows) if r['setting'] else None
   lines += ['## Accuracy', '',
             f"Average@{k} with the task's own scorer (reasoning-gym's `score_answer`; for "
             'chain_sum it gives partial credit when the gold answer is a substring of the '
