@@ -73,9 +73,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.clip_norm = 1.0  # global gradient norm
 
   config.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1})  # -1: the rest
-  config.sharding_rules = (  # logical axis -> mesh axis (None: replicated)
+  config.sharding_rules = (  # parameters: logical axis -> mesh axis (None: replicated)
       ('embed', 'fsdp'), ('vocab', 'tensor'), ('mlp', 'tensor'), ('heads', 'tensor'),
       ('kv', 'tensor'), ('lora', None))
+  config.activation_rules = (  # activations: the batch over (data, fsdp), never gathered
+      ('activation_batch', ('data', 'fsdp')), ('activation_length', None),
+      ('activation_embed', None), ('activation_heads', 'tensor'), ('activation_kv', 'tensor'),
+      ('activation_mlp', 'tensor'), ('activation_vocab', 'tensor'))
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 25  # steps between checkpoints (and one at the end)

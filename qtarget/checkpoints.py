@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qtarget.models import layout
 from qtarget.models import llama
 
 SUPPORTED_ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}
@@ -133,25 +134,49 @@ def _abstract_model(config: llama.LlamaConfig):
   return graphdef, dict(nnx.to_flat_state(state))
 
 
-def _init_lora(flat: dict, seed: int) -> None:
+def _placer(mesh, rules):
+  """``place(variable, make)``: the variable's value from ``make(index)`` (a NumPy block for
+  an index, or the whole for None), built on its shards under a mesh."""
+  if mesh is None:
+    return lambda variable, make: jnp.asarray(make(None))
+
+  def place(variable, make):
+    value = variable.get_value()
+    axes = variable.get_metadata().get('logical_axes')
+    sharding = layout.sharding_for(value.shape, axes, dict(rules or {}), mesh)
+    return jax.make_array_from_callback(value.shape, sharding, make)
+
+  return place
+
+
+def _init_lora(flat: dict, seed: int, place) -> None:
   """Fresh adapters for a loaded model: A ~ N(0, 1/in), B = 0, so the output is unchanged."""
   key = jax.random.key(seed)
+  cpu = jax.devices('cpu')[0]  # drawn on the host (in x rank: small), then placed by shards
   for index, (path, variable) in enumerate(sorted(flat.items(), key=lambda kv: str(kv[0]))):
     if not isinstance(variable, llama.LoRAParam):
       continue
     shape, dtype = variable.get_value().shape, variable.get_value().dtype
     if path[-1] == 'lora_a':
-      value = jax.random.normal(jax.random.fold_in(key, index), shape) / math.sqrt(shape[0])
+      with jax.default_device(cpu):
+        value = np.asarray(jax.random.normal(jax.random.fold_in(key, index), shape)
+                           / math.sqrt(shape[0]))
     else:
-      value = jnp.zeros(shape)
-    variable.set_value(value.astype(dtype))
+      value = np.zeros(shape)
+    value = value.astype(dtype)
+    variable.set_value(place(variable, lambda index, v=value: v if index is None else v[index]))
 
 
 def _assemble(config: llama.LlamaConfig, tensors: Iterator[tuple[tuple, np.ndarray, str]],
-              seed: int = 0) -> llama.Llama:
-  """Places ``(path, array, source name)`` items into an abstract model, checking shapes."""
+              seed: int = 0, mesh=None, rules=None) -> llama.Llama:
+  """Places ``(path, array, source name)`` items into an abstract model, checking shapes.
+
+  With a ``mesh``, each tensor goes straight to its shards (by the parameters' logical axes
+  under ``rules``): no device holds more than its shards, and the host one tensor at a time.
+  """
   graphdef, flat = _abstract_model(config)
   dtype = jnp.dtype(config.param_dtype)
+  place = _placer(mesh, rules)
   missing = {path for path, v in flat.items() if not isinstance(v, llama.LoRAParam)}
   for path, array, source in tensors:
     if path not in flat:
@@ -160,12 +185,13 @@ def _assemble(config: llama.LlamaConfig, tensors: Iterator[tuple[tuple, np.ndarr
     if tuple(array.shape) != tuple(expected):
       raise CheckpointError(f'{source}: shape {tuple(array.shape)} does not match the '
                             f'configured {tuple(expected)} for {path}.')
-    flat[path].set_value(jnp.asarray(array, dtype))
+    flat[path].set_value(place(flat[path], lambda index, a=array: np.asarray(
+        a if index is None else a[index], dtype)))
     missing.discard(path)
   if missing:
     raise CheckpointError(f'the checkpoint lacks {len(missing)} parameter(s), for example '
                           f'{sorted(missing, key=str)[0]}.')
-  _init_lora(flat, seed)
+  _init_lora(flat, seed, place)
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -195,12 +221,15 @@ def _open_safetensors(path, safe_open):
                           'file?)') from error
 
 
-def load_hf(directory: str | os.PathLike, *, seed: int = 0, **overrides) -> llama.Llama:
+def load_hf(directory: str | os.PathLike, *, seed: int = 0, mesh=None, rules=None,
+            **overrides) -> llama.Llama:
   """Loads a Hugging Face Llama/Qwen2 checkpoint directory (config.json + safetensors).
 
   Args:
     directory: holds ``config.json`` and ``model.safetensors`` or a sharded index.
     seed: initializes LoRA adapters when ``lora_rank`` is set.
+    mesh: place each tensor straight onto its shards of this mesh (None: the default device).
+    rules: logical axis -> mesh axis, for ``mesh``.
     **overrides: :class:`LlamaConfig` fields of ours (``param_dtype``, ``lora_rank``, ...).
   """
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
@@ -230,7 +259,7 @@ def load_hf(directory: str | os.PathLike, *, seed: int = 0, **overrides) -> llam
       for handle in handles.values():
         handle.__exit__(None, None, None)
 
-  return _assemble(config, tensors(), seed)
+  return _assemble(config, tensors(), seed, mesh, rules)
 
 
 def export_hf(model: llama.Llama, directory: str | os.PathLike, tokenizer=None) -> pathlib.Path:
@@ -332,7 +361,8 @@ def _gguf_name(path: tuple) -> str:
   return f'blk.{layer}.{names[module]}.{"bias" if rest[-1] == "bias" else "weight"}'
 
 
-def load_gguf(path: str | os.PathLike | None = None, *, seed: int = 0, **overrides):
+def load_gguf(path: str | os.PathLike | None = None, *, seed: int = 0, mesh=None, rules=None,
+              **overrides):
   """Loads a Llama GGUF (default: SmolLM2-135M-Instruct): dequantized weights and tokenizer.
 
   Returns:
@@ -363,7 +393,7 @@ def load_gguf(path: str | os.PathLike | None = None, *, seed: int = 0, **overrid
         array = _unpermute_rope_rows(array, heads)
       yield ours, (array.T if transposed else array), f'{path.name}:{name}'
 
-  model = _assemble(config, tensors(), seed)
+  model = _assemble(config, tensors(), seed, mesh, rules)
   tokenizer = tokenizer_lib.Tokenizer.from_gguf(reader)
   tokenizer.check_model_vocabulary(config.vocab_size)
   return model, tokenizer

@@ -1,12 +1,16 @@
-r"""Compile the real train step for a TPU pod slice ahead of time, on a machine without a TPU.
+r"""Compile the real train step ahead of time for a TPU pod slice or for fake CPU devices.
 
     python -m qtarget.compile_check --config configs/NAME.py --topology v5e:4x4 [--config.k=v]
+    python -m qtarget.compile_check --config configs/NAME.py --cpu-devices 8 [--config.k=v]
+        [--json report.json] [--hlo step.hlo.txt]
 
-Builds the config's mesh over the named topology's devices (libtpu describes them; nothing runs),
-lowers and compiles :func:`qtarget.train.train_step` (student, prior, optimizer, the configured
-loss) from ``ShapeDtypeStruct`` inputs with the real shardings, and reports per-device memory
-against the chip's HBM, the step's FLOPs, and whether it fits, with what to change when it does
-not. Needs the ``tpu`` extra (``pip install -e .[tpu]``).
+Builds the config's mesh over the named topology's devices (libtpu describes them; nothing runs)
+or over N fake CPU devices, lowers and compiles :func:`qtarget.train.train_step` (student,
+prior, optimizer, the configured loss) from ``ShapeDtypeStruct`` inputs with the real shardings,
+and reports per-device memory (against the chip's HBM on a TPU), the step's FLOPs, the
+collectives the partitioned program runs (count and bytes of their results), and whether it
+fits, with what to change when it does not. ``--json`` writes the report, ``--hlo`` the compiled
+program's text. TPU topologies need the ``tpu`` extra (``pip install -e .[tpu]``).
 
 Model shapes come from the checkpoint's config.json when the path exists, else from
 ``model.architecture`` / ``prior.architecture`` in the config, so a plan can be checked before
@@ -16,6 +20,7 @@ the weights are downloaded.
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import re
 
@@ -24,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from qtarget import hlo
 from qtarget import targets
 from qtarget import train
 from qtarget.models import llama
@@ -52,6 +58,15 @@ class Report:
   suggestions: list
   compiler_message: str = ''  # the TPU compiler's own words when it refused the plan
   model_flops: float | None = None  # analytic matmul FLOPs per step per device
+  collectives: dict = dataclasses.field(default_factory=dict)  # kind -> count, result bytes
+  hlo_text: str = dataclasses.field(default='', repr=False)  # the compiled program
+
+  def to_json(self) -> dict:
+    """The report as JSON data (without the program text)."""
+    data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name != 'hlo_text'}
+    data.update(total=self.total, fits=self.fits)
+    return data
 
   @property
   def total(self) -> int:
@@ -74,6 +89,9 @@ class Report:
         f'| temporaries | {gib(self.temporaries)} |',
         f'| generated code | {gib(self.generated_code)} |',
         f'| **total** | **{gib(self.total)}** |',
+        'collectives per device (each written instruction once; results in MiB): ' + (
+            ', '.join(f"{kind} {c['count']} x ({c['bytes'] / 2 ** 20:.2f})"
+                      for kind, c in self.collectives.items()) or 'none'),
         f'FLOPs per step per device: {self.model_flops:.3e} from the parameter count (6 N T for '
         'the student, 2 N T more with remat, 2 N T for the prior; attention not counted)',
         f'FLOPs per step per device, compiled cost analysis: {self.flops:.3e} (counts each loop '
@@ -153,17 +171,34 @@ def _suggestions(config, report_mesh: dict, num_devices: int) -> list:
   return tips
 
 
-def check(config, topology_name: str) -> Report:
-  """Compiles the configured step for ``topology_name`` (e.g. 'v5e:4x4') and measures it."""
+def _devices(topology_name: str | None, cpu_devices: int | None):
+  if (topology_name is None) == (cpu_devices is None):
+    raise train.ConfigError('name exactly one of a TPU topology (--topology) or a number of '
+                            'fake CPU devices (--cpu-devices).')
+  if cpu_devices is not None:
+    available = jax.devices('cpu')
+    if cpu_devices < 1 or len(available) < cpu_devices:
+      raise train.ConfigError(
+          f'--cpu-devices {cpu_devices}: this process has {len(available)} CPU device(s); set '
+          f'XLA_FLAGS=--xla_force_host_platform_device_count={cpu_devices} before JAX starts '
+          '(python -m qtarget.compile_check does it for you).')
+    return available[:cpu_devices]
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     topology = topologies.get_topology_desc(platform='tpu', topology_name=topology_name)
   except Exception as error:  # libtpu raises its own types
     raise train.ConfigError(f'cannot describe TPU topology {topology_name!r}: {error} (is the '
                             'tpu extra installed: pip install -e ".[tpu]"?)') from error
-  devices = topology.devices
+  return topology.devices
+
+
+def abstract_inputs(config, devices):
+  """``(jitted step, state, batch, mesh)``: the configured step over ``devices`` and its
+  inputs as ShapeDtypeStructs with their shardings."""
   mesh = train.build_mesh(config.mesh, devices)
   student_config, prior_config = model_configs(config)
+  train.check_layout(mesh, batch_size=config.batch_size, accum_steps=config.accum_steps,
+                     model_configs=(student_config, prior_config))
 
   def make_state():
     student = llama.Llama(student_config, rngs=nnx.Rngs(0))
@@ -171,24 +206,26 @@ def check(config, topology_name: str) -> Report:
     return train.create_state(config, student, prior)
 
   abstract = jax.eval_shape(make_state)
-  rules = dict(config.sharding_rules)
-  shardings = train.state_shardings(abstract, mesh, rules)
+  rules = {**dict(config.sharding_rules), **dict(config.get('activation_rules', ()))}
+  step, shardings = train.jit_train_step(abstract, mesh, rules)
   state_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, shardings)
-  batch_sharding = train.batch_sharding(mesh)
-  rows, length = config.batch_size, config.data.seq_len
-  batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
-  if (rows // config.accum_steps) % batch_shards:
-    raise train.ConfigError(f'the micro-batch of {rows // config.accum_steps} rows does not '
-                            f'split over data x fsdp = {batch_shards} chips.')
+  batch_sharding = train.batch_sharding(mesh, rules)
   dtypes = {'tokens': jnp.int32, 'targets': jnp.int32, 'loss_mask': jnp.bool_,
             'segment_ids': jnp.int32, 'positions': jnp.int32}
-  batch = {key: jax.ShapeDtypeStruct((rows, length), dtype, sharding=batch_sharding)
+  batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.data.seq_len), dtype,
+                                     sharding=batch_sharding)
            for key, dtype in dtypes.items()}
-  step = jax.jit(train.train_step,
-                 in_shardings=(shardings, {k: batch_sharding for k in dtypes}),
-                 out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-                 donate_argnums=0)
+  return step, state_in, batch, mesh
+
+
+def check(config, topology_name: str | None = None, *, cpu_devices: int | None = None) -> Report:
+  """Compiles the configured step for ``topology_name`` (e.g. 'v5e:4x4') or for
+  ``cpu_devices`` fake CPU devices, and measures it."""
+  devices = _devices(topology_name, cpu_devices)
+  student_config, prior_config = model_configs(config)
+  step, state_in, batch, mesh = abstract_inputs(config, devices)
+  rows, length = config.batch_size, config.data.seq_len
   kind = devices[0].device_kind
   cores_per_chip = max(getattr(d, 'core_on_chip', 0) for d in devices) + 1
   hbm = HBM_BYTES.get(kind)
@@ -199,8 +236,8 @@ def check(config, topology_name: str) -> Report:
     model_flops += 2 * prior_config.num_parameters() * tokens
   elif targets.needs_prior(config.method):
     model_flops += 2 * student_config.num_parameters() * tokens  # the student without adapters
-  common = dict(topology=topology_name, device_kind=kind, num_devices=len(devices),
-                mesh=dict(mesh.shape), model_flops=model_flops / len(devices),
+  common = dict(topology=topology_name or f'{len(devices)} fake CPU devices', device_kind=kind,
+                num_devices=len(devices),                mesh=dict(mesh.shape), model_flops=model_flops / len(devices),
                 hbm=None if hbm is None else hbm // cores_per_chip,  # v4: 2 devices a chip
                 suggestions=_suggestions(config, dict(mesh.shape), len(devices)))
   lowered = step.lower(state_in, batch)
@@ -222,23 +259,40 @@ def check(config, topology_name: str) -> Report:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
+  text = compiled.as_text()
   return Report(arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
                 temporaries=memory.temp_size_in_bytes, aliased=memory.alias_size_in_bytes,
                 generated_code=memory.generated_code_size_in_bytes,
-                flops=(cost or {}).get('flops'), **common)
+                flops=(cost or {}).get('flops'), collectives=hlo.collective_summary(text),
+                hlo_text=text, **common)
 
 
 def main(argv) -> None:
   del argv
-  # Run on the CPU: the TPU is only described, never opened (no TPU is needed).
+  # Run on the CPU: a TPU is only described, never opened (no TPU is needed).
+  if _CPU_DEVICES.value:
+    flag = f'--xla_force_host_platform_device_count={_CPU_DEVICES.value}'
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
   jax.config.update('jax_platforms', 'cpu')
   config = _CONFIG.value
   student, prior = model_configs(config)
   print(f'[qtarget] student: {student.num_parameters():,} parameters; prior: '
         f'{"the student without adapters" if prior is None else f"{prior.num_parameters():,} parameters"}'
         f'; batch {config.batch_size} x {config.data.seq_len}; loss {config.loss}', flush=True)
-  report = check(config, _TOPOLOGY.value)
+  topology = _TOPOLOGY.value
+  if topology is None and not _CPU_DEVICES.value:
+    topology = 'v5e:2x2'
+  try:
+    report = check(config, topology, cpu_devices=_CPU_DEVICES.value)
+  except train.ConfigError as error:
+    raise SystemExit(f'[qtarget] compile_check: {error}') from None
   print(report.table(), flush=True)
+  if _JSON.value:
+    pathlib.Path(_JSON.value).write_text(json.dumps(report.to_json(), indent=2) + '\n')
+    print(f'[qtarget] report written to {_JSON.value}')
+  if _HLO.value:
+    pathlib.Path(_HLO.value).write_text(report.hlo_text)
+    print(f'[qtarget] compiled program written to {_HLO.value}')
 
 
 if __name__ == '__main__':
@@ -246,6 +300,11 @@ if __name__ == '__main__':
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file',
                                             lock_config=True)
-  _TOPOLOGY = flags.DEFINE_string('topology', 'v5e:2x2', 'a TPU topology name libtpu knows, '
-                                  'e.g. v4:2x2x1, v5e:4x4, v5p:2x2x2')
+  _TOPOLOGY = flags.DEFINE_string('topology', None, 'a TPU topology name libtpu knows, e.g. '
+                                  'v4:2x2x1, v5e:4x4, v5p:2x2x2 (default v5e:2x2 unless '
+                                  '--cpu-devices is given)')
+  _CPU_DEVICES = flags.DEFINE_integer('cpu-devices', None, 'compile for this many fake CPU '
+                                      'devices instead of a TPU topology')
+  _JSON = flags.DEFINE_string('json', None, 'write the report as JSON to this path')
+  _HLO = flags.DEFINE_string('hlo', None, 'write the compiled program (HLO text) to this path')
   app.run(main)

@@ -14,10 +14,12 @@ and the uniform distribution (:data:`qtarget.targets.METHODS`).
 """
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from qtarget import targets as targets_lib
 from qtarget import validation
@@ -127,7 +129,7 @@ def _forward(method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
     return grad_head, (weighted, grad_hidden.astype(hidden_NxH.dtype), aux)
 
   grad_head, (weighted, grad_hidden, aux) = jax.lax.scan(
-      step, jnp.zeros(head_HxV.shape, jnp.float32), xs)
+      step, jnp.zeros_like(head_HxV, jnp.float32), xs)  # zeros_like: keeps a shard_map type
   unchunk = lambda x: x.reshape((chunks * chunk_size,) + x.shape[2:])[:n]
   aux = jax.tree.map(unchunk, aux)
   grads = (unchunk(grad_hidden), grad_head.astype(head_HxV.dtype))
@@ -230,6 +232,57 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array, m
   total, aux = _fused(implementation, method, chunk_size, hidden_NxH, head_HxV, labels_N,
                       weights_N, prior_hidden_NxP, prior_head_PxV, hyper_N)
   return total, jax.lax.stop_gradient(aux)
+
+
+def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
+                                  method: str, *, mesh, token_axes: tuple,
+                                  prior_hidden_NxP: Array | None = None,
+                                  prior_head_PxV: Array | None = None,
+                                  weights_N: Array | None = None, chunk_size: int = 1024,
+                                  implementation: str = 'xla',
+                                  **hyperparameters) -> tuple[Array, FusedAux]:
+  """:func:`q_cross_entropy_fused`, data-parallel over the mesh axes ``token_axes``.
+
+  Each device scans only its own tokens (the token axis split over ``token_axes``, in mesh
+  order) with the whole head, gathered once; its head gradient is summed over those axes once
+  per call, not per chunk. Same arguments and result as :func:`q_cross_entropy_fused`, plus:
+
+  Args:
+    mesh: a ``jax.sharding.Mesh``.
+    token_axes: mesh axis names that split the N tokens; N must be divisible by their size.
+  """
+  token_axes = tuple(token_axes)
+  n = labels_N.shape[0]
+  shards = math.prod(mesh.shape[a] for a in token_axes)
+  if n % shards:
+    raise ValueError(f'{n} tokens do not split over the mesh axes {token_axes} '
+                     f'({shards} devices).')
+  tokens, rows, whole = PartitionSpec(token_axes), PartitionSpec(token_axes, None), PartitionSpec()
+  args = {'hidden': hidden_NxH, 'head': head_HxV, 'labels': labels_N,
+          'weights': (jnp.ones((n,), jnp.float32) if weights_N is None
+                      else jnp.asarray(weights_N, jnp.float32)),
+          'hyper': {name: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n,))
+                    for name, v in hyperparameters.items()}}
+  specs = {'hidden': rows, 'head': whole, 'labels': tokens, 'weights': tokens,
+           'hyper': {name: tokens for name in hyperparameters}}
+  if prior_hidden_NxP is not None:
+    args.update(prior_hidden=prior_hidden_NxP, prior_head=prior_head_PxV)
+    specs.update(prior_hidden=rows, prior_head=whole)
+
+  def local(a):
+    # The head is the same on every device; marking it varying makes the transpose of this
+    # cast the one sum of the head gradient over the token axes.
+    varying = lambda x: jax.lax.pcast(x, token_axes, to='varying')
+    loss, aux = q_cross_entropy_fused(
+        a['hidden'], varying(a['head']), a['labels'], method,
+        prior_hidden_NxP=a.get('prior_hidden'),
+        prior_head_PxV=None if 'prior_head' not in a else varying(a['prior_head']),
+        weights_N=a['weights'], chunk_size=chunk_size, implementation=implementation,
+        **a['hyper'])
+    return jax.lax.psum(loss, token_axes), aux
+
+  aux_specs = FusedAux(*([tokens] * len(FusedAux._fields)))
+  return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=(whole, aux_specs))(args)
 
 
 def _check_inputs(hidden, head, labels, weights, hidden_name, head_name):

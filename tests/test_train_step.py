@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from qtarget import config_files
 from qtarget import train
+from qtarget.train import step as step_lib
 from qtarget.models import llama
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
@@ -164,14 +165,14 @@ def test_prior_with_padding_rows_is_cut_to_the_student_vocabulary():
                              rngs=nnx.Rngs(1))
   state = train.create_state(config, student, padded_prior)
   batch = jax.tree.map(jnp.asarray, make_batch())
-  logits = train._prior_logits(state, batch)
+  logits = step_lib._prior_logits(state, batch)
   assert logits.shape[-1] == VOCAB
   np.testing.assert_array_equal(logits, padded_prior(batch['tokens'],
                                                      segment_ids_BxT=batch['segment_ids'],
                                                      positions_BxT=batch['positions'])[..., :VOCAB])
   _, metrics = _single_device_step(state, make_batch())
   assert np.isfinite(metrics['loss'])
-  padded = train._match_vocabulary(jnp.zeros((2, VOCAB - 8)), VOCAB)
+  padded = step_lib._match_vocabulary(jnp.zeros((2, VOCAB - 8)), VOCAB)
   assert padded.shape == (2, VOCAB) and np.all(np.isneginf(padded[:, -8:]))
 
 

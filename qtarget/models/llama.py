@@ -20,8 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qtarget.models import layout
+
 Array = jax.Array
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+# Logical names of activation axes (see qtarget.models.layout).
+BTH = ('activation_batch', 'activation_length', 'activation_embed')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,9 +200,14 @@ class Attention(nnx.Module):
   def __call__(self, x_BxTxH, positions_BxT, mask_BxTxS, kv=None, lora=True):
     """``kv``: None, or ``(keys, values, write_slots_BxT)`` of a cache to update and attend to."""
     b, t, _ = x_BxTxH.shape
-    q = self.q(x_BxTxH, lora).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k(x_BxTxH, lora).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v(x_BxTxH, lora).reshape(b, t, self.num_kv_heads, self.head_dim)
+    heads = ('activation_batch', 'activation_length', 'activation_heads', None)
+    kv_heads = ('activation_batch', 'activation_length', 'activation_kv', None)
+    q = layout.constrain(self.q(x_BxTxH, lora).reshape(b, t, self.num_heads, self.head_dim),
+                         heads)
+    k = layout.constrain(self.k(x_BxTxH, lora).reshape(b, t, self.num_kv_heads, self.head_dim),
+                         kv_heads)
+    v = layout.constrain(self.v(x_BxTxH, lora).reshape(b, t, self.num_kv_heads, self.head_dim),
+                         kv_heads)
     inv_freq = rope_inverse_frequencies(self.config)
     q = apply_rope(q, positions_BxT, inv_freq)
     k = apply_rope(k, positions_BxT, inv_freq)
@@ -216,7 +225,8 @@ class Attention(nnx.Module):
     scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum('bkgts,bskd->btkgd', weights, v).reshape(b, t, -1)
-    return self.o(out, lora), new_kv
+    out = layout.constrain(out, ('activation_batch', 'activation_length', 'activation_heads'))
+    return layout.constrain(self.o(out, lora), BTH), new_kv
 
 
 class MLP(nnx.Module):
@@ -232,7 +242,9 @@ class MLP(nnx.Module):
     self.down = dense(f, h, ('mlp', 'embed'), 'down')
 
   def __call__(self, x, lora=True):
-    return self.down(jax.nn.silu(self.gate(x, lora)) * self.up(x, lora), lora)
+    columns = ('activation_batch', 'activation_length', 'activation_mlp')
+    gated = layout.constrain(jax.nn.silu(self.gate(x, lora)) * self.up(x, lora), columns)
+    return layout.constrain(self.down(gated, lora), BTH)
 
 
 class Block(nnx.Module):
@@ -246,8 +258,8 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, mask, kv=None, lora=True):
     attended, new_kv = self.attn(self.attn_norm(x), positions, mask, kv, lora)
-    x = x + attended
-    return x + self.mlp(self.mlp_norm(x), lora), new_kv
+    x = layout.constrain(x + attended, BTH)
+    return layout.constrain(x + self.mlp(self.mlp_norm(x), lora), BTH), new_kv
 
 
 def causal_segment_mask(segment_ids_BxT: Array) -> Array:
@@ -277,7 +289,11 @@ class Llama(nnx.Module):
         logical_axes=('embed', 'vocab')))
 
   def _embed(self, tokens_BxT):
-    return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.config.compute_dtype)
+    # The table gathered whole (over fsdp) before the lookup, as every weight is when used;
+    # else XLA gathers the batch's token ids to the table's shards instead.
+    table = layout.constrain(self.embed[...], ('vocab', None))
+    x = jnp.take(table, tokens_BxT, axis=0).astype(self.config.compute_dtype)
+    return layout.constrain(x, BTH)
 
   def _layer(self, block, x, positions, mask, lora, remat):
     if not remat:
@@ -311,12 +327,13 @@ class Llama(nnx.Module):
       segment_ids_BxT = jnp.ones((b, t), jnp.int32)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = causal_segment_mask(segment_ids_BxT)
+    mask = layout.constrain(causal_segment_mask(segment_ids_BxT),
+                            ('activation_batch', None, None))
     x = self._embed(tokens_BxT)
     remat = self.config.remat if remat is None else remat
     for block in self.layers:
       x = self._layer(block, x, positions_BxT, mask, lora, remat)
-    return self.final_norm(x)
+    return layout.constrain(self.final_norm(x), BTH)
 
   def head_weights_HxV(self) -> Array:
     """The output projection ``[H, V]`` (the transposed embedding when tied), compute dtype."""
@@ -325,8 +342,11 @@ class Llama(nnx.Module):
 
   def logits(self, hidden_BxTxH: Array) -> Array:
     """``hidden @ head``, accumulated and returned in float32."""
-    return jnp.einsum('...h,hv->...v', hidden_BxTxH, self.head_weights_HxV(),
-                      preferred_element_type=jnp.float32)
+    logits = jnp.einsum('...h,hv->...v', hidden_BxTxH, self.head_weights_HxV(),
+                        preferred_element_type=jnp.float32)
+    if logits.ndim != 3:
+      return logits
+    return layout.constrain(logits, ('activation_batch', 'activation_length', 'activation_vocab'))
 
   def __call__(self, tokens_BxT, **kwargs) -> Array:
     """Logits ``[B, T, V]`` in float32; keyword arguments as in :meth:`hidden`."""

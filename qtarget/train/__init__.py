@@ -1,0 +1,27 @@
+"""Training: one pure, sharded train step with the prior inside it, and the loop around it.
+
+    python -m qtarget.train --config configs/smollm2_demo.py [--config.key=value ...]
+
+Where to look:
+
+=====================  ====================================================================
+``step.py``            the pure step: student and prior forward, target, loss, update
+``sharding.py``        the mesh, the rules (parameters and activations), the jitted step
+``state.py``           the train state, the optimizer, initialisation into shards
+``loading.py``         the student and the prior, loaded straight into their shards
+``loop.py``            the loop: data, checkpoints, logging, evaluation, export
+``__main__.py``        the command line
+=====================  ====================================================================
+"""
+
+from qtarget.train.errors import ConfigError
+from qtarget.train.loading import check_same_vocabulary, load_model, model_overrides
+from qtarget.train.loop import held_out_records, maybe_initialize_distributed, run
+from qtarget.train.sharding import (MESH_AXES, Layout, batch_sharding, build_mesh, check_layout,
+                                    jit_train_step, logical_to_spec, state_shardings)
+from qtarget.train.state import create_state, make_optimizer, place
+from qtarget.train.step import (BATCH_KEYS, METRIC_SUMS, StepSpec, TrainState,
+                                strided_micro_batches, student_model, train_step)
+
+# Names the tests and older scripts reach for.
+_model_overrides = model_overrides

@@ -1,0 +1,307 @@
+"""The training loop: data, the mesh, checkpoints, logging, evaluation, export.
+
+:func:`run` builds the mesh (``data``, ``fsdp``, ``tensor``), loads the student and the prior
+straight into their shards, initialises the optimizer state under ``jit`` into its shards, jits
+:func:`qtarget.train.step.train_step` with shardings derived from ``jax.eval_shape`` and the
+logical-axis rules, checkpoints with orbax (trainable parameters, optimizer state, step and the
+data iterator; never the prior), resumes from the latest checkpoint, logs to TensorBoard and
+JSON lines, evaluates before and after, and exports the model to a Hugging Face directory.
+"""
+
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from qtarget import targets
+from qtarget.models import layout
+from qtarget.train import loading
+from qtarget.train import sharding as sharding_lib
+from qtarget.train import state as state_lib
+from qtarget.train.errors import ConfigError
+from qtarget.train.step import BATCH_KEYS, student_model
+
+# The loop.
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f'[qtarget] {message}', flush=True)
+
+
+def maybe_initialize_distributed(config) -> None:
+  """``jax.distributed.initialize`` for multi-host runs (a TPU pod or a GPU cluster)."""
+  dist = config.distributed
+  if not dist.enabled:
+    return
+  if dist.cpu_collectives:
+    jax.config.update('jax_cpu_collectives_implementation', dist.cpu_collectives)
+  kwargs = {}
+  if dist.coordinator_address:
+    kwargs = dict(coordinator_address=dist.coordinator_address,
+                  num_processes=dist.num_processes, process_id=dist.process_id)
+  jax.distributed.initialize(**kwargs)  # without arguments: detected from the cluster
+
+
+def _builder(config):
+  """The tfds builder of ``config.data`` (prepared) and the name of its held-out split or None."""
+  from qtarget.data import builders  # pylint: disable=g-import-not-at-top
+  data = config.data
+  if data.kind == 'reasoning_gym':
+    builder_config = builders.ReasoningGymConfig(
+        task=data.task, train_size=data.train_size, eval_size=data.eval_size, seed=data.seed,
+        difficulty=dict(data.difficulty), rationale=dict(data.get('rationale', {})))
+    eval_split = 'test'
+  elif data.kind == 'files':
+    builder_config = builders.LocalFilesConfig(
+        train_path=data.train_path, eval_path=data.eval_path or None, task=data.task,
+        prompt_field=data.prompt_field or None, response_field=data.response_field or None)
+    eval_split = 'test' if data.eval_path else None
+  else:
+    raise ConfigError(f"data.kind must be 'reasoning_gym' or 'files', got {data.kind!r}.")
+  return builders.prepare(builder_config, data.data_dir or None), eval_split
+
+
+def held_out_records(config) -> list[dict]:
+  """The held-out problems a run with ``config`` evaluates on (the training split is not read)."""
+  from qtarget.data import builders  # pylint: disable=g-import-not-at-top
+  builder, eval_split = _builder(config)
+  return builders.load_split(builder, eval_split) if eval_split else []
+
+
+def _data(config, tokenizer, vocab_size):
+  from qtarget.data import builders, pipeline  # pylint: disable=g-import-not-at-top
+  data = config.data
+  builder, eval_split = _builder(config)
+  train_records = builders.load_split(builder, 'train')
+  report = pipeline.scan(train_records, tokenizer, max_length=data.seq_len,
+                         truncate=data.truncate, vocab_size=vocab_size, name='train')
+  eval_records = builders.load_split(builder, eval_split) if eval_split else []
+  dataset = pipeline.train_dataset(
+      builder, tokenizer, seq_len=data.seq_len, batch_size=config.batch_size,
+      seed=data.seed * 1_000_003 + config.seed,  # the run seed varies the order, not the data
+      num_epochs=None, pack=data.pack, truncate=data.truncate,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return dataset, report, eval_records
+
+
+class _MetricsLog:
+  """metrics.jsonl (rewound to the restored step on resume) and TensorBoard events."""
+
+  def __init__(self, workdir: pathlib.Path, start_step: int):
+    self.path = workdir / 'metrics.jsonl'
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
+    if self.path.exists():
+      kept = [line for line in self.path.read_text().splitlines()
+              if line and json.loads(line).get('step', 0) <= start_step]
+      self.path.write_text(''.join(line + '\n' for line in kept))
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.writer = SummaryWriter(str(workdir / 'tensorboard'), purge_step=start_step + 1)
+    except ImportError:
+      self.writer = None
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.active:
+      return
+    with self.path.open('a') as f:
+      f.write(json.dumps({'step': step, **metrics}) + '\n')
+    if self.writer is not None:
+      for name, value in metrics.items():
+        if isinstance(value, (int, float)):
+          self.writer.add_scalar(name, value, step)
+
+  def close(self):
+    if self.active and self.writer is not None:
+      self.writer.close()
+
+
+def _evaluate(label, state, tokenizer, eval_records, config, workdir, step):
+  """Held-out Average@k and pass@k; predictions to ``workdir/predictions_{label}.jsonl``."""
+  from qtarget import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  records = eval_records[:config.eval.num_problems]
+  if not records:
+    return None
+  if jax.process_count() > 1:
+    _log(f'skipping the {label} evaluation: generation runs in single-process runs only; '
+         'evaluate the exported model instead.')
+    return None
+  _log(f'evaluating {label} on {len(records)} held-out problems...')
+  k = config.eval.num_samples
+  result = evaluate_lib.evaluate(student_model(state), tokenizer, records,
+                                 max_new_tokens=config.eval.max_new_tokens,
+                                 batch_size=config.eval.batch_size, num_samples=k,
+                                 temperature=config.eval.temperature, top_p=config.eval.top_p,
+                                 seed=config.eval.seed)
+  _log(f'{label}: accuracy {result.accuracy:.3f}' + (
+      f' (Average@{k}; pass@{k} {result.pass_at_k:.3f})' if k > 1 else '') +
+       f' ({len(records)} problems, {result.seconds:.0f} s)')
+  if jax.process_index() == 0:
+    out = workdir / f'predictions_{label}.jsonl'
+    out.write_text(''.join(
+        json.dumps({**p, 'method': config.method, 'seed': config.seed, 'step': step}) + '\n'
+        for p in result.predictions))
+  return {'accuracy': result.accuracy, f'pass_at_{k}': result.pass_at_k, 'k': k,
+          'problems': len(records), 'step': step, 'seconds': round(result.seconds, 1)}
+
+
+def run(config) -> dict:
+  """Trains as configured; returns the summary (also written to ``workdir/summary.json``)."""
+  import grain  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
+  tfds.disable_progress_bar()
+  maybe_initialize_distributed(config)
+  started = time.time()
+  workdir = pathlib.Path(config.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  state_lib.hyperparameters(config)  # a bad method or hyperparameter stops here, before loading
+  mesh = sharding_lib.build_mesh(config.mesh)
+  sharding_lib.check_layout(mesh, batch_size=config.batch_size, accum_steps=config.accum_steps)
+  rules = {**dict(config.sharding_rules), **dict(config.get('activation_rules', ()))}
+  placement = dict(mesh=mesh, rules=rules)
+
+  student, tokenizer = loading.load_model(config.model, seed=config.seed, **placement)
+  prior_model = None
+  if targets.needs_prior(config.method) and (config.prior.source != 'initial'
+                                             or config.model.lora_rank == 0):
+    if config.prior.source == 'initial':
+      prior_model, prior_tokenizer = loading.load_model(config.model, seed=config.seed,
+                                                        with_lora=False, **placement)
+    else:
+      prior_model, prior_tokenizer = loading.load_model(config.prior, seed=config.seed + 1,
+                                                        with_lora=False, **placement)
+    loading.check_same_vocabulary(tokenizer, prior_tokenizer)
+  sharding_lib.check_layout(mesh, batch_size=config.batch_size, accum_steps=config.accum_steps,
+                            model_configs=(student.config, getattr(prior_model, 'config', None)))
+  dataset, report, eval_records = _data(config, tokenizer, student.config.vocab_size)
+  _log(f'train data: {report}')
+
+  state = state_lib.create_state(config, student, prior_model, **placement)
+  del student, prior_model
+  step_fn, shardings = sharding_lib.jit_train_step(jax.eval_shape(lambda: state), mesh, rules)
+  state = state_lib.place(state, shardings)  # already there: moves nothing
+  trainable = sum(x.size for x in jax.tree.leaves(state.params))
+  _log(f'mesh {dict(mesh.shape)}; method {config.method} {dict(config.hparams)}; prior: '
+       f'{state.spec.prior}; trainable parameters {trainable:,}')
+
+  manager = ocp.CheckpointManager(
+      (workdir / 'checkpoints').resolve(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep,
+                                           enable_async_checkpointing=False))
+  iterator = iter(dataset)
+  saved_tree = lambda s: {'step': s.step, 'params': s.params, 'opt_state': s.opt_state}
+  start_step = 0
+  if manager.latest_step() is not None:
+    latest = manager.latest_step()
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), saved_tree(state),
+        saved_tree(shardings))
+    restored = manager.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        data=grain.checkpoint.CheckpointRestore(iterator)))['state']
+    state = state.replace(step=restored['step'], params=restored['params'],
+                          opt_state=restored['opt_state'])
+    start_step = int(latest)
+    _log(f'resumed from the checkpoint at step {start_step}')
+
+  summary_path = workdir / 'summary.json'
+  summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+  if config.eval.before and 'accuracy_before' not in summary:
+    summary['eval_before'] = _evaluate('before', state, tokenizer, eval_records, config,
+                                       workdir, 0)
+    summary['accuracy_before'] = (summary['eval_before'] or {}).get('accuracy')
+    if jax.process_index() == 0:
+      summary_path.write_text(json.dumps(summary, indent=2))
+
+  log = _MetricsLog(workdir, start_step)
+  progress = None
+  if jax.process_index() == 0 and config.progress_bar:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    progress = tqdm(total=config.steps, initial=start_step, desc='train', unit='step',
+                    dynamic_ncols=True, file=sys.stdout)
+  sharding = sharding_lib.batch_sharding(mesh, rules)
+
+  def save(step):
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(saved_tree(state)),
+        data=grain.checkpoint.CheckpointSave(iterator)), force=True)
+
+  def interval_eval(step):
+    every = config.eval.get('every', 0)
+    if not every or step <= 0 or step % every or step >= config.steps:
+      return
+    if (workdir / f'predictions_step{step}.jsonl').exists():
+      return  # done before an interruption (its metrics line survived the rewind)
+    result = _evaluate(f'step{step}', state, tokenizer, eval_records, config, workdir, step)
+    if result is not None:
+      log.write(step, {'eval_accuracy': result['accuracy']})
+
+  interval_eval(start_step)  # killed during an evaluation right after its checkpoint
+  train_seconds, tokens_seen, last = 0.0, 0, {}
+  for step in range(start_step, config.steps):
+    local = next(iterator)
+    batch = {key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key]))
+             for key in BATCH_KEYS}
+    tick = time.time()
+    state, metrics = step_fn(state, batch)
+    metrics = {name: float(value) for name, value in metrics.items()}
+    seconds = time.time() - tick
+    real_tokens = int(np.sum(local['segment_ids'] > 0)) * jax.process_count()
+    metrics['tokens_per_second'] = real_tokens / seconds
+    metrics['step_seconds'] = seconds
+    if step > start_step:  # the first step of a process includes compilation
+      train_seconds += seconds
+      tokens_seen += real_tokens
+    last = metrics
+    if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+      log.write(step + 1, metrics)
+    if progress is not None:
+      progress.update(1)
+      progress.set_postfix(loss=f"{metrics['loss']:.3f}", nll=f"{metrics['nll']:.3f}",
+                           acc=f"{metrics['accuracy']:.2f}")
+    if (step + 1) % config.checkpoint.every == 0 or step + 1 == config.steps:
+      save(step + 1)
+    interval_eval(step + 1)
+  if progress is not None:
+    progress.close()
+  if manager.latest_step() != config.steps:
+    save(config.steps)  # resumed at the end: make sure the final state is on disk
+  manager.wait_until_finished()
+  log.close()
+
+  if config.eval.after:
+    summary['eval_after'] = _evaluate('after', state, tokenizer, eval_records, config, workdir,
+                                      config.steps)
+    summary['accuracy_after'] = (summary['eval_after'] or {}).get('accuracy')
+  if config.export_hf:
+    from qtarget import checkpoints  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    model = student_model(state)
+    if jax.process_count() > 1:  # a collective: every process takes part
+      nnx.update(model, multihost_utils.process_allgather(nnx.state(model), tiled=True))
+    if jax.process_index() == 0:
+      checkpoints.export_hf(model, workdir / 'hf', tokenizer)
+    summary['exported_to'] = str(workdir / 'hf')
+  summary.update(
+      method=config.method, hyperparameters=dict(config.hparams), steps=config.steps,
+      final_metrics=last, train_data=str(report), wall_seconds=round(time.time() - started, 1),
+      mean_step_seconds=round(train_seconds / max(config.steps - start_step - 1, 1), 3),
+      tokens_per_second=round(tokens_seen / train_seconds, 1) if train_seconds else None)
+  if jax.process_index() == 0:
+    summary_path.write_text(json.dumps(summary, indent=2))
+    _log('summary: ' + json.dumps(summary))
+    if summary.get('accuracy_before') is not None and summary.get('accuracy_after') is not None:
+      _log(f"held-out accuracy ({min(config.eval.num_problems, len(eval_records))} problems of "
+           f"{config.data.task}): before {summary['accuracy_before']:.3f} -> after "
+           f"{summary['accuracy_after']:.3f}; wall time {summary['wall_seconds']:.0f} s")
+  return summary
