@@ -49,3 +49,19 @@ def test_unknown_topology_is_a_clear_error():
   config = test_train_step.tiny_config()
   with pytest.raises(Exception, match="cannot describe TPU topology 'v9z:9x9'"):
     compile_check.check(config, 'v9z:9x9')
+
+
+def test_tpu_plan_reduce_scatters_gradients_and_gathers_only_weights():
+  # On the CPU the partitioner writes a gradient reduction as all-reduce + slice; the TPU
+  # compiler turns it into reduce-scatters, which is what ZeRO-3 promises.
+  config = test_train_step.tiny_config(**{'model.architecture.vocab_size': 49152,
+                                          'batch_size': 4, 'data.seq_len': 128})
+  report = compile_check.check(config, 'v5e:2x2')
+  assert report.mesh['fsdp'] == 4
+  assert report.collectives['reduce-scatter']['count'] >= 1
+  from qtarget import hlo  # pylint: disable=g-import-not-at-top
+  gathered = [i.shapes[0][1] for i in hlo.collectives(report.hlo_text)
+              if hlo.collective_kind(i) == 'all-gather']
+  # Every gathered array is a weight: no dimension is the 128-token sequence or 4 x 128 tokens.
+  assert gathered and not [dims for dims in gathered if 128 * 4 in dims or
+                           any(dims[i:i + 2] == (4, 128) for i in range(len(dims) - 1))]

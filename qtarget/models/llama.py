@@ -8,7 +8,9 @@ the frozen prior can be the same weights without the adapters.
 The forward (`Llama.hidden`) returns the final hidden states; the head is a separate call
 (`Llama.logits`, `Llama.head_weights_HxV`) so a loss can fuse it with the softmax. Every parameter
 carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``, ``lora``) as
-``logical_axes`` metadata, for sharding rules kept as data.
+``logical_axes`` metadata, for sharding rules kept as data; activations are constrained to
+logical names (``activation_batch``, ...) that take effect only inside a step's layout
+(:mod:`qtarget.models.layout`).
 """
 
 import dataclasses
