@@ -72,16 +72,22 @@ def _parameter_shapes(abstract):
   return {tuple(x.shape) for tree in trees for x in jax.tree.leaves(tree)}
 
 
-# (mesh, accum_steps, loss, lora_rank): every mesh with both losses and both accumulations;
-# the LoRA-off prior on two meshes (a stated subset of the full product, for time).
-CASES = [(mesh, accum, loss, 0) for mesh in ((8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2))
-         for accum in (1, 2) for loss in ('dense', 'fused')]
-CASES += [(mesh, 1, loss, 4) for mesh in ((1, 8, 1), (2, 2, 2)) for loss in ('dense', 'fused')]
+# (mesh, accum_steps, loss, lora_rank). The default run: every mesh with both losses at
+# accum_steps 1, accumulation on two meshes, the LoRA-off prior under fsdp=8. The rest of the
+# product is marked slow (python -m pytest -m slow tests/test_sharding.py).
+_DEFAULT = ([(mesh, 1, loss, 0) for mesh in ((8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2))
+             for loss in ('dense', 'fused')]
+            + [((1, 8, 1), 2, 'dense', 0), ((2, 2, 2), 2, 'fused', 0),
+               ((1, 8, 1), 1, 'dense', 4), ((1, 8, 1), 1, 'fused', 4)])
+_ALL = [(mesh, accum, loss, lora) for mesh in ((8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2))
+        for accum in (1, 2) for loss in ('dense', 'fused') for lora in (0, 4)]
+CASES = [pytest.param(*case, marks=() if case in _DEFAULT else pytest.mark.slow,
+                      id=f'{case[0][0]}x{case[0][1]}x{case[0][2]}-accum{case[1]}-{case[2]}-'
+                         f'{"lora_off" if case[3] else "separate"}')
+         for case in _ALL]
 
 
-@pytest.mark.parametrize('mesh, accum_steps, loss, lora_rank', CASES,
-                         ids=[f'{m[0]}x{m[1]}x{m[2]}-accum{a}-{l}-{"lora_off" if r else "separate"}'
-                              for m, a, l, r in CASES])
+@pytest.mark.parametrize('mesh, accum_steps, loss, lora_rank', CASES)
 def test_compiled_step_divides_the_work(mesh, accum_steps, loss, lora_rank):
   compiled, abstract = _compiled(mesh, accum_steps, loss, lora_rank)
   text = compiled.as_text()
@@ -127,8 +133,12 @@ def test_strided_micro_batches_spread_over_every_device():
     assert sorted(rows // 4) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize('mesh', [(1, 8, 1), (2, 2, 2)], ids=['fsdp8', 'data2_fsdp2_tensor2'])
-@pytest.mark.parametrize('lora_rank', [0, 4], ids=['separate_prior', 'lora_off_prior'])
+@pytest.mark.parametrize('mesh, lora_rank', [
+    pytest.param((1, 8, 1), 0, id='fsdp8-separate_prior'),
+    pytest.param((2, 2, 2), 4, id='data2_fsdp2_tensor2-lora_off_prior'),
+    pytest.param((1, 8, 1), 4, id='fsdp8-lora_off_prior', marks=pytest.mark.slow),
+    pytest.param((2, 2, 2), 0, id='data2_fsdp2_tensor2-separate_prior', marks=pytest.mark.slow),
+])
 def test_sharded_fused_step_equals_single_device(mesh, lora_rank):
   config = test_train_step.tiny_config(**{
       'loss': 'fused', 'loss_chunk_size': 16, 'model.lora_rank': lora_rank, 'accum_steps': 2,
