@@ -97,6 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.top_p = 1.0  # nucleus sampling mass
   config.eval.seed = 0  # sampling keys
 
+  config.on_nonfinite = 'stop'  # a NaN/inf loss or gradient: 'stop' the run, or 'skip' the update
+  config.start_over = False  # a workdir with results but no checkpoint: move them aside, restart
   config.export_hf = True  # write workdir/hf (transformers loads it)
   config.log_every = 1  # steps between metrics.jsonl / TensorBoard entries
   config.progress_bar = True

@@ -189,6 +189,9 @@ def run(args) -> None:
   names = run_names(grid)
   if args.only:
     names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in args.only)]
+    if not names:
+      raise SystemExit(f'--only {" ".join(args.only)} matches no run of {args.config}; run '
+                       'names look like SETTING/METHOD/SEED (list them with --dry_run).')
   done = registry.records()
   if 'teacher' in done and not (ROOT / grid.teacher_config().workdir / 'hf').exists():
     # The export is the students' prior and lives outside git (0.5 GB): a fresh checkout

@@ -136,35 +136,40 @@ def _abstract_model(config: llama.LlamaConfig):
 
 def _placer(mesh, rules):
   """``place(variable, make)``: the variable's value from ``make(index)`` (a NumPy block for
-  an index, or the whole for None), built on its shards under a mesh."""
-  if mesh is None:
-    return lambda variable, make: jnp.asarray(make(None))
-
-  def place(variable, make):
+  an index, or the whole for None), built on its shards under a mesh; and ``sharding(variable)``
+  (None without a mesh)."""
+  def sharding(variable):
+    if mesh is None:
+      return None
     value = variable.get_value()
     axes = variable.get_metadata().get('logical_axes')
-    sharding = layout.sharding_for(value.shape, axes, dict(rules or {}), mesh)
-    return jax.make_array_from_callback(value.shape, sharding, make)
+    return layout.sharding_for(value.shape, axes, dict(rules or {}), mesh)
 
+  def place(variable, make):
+    if mesh is None:
+      return jnp.asarray(make(None))
+    return jax.make_array_from_callback(variable.get_value().shape, sharding(variable), make)
+
+  place.sharding = sharding
   return place
 
 
 def _init_lora(flat: dict, seed: int, place) -> None:
-  """Fresh adapters for a loaded model: A ~ N(0, 1/in), B = 0, so the output is unchanged."""
+  """Fresh adapters for a loaded model: A ~ N(0, 1/in), B = 0, so the output is unchanged.
+
+  Drawn under ``jit`` straight into the adapter's shards (every process draws the same values).
+  """
   key = jax.random.key(seed)
-  cpu = jax.devices('cpu')[0]  # drawn on the host (in x rank: small), then placed by shards
   for index, (path, variable) in enumerate(sorted(flat.items(), key=lambda kv: str(kv[0]))):
     if not isinstance(variable, llama.LoRAParam):
       continue
     shape, dtype = variable.get_value().shape, variable.get_value().dtype
     if path[-1] == 'lora_a':
-      with jax.default_device(cpu):
-        value = np.asarray(jax.random.normal(jax.random.fold_in(key, index), shape)
-                           / math.sqrt(shape[0]))
+      draw = lambda k=jax.random.fold_in(key, index), shape=shape, dtype=dtype: (
+          jax.random.normal(k, shape) / math.sqrt(shape[0])).astype(dtype)
     else:
-      value = np.zeros(shape)
-    value = value.astype(dtype)
-    variable.set_value(place(variable, lambda index, v=value: v if index is None else v[index]))
+      draw = lambda shape=shape, dtype=dtype: jnp.zeros(shape, dtype)
+    variable.set_value(jax.jit(draw, out_shardings=place.sharding(variable))())
 
 
 def _assemble(config: llama.LlamaConfig, tensors: Iterator[tuple[tuple, np.ndarray, str]],
@@ -237,7 +242,12 @@ def load_hf(directory: str | os.PathLike, *, seed: int = 0, mesh=None, rules=Non
   config_file = directory / 'config.json'
   if not config_file.exists():
     raise FileNotFoundError(f'no config.json in {directory}.')
-  config = config_from_hf(json.loads(config_file.read_text()), **overrides)
+  try:
+    hf_config = json.loads(config_file.read_text())
+  except json.JSONDecodeError as error:
+    raise CheckpointError(f'{config_file} is not valid JSON ({error}); the directory must hold '
+                          "a Hugging Face checkpoint's config.json.") from error
+  config = config_from_hf(hf_config, **overrides)
   files = _safetensors_files(directory)
 
   def tensors():

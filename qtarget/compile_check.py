@@ -237,7 +237,8 @@ def check(config, topology_name: str | None = None, *, cpu_devices: int | None =
   elif targets.needs_prior(config.method):
     model_flops += 2 * student_config.num_parameters() * tokens  # the student without adapters
   common = dict(topology=topology_name or f'{len(devices)} fake CPU devices', device_kind=kind,
-                num_devices=len(devices),                mesh=dict(mesh.shape), model_flops=model_flops / len(devices),
+                num_devices=len(devices), mesh=dict(mesh.shape),
+                model_flops=model_flops / len(devices),
                 hbm=None if hbm is None else hbm // cores_per_chip,  # v4: 2 devices a chip
                 suggestions=_suggestions(config, dict(mesh.shape), len(devices)))
   lowered = step.lower(state_in, batch)

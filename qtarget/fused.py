@@ -269,10 +269,14 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
     args.update(prior_hidden=prior_hidden_NxP, prior_head=prior_head_PxV)
     specs.update(prior_hidden=rows, prior_head=whole)
 
+  validation.check_label_range(labels_N, head_HxV.shape[1],
+                               None if weights_N is None else jnp.asarray(weights_N) != 0)
+
   def local(a):
     # The head is the same on every device; marking it varying makes the transpose of this
-    # cast the one sum of the head gradient over the token axes.
-    varying = lambda x: jax.lax.pcast(x, token_axes, to='varying')
+    # cast the one sum of the head gradient over the token axes, done in float32.
+    varying = lambda x: jax.lax.pcast(x.astype(jnp.float32), token_axes,
+                                      to='varying').astype(x.dtype)
     loss, aux = q_cross_entropy_fused(
         a['hidden'], varying(a['head']), a['labels'], method,
         prior_hidden_NxP=a.get('prior_hidden'),

@@ -14,7 +14,10 @@ import re
 COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
 BYTES_PER_ELEMENT = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2,
                      's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8,
-                     'c128': 16, 'f8e4m3fn': 1, 'f8e5m2': 1, 's4': 1, 'u4': 1}
+                     'c128': 16, 'f8e4m3fn': 1, 'f8e5m2': 1, 'f8e4m3': 1, 'f8e4m3fnuz': 1,
+                     'f8e5m2fnuz': 1, 'f8e4m3b11fnuz': 1, 'f8e8m0fnu': 1, 'f8e3m4': 1,
+                     # sub-byte types: counted as one byte an element (an upper bound)
+                     'f4e2m1fn': 1, 's4': 1, 'u4': 1, 's2': 1, 'u2': 1, 's1': 1, 'u1': 1}
 _SHAPE = re.compile(r'\b(' + '|'.join(sorted(BYTES_PER_ELEMENT, key=len, reverse=True))
                     + r')\[([\d,]*)\]')
 # `%name = ` at the start of an instruction line; the result type and opcode follow.
@@ -48,8 +51,16 @@ class Instruction:
   computation: str = ''  # the computation that holds it
 
   @property
+  def results(self) -> tuple:
+    """The result's shapes: an asynchronous all-gather-start (collective-permute-start) is
+    typed ``(operands..., results...)``; other instructions are typed by their results."""
+    if self.opcode in ('all-gather-start', 'collective-permute-start') and len(self.shapes) > 1:
+      return self.shapes[len(self.shapes) // 2:]
+    return self.shapes
+
+  @property
   def bytes(self) -> int:
-    return sum(BYTES_PER_ELEMENT[dtype] * math.prod(dims) for dtype, dims in self.shapes)
+    return sum(BYTES_PER_ELEMENT[dtype] * math.prod(dims) for dtype, dims in self.results)
 
 
 def _shapes(text: str) -> tuple:

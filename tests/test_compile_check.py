@@ -60,7 +60,7 @@ def test_tpu_plan_reduce_scatters_gradients_and_gathers_only_weights():
   assert report.mesh['fsdp'] == 4
   assert report.collectives['reduce-scatter']['count'] >= 1
   from qtarget import hlo  # pylint: disable=g-import-not-at-top
-  gathered = [i.shapes[0][1] for i in hlo.collectives(report.hlo_text)
+  gathered = [i.results[0][1] for i in hlo.collectives(report.hlo_text)
               if hlo.collective_kind(i) == 'all-gather']
   # Every gathered array is a weight: no dimension is the 128-token sequence or 4 x 128 tokens.
   assert gathered and not [dims for dims in gathered if 128 * 4 in dims or

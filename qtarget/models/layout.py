@@ -57,11 +57,13 @@ def logical_to_spec(axes, rules: dict) -> PartitionSpec:
 
 
 def fit_spec(shape, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
-  """Replicates a dimension that its mesh axes do not divide (small tensors, odd vocabularies)."""
+  """Replicates a dimension that its mesh axes do not divide (small tensors, odd vocabularies);
+  mesh axes the mesh lacks are dropped (a mesh without ``tensor`` still takes the rules)."""
   fixed = []
   for dim, target in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    size = math.prod(mesh.shape[a] for a in _mesh_axes(target))
-    fixed.append(target if target is None or dim % size == 0 else None)
+    axes = tuple(a for a in _mesh_axes(target) if a in mesh.shape)
+    size = math.prod(mesh.shape[a] for a in axes)
+    fixed.append(None if not axes or dim % size else axes[0] if len(axes) == 1 else axes)
   return PartitionSpec(*fixed)
 
 

@@ -21,6 +21,8 @@ from flax import nnx
 
 from qtarget import targets
 from qtarget.models import layout
+from qtarget.train import checkpointing
+from qtarget.train import checks
 from qtarget.train import loading
 from qtarget.train import sharding as sharding_lib
 from qtarget.train import state as state_lib
@@ -90,6 +92,26 @@ def _data(config, tokenizer, vocab_size):
   return dataset, report, eval_records
 
 
+class TrainingDiverged(RuntimeError):
+  """The loss or the gradient stopped being usable; the run stops without saving or exporting."""
+
+
+def _divergence(metrics: dict) -> str | None:
+  """What went wrong in a step's metrics, or None."""
+  bad = [name for name in ('loss', 'grad_norm') if not np.isfinite(metrics.get(name, 0.0))]
+  if bad:
+    return ' and '.join(f'{name} is {metrics[name]}' for name in bad) + ' (not finite)'
+  if metrics.get('grad_norm') == 0.0 and metrics.get('response_tokens', 0) > 0:
+    return (f"the gradient norm is exactly 0 with loss {metrics['loss']:.4g} (the model has "
+            'died: it no longer learns)')
+  return None
+
+
+def _json_number(value):
+  """JSON has no NaN or infinity: such values are written as null."""
+  return value if not isinstance(value, float) or np.isfinite(value) else None
+
+
 class _MetricsLog:
   """metrics.jsonl (rewound to the restored step on resume) and TensorBoard events."""
 
@@ -112,7 +134,8 @@ class _MetricsLog:
     if not self.active:
       return
     with self.path.open('a') as f:
-      f.write(json.dumps({'step': step, **metrics}) + '\n')
+      f.write(json.dumps({'step': step, **{k: _json_number(v) for k, v in metrics.items()}},
+                         allow_nan=False) + '\n')
     if self.writer is not None:
       for name, value in metrics.items():
         if isinstance(value, (int, float)):
@@ -154,8 +177,6 @@ def _evaluate(label, state, tokenizer, eval_records, config, workdir, step):
 
 def run(config) -> dict:
   """Trains as configured; returns the summary (also written to ``workdir/summary.json``)."""
-  import grain  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
@@ -164,7 +185,9 @@ def run(config) -> dict:
   started = time.time()
   workdir = pathlib.Path(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  state_lib.hyperparameters(config)  # a bad method or hyperparameter stops here, before loading
+  # A bad method, hyperparameter, range or source stops here, before anything loads.
+  checks.check_config(config)
+  state_lib.hyperparameters(config)
   mesh = sharding_lib.build_mesh(config.mesh)
   sharding_lib.check_layout(mesh, batch_size=config.batch_size, accum_steps=config.accum_steps)
   rules = {**dict(config.sharding_rules), **dict(config.get('activation_rules', ()))}
@@ -194,24 +217,15 @@ def run(config) -> dict:
   _log(f'mesh {dict(mesh.shape)}; method {config.method} {dict(config.hparams)}; prior: '
        f'{state.spec.prior}; trainable parameters {trainable:,}')
 
-  manager = ocp.CheckpointManager(
-      (workdir / 'checkpoints').resolve(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep,
-                                           enable_async_checkpointing=False))
+  run_checkpoints = checkpointing.RunCheckpoints(workdir, config)
   iterator = iter(dataset)
   saved_tree = lambda s: {'step': s.step, 'params': s.params, 'opt_state': s.opt_state}
-  start_step = 0
-  if manager.latest_step() is not None:
-    latest = manager.latest_step()
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), saved_tree(state),
-        saved_tree(shardings))
-    restored = manager.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(iterator)))['state']
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          saved_tree(state), saved_tree(shardings))
+  restored, start_step = run_checkpoints.restore(abstract, iterator)
+  if restored is not None:
     state = state.replace(step=restored['step'], params=restored['params'],
                           opt_state=restored['opt_state'])
-    start_step = int(latest)
     _log(f'resumed from the checkpoint at step {start_step}')
 
   summary_path = workdir / 'summary.json'
@@ -232,9 +246,7 @@ def run(config) -> dict:
   sharding = sharding_lib.batch_sharding(mesh, rules)
 
   def save(step):
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(saved_tree(state)),
-        data=grain.checkpoint.CheckpointSave(iterator)), force=True)
+    run_checkpoints.save(step, saved_tree(state), iterator)
 
   def interval_eval(step):
     every = config.eval.get('every', 0)
@@ -247,7 +259,7 @@ def run(config) -> dict:
       log.write(step, {'eval_accuracy': result['accuracy']})
 
   interval_eval(start_step)  # killed during an evaluation right after its checkpoint
-  train_seconds, tokens_seen, last = 0.0, 0, {}
+  train_seconds, tokens_seen, last, skipped = 0.0, 0, {}, 0
   for step in range(start_step, config.steps):
     local = next(iterator)
     batch = {key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key]))
@@ -256,6 +268,19 @@ def run(config) -> dict:
     state, metrics = step_fn(state, batch)
     metrics = {name: float(value) for name, value in metrics.items()}
     seconds = time.time() - tick
+    problem = _divergence(metrics)
+    if problem and config.get('on_nonfinite', 'stop') == 'skip' and metrics['nonfinite']:
+      skipped += 1  # the step kept the previous parameters and optimizer state
+    elif problem:
+      log.write(step + 1, metrics)
+      log.close()
+      raise TrainingDiverged(
+          f'step {step + 1}: {problem}. The run stops; nothing is saved for this step and '
+          'nothing is exported; the last good checkpoint is '
+          f'{"step " + str(run_checkpoints.latest_step()) if run_checkpoints.latest_step() else "none"}'
+          f' in {run_checkpoints.directory}. Lower --config.optimizer.learning_rate, or set '
+          '--config.on_nonfinite=skip to skip updates whose loss or gradient is not finite.')
+    metrics['skipped_updates'] = skipped
     real_tokens = int(np.sum(local['segment_ids'] > 0)) * jax.process_count()
     metrics['tokens_per_second'] = real_tokens / seconds
     metrics['step_seconds'] = seconds
@@ -274,9 +299,9 @@ def run(config) -> dict:
     interval_eval(step + 1)
   if progress is not None:
     progress.close()
-  if manager.latest_step() != config.steps:
+  if run_checkpoints.latest_step() != config.steps:
     save(config.steps)  # resumed at the end: make sure the final state is on disk
-  manager.wait_until_finished()
+  run_checkpoints.wait()
   log.close()
 
   if config.eval.after:

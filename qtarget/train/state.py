@@ -94,7 +94,8 @@ def create_state(config, student, prior_model=None, mesh=None, rules=None) -> Tr
   spec = StepSpec(method=config.method, prior=prior_mode, accum_steps=config.accum_steps,
                   vocab_size=student.config.vocab_size, loss=config.loss, tx=tx,
                   schedule=schedule, static_hyperparameters=static,
-                  chunk_size=config.loss_chunk_size)
+                  chunk_size=config.loss_chunk_size,
+                  skip_nonfinite=config.get('on_nonfinite', 'stop') == 'skip')
   step = jnp.zeros((), jnp.int32)
   if mesh is None:
     opt_state = tx.init(params)
@@ -110,10 +111,14 @@ def create_state(config, student, prior_model=None, mesh=None, rules=None) -> Tr
 
 
 def place(tree, shardings):
-  """Arrays onto their shardings; host arrays on every process keep their addressable shards,
-  arrays already placed move only if their sharding differs."""
+  """Arrays onto their shardings; host arrays on every process keep their addressable shards.
+
+  An array already on its sharding is returned as it is (no copy): a step that donates its
+  state then consumes it.
+  """
   def put(x, s):
     if isinstance(x, jax.Array) and (x.sharding == s or not x.is_fully_addressable):
       return x if x.sharding == s else jax.device_put(x, s)
-    return jax.make_array_from_callback(np.shape(x), s, lambda index: np.asarray(x)[index])
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
   return jax.tree.map(put, tree, shardings)

@@ -42,6 +42,9 @@ class StepSpec:
     vocab_size: the student's embedding rows (a prior's padding rows are cut to it).
     loss: 'dense' (logits, target, q_cross_entropy) or 'fused' (q_cross_entropy_fused).
     chunk_size: tokens per chunk of the fused loss.
+    skip_nonfinite: keep the parameters and optimizer state when the loss or the gradient is
+      not finite (the ``nonfinite`` metric says so); False applies every update and leaves the
+      decision to the loop.
   """
   method: str
   prior: str
@@ -52,6 +55,7 @@ class StepSpec:
   schedule: Any
   static_hyperparameters: tuple = ()
   chunk_size: int = 1024
+  skip_nonfinite: bool = False
 
 
 @struct.dataclass
@@ -153,7 +157,8 @@ def _token_axes(num_tokens: int) -> tuple | None:
   batch_spec = layout_lib.logical_to_spec(('activation_batch',), layout_lib.active_rules())[0]
   axes = () if batch_spec is None else (
       tuple(batch_spec) if isinstance(batch_spec, tuple) else (batch_spec,))
-  if 'tensor' not in axes and mesh.shape['tensor'] > 1:
+  axes = tuple(a for a in axes if a in mesh.shape)
+  if 'tensor' not in axes and mesh.shape.get('tensor', 1) > 1:
     with_tensor = axes + ('tensor',)
     if num_tokens % math.prod(mesh.shape[a] for a in with_tensor) == 0:
       axes = with_tensor
@@ -202,8 +207,9 @@ def _metric_sums(mask, per_token_loss, label_log_prob, trust, correct, prior_ent
 
 def _constrain_like_parameters(tree):
   """Gradients (Variables with logical axes) held on the parameters' shards: each micro-step's
-  gradient is reduce-scattered into a sharded accumulator instead of summed whole on every
-  device and reduced once at the end."""
+  gradient is reduced onto the accumulator's shards (a reduce-scatter on TPU) instead of
+  summed whole on every device until the end. (The fused loss's head gradient is first summed
+  whole over the token axes inside its shard_map, then sliced to the head's shards.)"""
   is_variable = lambda x: isinstance(x, nnx.Variable)
 
   def constrain(leaf):
@@ -267,9 +273,16 @@ def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
   (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), micro_batches)
   updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(sums['loss']) & jnp.isfinite(grad_norm)
+  if spec.skip_nonfinite:
+    keep = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
   metrics = {name: value / count for name, value in sums.items()}
   metrics['residual_mass'] = 1.0 - metrics['trust']
-  metrics['grad_norm'] = optax.tree.norm(grads)
+  metrics['grad_norm'] = grad_norm
+  metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
   metrics['learning_rate'] = spec.schedule(state.step)
   metrics['response_tokens'] = count
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

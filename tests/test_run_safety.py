@@ -1,0 +1,279 @@
+"""Runs that fail loudly and resume safely: divergence, damaged or lost checkpoints, changed
+configs, ranges, and messages that name the key and the fix."""
+
+import json
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qtarget import checkpoints
+from qtarget import train
+from qtarget.train import loop
+
+import availability
+import test_train_cli
+import test_train_step
+
+availability.skip_module_without_smollm2()  # the tiny config uses SmolLM2's tokenizer
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('tfds')
+
+
+def _config(workdir, data_dir, **overrides):
+  """The tiny config, in process on the 8 test devices: 4 steps, checkpoints at 2 and 4."""
+  return test_train_step.tiny_config(**{
+      'workdir': str(workdir), 'data.data_dir': str(data_dir),
+      'model.architecture.vocab_size': 49152, 'batch_size': 8, 'steps': 4,
+      'checkpoint.every': 2, 'checkpoint.keep': 2, 'eval.before': False, 'eval.after': False,
+      'export_hf': False, **overrides})
+
+
+def _strict_json_lines(path):
+  def refuse(constant):
+    raise ValueError(f'{path} holds {constant}, which is not JSON')
+  return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+# Divergence.
+
+def test_a_diverged_run_stops_keeps_its_checkpoint_and_exports_nothing(tmp_path, data_dir):
+  config = _config(tmp_path / 'run', data_dir, **{'optimizer.learning_rate': 1e38,
+                                                  'checkpoint.every': 1, 'export_hf': True})
+  with pytest.raises(loop.TrainingDiverged,
+                     match=r'step \d: (loss|grad_norm) is (nan|inf|-inf).*not finite.*last good '
+                           r'checkpoint is step \d'):
+    train.run(config)
+  workdir = tmp_path / 'run'
+  assert not (workdir / 'hf').exists() and not (workdir / 'summary.json').exists()
+  lines = _strict_json_lines(workdir / 'metrics.jsonl')  # valid JSON: no NaN literals
+  assert lines[-1]['nonfinite'] == 1.0
+  assert lines[-1]['loss'] is None or lines[-1]['grad_norm'] is None
+  saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved and max(saved) == lines[-1]['step'] - 1  # the last good step, not the bad one
+
+
+def test_skip_nonfinite_keeps_the_previous_state():
+  config = test_train_step.tiny_config(on_nonfinite='skip')
+  state = train.create_state(config, *test_train_step._models(config))
+  assert state.spec.skip_nonfinite
+  poisoned = state.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan)
+                                               if x.ndim == 2 else x, state.params))
+  new_state, metrics = test_train_step._single_device_step(poisoned, test_train_step.make_batch())
+  assert metrics['nonfinite'] == 1.0
+  for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(poisoned.params)):
+    np.testing.assert_array_equal(got, want)
+  for got, want in zip(jax.tree.leaves(new_state.opt_state),
+                       jax.tree.leaves(poisoned.opt_state)):
+    np.testing.assert_array_equal(got, want)
+  # A finite step is applied as usual.
+  _, clean = test_train_step._single_device_step(state, test_train_step.make_batch())
+  assert clean['nonfinite'] == 0.0
+
+
+@pytest.mark.slow  # the step-level test above covers the update; this covers the count
+def test_the_loop_counts_skipped_updates(tmp_path, data_dir):
+  config = _config(tmp_path / 'run', data_dir, **{'optimizer.learning_rate': 1e38,
+                                                  'on_nonfinite': 'skip'})
+  train.run(config)
+  lines = _strict_json_lines(tmp_path / 'run' / 'metrics.jsonl')
+  assert lines[-1]['skipped_updates'] >= 1
+  assert sum(line['nonfinite'] for line in lines) == lines[-1]['skipped_updates']
+
+
+# Damaged, missing and lost checkpoints.
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory, data_dir):
+  """A finished 4-step run (checkpoints 2 and 4) and its final parameters."""
+  workdir = tmp_path_factory.mktemp('finished') / 'run'
+  config = _config(workdir, data_dir, export_hf=True)
+  train.run(config)
+  return workdir, checkpoints.load_hf(workdir / 'hf')
+
+
+def _copy(finished, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(finished, workdir)
+  shutil.rmtree(workdir / 'hf')
+  (workdir / 'summary.json').unlink()
+  return workdir
+
+
+def _truncate_a_data_file(step_dir):
+  files = sorted((p for p in (step_dir / 'state').rglob('*') if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+  files[-1].write_bytes(files[-1].read_bytes()[:10])
+
+
+DAMAGES = {
+    'truncated_data_file': _truncate_a_data_file,
+    'no_manifest': lambda d: [p.unlink() for p in d.rglob('manifest.ocdbt')],
+    'no_state_folder': lambda d: shutil.rmtree(d / 'state'),
+    'no_data_folder': lambda d: shutil.rmtree(d / 'data'),
+}
+
+
+# One damage in the default run; the other three are marked slow (same code path).
+@pytest.mark.parametrize('damage', [
+    pytest.param(name, marks=() if name == 'truncated_data_file' else pytest.mark.slow)
+    for name in DAMAGES])
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(
+    damage, finished_run, tmp_path, data_dir, capsys):
+  finished, final = finished_run
+  workdir = _copy(finished, tmp_path)
+  DAMAGES[damage](workdir / 'checkpoints' / '4')
+  train.run(_config(workdir, data_dir, export_hf=True))
+  out = capsys.readouterr().out
+  assert 'the checkpoint at step 4' in out and 'cannot be read' in out, out[-2000:]
+  assert 'Falling back to the checkpoint at step 2' in out
+  assert 'resumed from the checkpoint at step 2' in out
+  assert [p.name.split('_')[0] for p in (workdir / 'damaged_checkpoints').iterdir()] == ['4']
+  # Steps 3 and 4 trained again from step 2 reach the same parameters.
+  again = checkpoints.load_hf(workdir / 'hf')
+  for got, want in zip(jax.tree.leaves(again.embed[...]), jax.tree.leaves(final.embed[...])):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_no_readable_checkpoint_is_an_error_naming_each(finished_run, tmp_path, data_dir):
+  workdir = _copy(finished_run[0], tmp_path)
+  for step in ('2', '4'):
+    shutil.rmtree(workdir / 'checkpoints' / step / 'state')
+  with pytest.raises(train.ConfigError, match=r'no checkpoint in .* can be read \(step 4: .*; '
+                                               r'step 2: .*\)'):
+    train.run(_config(workdir, data_dir))
+
+
+def test_lost_checkpoints_refuse_to_erase_results_unless_asked(finished_run, tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  shutil.copytree(finished_run[0], workdir)
+  shutil.rmtree(workdir / 'checkpoints')
+  (workdir / 'predictions_step2.jsonl').write_text('{"stale": true}\n')
+  before = (workdir / 'metrics.jsonl').read_text()
+  with pytest.raises(train.ConfigError, match=r'holds results of an earlier run \(hf, '
+                                               r'summary.json, metrics.jsonl, '
+                                               r'predictions_step2.jsonl\).*start_over=True'):
+    train.run(_config(workdir, data_dir))
+  assert (workdir / 'metrics.jsonl').read_text() == before  # nothing touched
+  train.run(_config(workdir, data_dir, start_over=True))
+  previous = list(workdir.glob('previous_*'))
+  assert len(previous) == 1
+  assert (previous[0] / 'metrics.jsonl').read_text() == before
+  assert (previous[0] / 'predictions_step2.jsonl').exists()
+  assert not (workdir / 'predictions_step2.jsonl').exists()
+  assert [line['step'] for line in _strict_json_lines(workdir / 'metrics.jsonl')] == [1, 2, 3, 4]
+
+
+# A changed config.
+
+@pytest.mark.parametrize('overrides, fields', [
+    ({'method': 'sft', 'hparams': {}}, ["method: 'target_sft' -> 'sft'", 'hparams.eta']),
+    ({'steps': 2}, ['steps: 4 -> 2']),
+    ({'optimizer.learning_rate': 2e-3}, ['optimizer.learning_rate: 0.001 -> 0.002']),
+])
+def test_a_changed_config_refuses_to_resume(overrides, fields, finished_run, tmp_path, data_dir):
+  workdir = _copy(finished_run[0], tmp_path)
+  with pytest.raises(train.ConfigError, match='another config') as raised:
+    train.run(_config(workdir, data_dir, **overrides))
+  for field in fields:
+    assert field in str(raised.value)
+
+
+def test_harmless_changes_resume_and_are_listed(finished_run, tmp_path, data_dir, capsys):
+  workdir = _copy(finished_run[0], tmp_path)
+  shutil.rmtree(workdir / 'checkpoints' / '4')
+  train.run(_config(workdir, data_dir, log_every=2, **{'checkpoint.every': 1}))
+  out = capsys.readouterr().out
+  assert 'resumed from the checkpoint at step 2' in out
+  assert 'log_every: 1 -> 2' in out and 'checkpoint.every: 2 -> 1' in out
+
+
+# Ranges and messages, all before anything loads.
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'steps': -5}, r'steps=-5: must be an integer >= 1'),
+    ({'accum_steps': 0}, r'accum_steps=0: must be an integer >= 1'),
+    ({'batch_size': 0}, r'batch_size=0: must be an integer >= 1'),
+    ({'optimizer.learning_rate': -1e-3}, r'learning_rate=-0.001: must be a finite number > 0'),
+    ({'optimizer.warmup_steps': -1}, r'warmup_steps=-1: must be an integer >= 0'),
+    ({'loss_chunk_size': 0}, r'loss_chunk_size=0: must be an integer >= 1'),
+    ({'eval.num_problems': -1}, r'eval.num_problems=-1: must be an integer >= 0'),
+    ({'eval.batch_size': 0}, r'eval.batch_size=0: must be an integer >= 1'),
+    ({'data.seq_len': 1}, r'data.seq_len=1: must be an integer >= 2'),
+    ({'on_nonfinite': 'ignore'}, r"on_nonfinite='ignore': must be 'stop'"),
+    ({'prior.source': 'none'}, r"method 'target_sft' needs a prior, and prior.source='none' "
+                               r'gives none: set --config.prior.source'),
+    ({'prior.source': 'hf'}, r"prior.path is empty: prior.source='hf' needs the teacher's"),
+    ({'data.kind': 'files'}, r"data.train_path is empty: data.kind='files' needs"),
+])
+def test_bad_values_stop_before_anything_loads(overrides, message, tmp_path):
+  # model.source 'hf' at a path that does not exist: any loading would fail differently.
+  config = _config(tmp_path / 'run', tmp_path / 'tfds', **{
+      'model.source': 'hf', 'model.path': str(tmp_path / 'absent'), **overrides})
+  with pytest.raises(train.ConfigError, match=message):
+    train.run(config)
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_a_corrupt_config_json_names_the_file(tmp_path):
+  (tmp_path / 'config.json').write_text('{"model_type": "llama",')
+  with pytest.raises(checkpoints.CheckpointError, match=r'config.json is not valid JSON'):
+    checkpoints.load_hf(tmp_path)
+
+
+def test_an_unknown_config_key_is_named_in_a_few_lines(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'qtarget.train', '--config', str(ROOT / 'configs' / 'tiny.py'),
+       '--config.optimizer.learning_rat=1e-3'], capture_output=True, text=True, timeout=120,
+      env=test_train_cli._env())
+  assert result.returncode != 0
+  assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
+  assert "unknown config key 'optimizer.learning_rat'" in result.stderr
+  assert 'optimizer.learning_rate' in result.stderr
+
+
+def test_compare_only_matching_nothing_exits_non_zero():
+  result = subprocess.run(
+      [sys.executable, 'experiments/compare.py', 'run', '--only', 'no_such_setting/*',
+       '--dry_run'], capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert result.returncode != 0 and 'matches no run' in result.stderr
+  assert 'teacher' not in result.stdout
+
+
+def test_sigkill_during_the_fallback_still_resumes(finished_run, tmp_path, data_dir):
+  workdir = _copy(finished_run[0], tmp_path)
+  shutil.rmtree(workdir / 'checkpoints' / '4' / 'state')
+  command = test_train_cli._command(workdir, '--config.steps=4', '--config.checkpoint.keep=2',
+                                    '--config.batch_size=8', '--config.export_hf=True',
+                                    f'--config.data.data_dir={data_dir}')
+  command = [c for c in command if not c.startswith('--config.data.data_dir=') or
+             c.endswith(str(data_dir))]
+  process = subprocess.Popen(command, env=test_train_cli._env(8), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  deadline, seen = time.time() + 300, ''
+  while time.time() < deadline:
+    line = process.stdout.readline()
+    seen += line
+    if 'cannot be read' in line or not line:
+      break
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert 'cannot be read' in seen, seen[-3000:]
+  # Killed right after it named the damaged checkpoint: the next run falls back again (or finds
+  # it already moved aside) and finishes with the uninterrupted run's parameters.
+  result = subprocess.run(command, env=test_train_cli._env(8), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  again = checkpoints.load_hf(workdir / 'hf')
+  np.testing.assert_allclose(again.embed[...], finished_run[1].embed[...], rtol=1e-5, atol=1e-7)
