@@ -64,6 +64,18 @@ def test_a_diverged_run_stops_keeps_its_checkpoint_and_exports_nothing(tmp_path,
   assert saved and max(saved) == lines[-1]['step'] - 1  # the last good step, not the bad one
 
 
+def test_a_dead_model_stops_the_run(tmp_path, data_dir):
+  # A learning rate of 1e3 saturates the model within two steps: the loss of Target-SFT drops
+  # to 0 (p_y = 0, and the residual sits where p does) and the gradient is exactly 0.
+  config = _config(tmp_path / 'run', data_dir, **{'optimizer.learning_rate': 1e3,
+                                                  'export_hf': True})
+  with pytest.raises(loop.TrainingDiverged, match=r'step \d: the gradient norm is exactly 0 .*'
+                                                  r'the model has died.*no checkpoint was '
+                                                  r'written before it. Lower'):
+    train.run(config)
+  assert not (tmp_path / 'run' / 'hf').exists()
+
+
 def test_skip_nonfinite_keeps_the_previous_state():
   config = test_train_step.tiny_config(on_nonfinite='skip')
   state = train.create_state(config, *test_train_step._models(config))

@@ -274,12 +274,14 @@ def run(config) -> dict:
     elif problem:
       log.write(step + 1, metrics)
       log.close()
-      raise TrainingDiverged(
-          f'step {step + 1}: {problem}. The run stops; nothing is saved for this step and '
-          'nothing is exported; the last good checkpoint is '
-          f'{"step " + str(run_checkpoints.latest_step()) if run_checkpoints.latest_step() else "none"}'
-          f' in {run_checkpoints.directory}. Lower --config.optimizer.learning_rate, or set '
-          '--config.on_nonfinite=skip to skip updates whose loss or gradient is not finite.')
+      latest = run_checkpoints.latest_step()
+      kept = (f'the last good checkpoint is step {latest} in {run_checkpoints.directory}'
+              if latest else 'no checkpoint was written before it')
+      fix = ('Lower --config.optimizer.learning_rate, or set --config.on_nonfinite=skip to skip '
+             'updates whose loss or gradient is not finite.' if metrics['nonfinite'] else
+             'Lower --config.optimizer.learning_rate.')
+      raise TrainingDiverged(f'step {step + 1}: {problem}. The run stops; nothing is saved for '
+                             f'this step and nothing is exported; {kept}. {fix}')
     metrics['skipped_updates'] = skipped
     real_tokens = int(np.sum(local['segment_ids'] > 0)) * jax.process_count()
     metrics['tokens_per_second'] = real_tokens / seconds
