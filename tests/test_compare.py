@@ -5,6 +5,7 @@ the report, and the MATH-style scoring of boxed answers."""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import types
@@ -80,13 +81,21 @@ def test_paper_grid_runs_records_resumes_and_rescores(tmp_path):
   results = tmp_path / 'results'
   only = ['--only', 'base/*', 'numina/sft/*', 'numina/target_sft_eta0.5/*']
 
-  # An interrupted cell: one step done and checkpointed, then the grid picks it up.
+  # An interrupted cell: killed after its step-1 checkpoint (the step-2 checkpoint, the export
+  # and the last metrics line removed from a full run), then the grid picks it up. (A run with
+  # --config.steps=1 would not do: a resume refuses a changed step count.)
   env = dict(os.environ, PYTHONPATH=str(ROOT),
              XLA_FLAGS='--xla_force_host_platform_device_count=1')
   subprocess.run([sys.executable, '-m', 'qtarget.train',
-                  f'--config={grid}:numina/target_sft_eta0.5/0', '--config.steps=1',
-                  '--config.eval.after=False'], cwd=ROOT, env=env, check=True,
+                  f'--config={grid}:numina/target_sft_eta0.5/0', '--config.eval.after=False',
+                  '--config.export_hf=False'], cwd=ROOT, env=env, check=True,
                  capture_output=True, timeout=600)
+  cell = tmp_path / 'runs' / 'numina_target_sft_eta0.5_0'
+  shutil.rmtree(cell / 'checkpoints' / '2')
+  (cell / 'summary.json').unlink()
+  metrics = cell / 'metrics.jsonl'
+  metrics.write_text(''.join(line + '\n' for line in metrics.read_text().splitlines()
+                             if json.loads(line)['step'] <= 1))
   first = _compare('run', '--config', str(grid), *only, results=results)
   assert first.returncode == 0, first.stdout + first.stderr
   assert '0 of 3 runs recorded' in first.stdout

@@ -9,14 +9,17 @@ Where to look:
 ``sharding.py``        the mesh, the rules (parameters and activations), the jitted step
 ``state.py``           the train state, the optimizer, initialisation into shards
 ``loading.py``         the student and the prior, loaded straight into their shards
-``loop.py``            the loop: data, checkpoints, logging, evaluation, export
+``checks.py``          the config checked before anything loads; which fields define a run
+``checkpointing.py``   checkpoints with the config, fallback, protected earlier results
+``loop.py``            the loop: data, logging, divergence, evaluation, export
 ``__main__.py``        the command line
 =====================  ====================================================================
 """
 
 from qtarget.train.errors import ConfigError
 from qtarget.train.loading import check_same_vocabulary, load_model, model_overrides
-from qtarget.train.loop import held_out_records, maybe_initialize_distributed, run
+from qtarget.train.loop import (TrainingDiverged, held_out_records,
+                                maybe_initialize_distributed, run)
 from qtarget.train.sharding import (MESH_AXES, Layout, batch_sharding, build_mesh, check_layout,
                                     jit_train_step, logical_to_spec, state_shardings)
 from qtarget.train.state import create_state, make_optimizer, place
