@@ -260,3 +260,14 @@ def test_remat_step_equals_plain_step(lora_rank, loss):
     np.testing.assert_allclose(remat_metrics[name], plain_metrics[name], rtol=1e-5, err_msg=name)
   for got, want in zip(jax.tree.leaves(remat.params), jax.tree.leaves(plain.params)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_method_with_a_prior_refuses_the_live_student_as_its_prior():
+  # Before, create_state used the live student as the prior (Target-SFT silently became DFT).
+  config = tiny_config()
+  student, _ = _models(config)
+  with pytest.raises(train.ConfigError, match=r"method 'target_sft' needs a prior and none was "
+                                              r'given: pass prior_model'):
+    train.create_state(config, student, None)
+  # A method without a prior needs none.
+  assert train.create_state(tiny_config(method='sft', hparams={}), student, None).spec.prior == 'none'

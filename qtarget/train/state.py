@@ -69,6 +69,13 @@ def create_state(config, student, prior_model=None, mesh=None, rules=None) -> Tr
   if not targets.needs_prior(config.method):
     prior_mode = 'none'
   elif prior_model is None:
+    if not student.config.lora_rank:
+      raise ConfigError(
+          f'method {config.method!r} needs a prior and none was given: pass prior_model (a '
+          'frozen copy of the initial student, or a teacher), or give the student LoRA '
+          'adapters (model.lora_rank > 0) so that the prior is the student with its adapters '
+          'off. Without either the prior would be the live student itself, and the target '
+          "would follow the model it trains (Target-SFT would become DFT).")
     prior_mode = 'lora_off'
   else:
     prior_mode = 'separate'
