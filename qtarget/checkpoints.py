@@ -139,11 +139,7 @@ def _placer(mesh, rules):
   an index, or the whole for None), built on its shards under a mesh; and ``sharding(variable)``
   (None without a mesh)."""
   def sharding(variable):
-    if mesh is None:
-      return None
-    value = variable.get_value()
-    axes = variable.get_metadata().get('logical_axes')
-    return layout.sharding_for(value.shape, axes, dict(rules or {}), mesh)
+    return None if mesh is None else layout.variable_sharding(variable, dict(rules or {}), mesh)
 
   def place(variable, make):
     if mesh is None:

@@ -192,11 +192,12 @@ def _devices(topology_name: str | None, cpu_devices: int | None):
   return topology.devices
 
 
-def abstract_inputs(config, devices):
+def abstract_inputs(config, devices, architectures=None):
   """``(jitted step, state, batch, mesh)``: the configured step over ``devices`` and its
-  inputs as ShapeDtypeStructs with their shardings."""
+  inputs as ShapeDtypeStructs with their shardings. ``architectures``: the result of
+  :func:`model_configs`, when the caller has it already."""
   mesh = train.build_mesh(config.mesh, devices)
-  student_config, prior_config = model_configs(config)
+  student_config, prior_config = architectures or model_configs(config)
   train.check_layout(mesh, batch_size=config.batch_size, accum_steps=config.accum_steps,
                      model_configs=(student_config, prior_config))
 
@@ -224,7 +225,8 @@ def check(config, topology_name: str | None = None, *, cpu_devices: int | None =
   ``cpu_devices`` fake CPU devices, and measures it."""
   devices = _devices(topology_name, cpu_devices)
   student_config, prior_config = model_configs(config)
-  step, state_in, batch, mesh = abstract_inputs(config, devices)
+  step, state_in, batch, mesh = abstract_inputs(config, devices,
+                                                (student_config, prior_config))
   rows, length = config.batch_size, config.data.seq_len
   kind = devices[0].device_kind
   cores_per_chip = max(getattr(d, 'core_on_chip', 0) for d in devices) + 1

@@ -19,6 +19,7 @@ from flax import nnx
 
 import test_train_step
 from qtarget import checkpoints
+from qtarget import compile_check
 from qtarget import hlo
 from qtarget import train
 from qtarget.models import llama
@@ -40,19 +41,9 @@ def _config(mesh, accum_steps=1, loss='dense', lora_rank=0):
 def _compiled(mesh, accum_steps=1, loss='dense', lora_rank=0):
   """``(compiled step, abstract state)`` for a mesh over the first prod(mesh) devices."""
   config = _config(mesh, accum_steps, loss, lora_rank)
-  abstract = jax.eval_shape(lambda: train.create_state(config,
-                                                       *test_train_step._models(config)))
-  devices = jax.devices()[:int(np.prod(mesh))]
-  built = train.build_mesh(config.mesh, devices)
-  rules = {**dict(config.sharding_rules), **dict(config.activation_rules)}
-  step, shardings = train.jit_train_step(abstract, built, rules)
-  batch_sharding = train.batch_sharding(built, rules)
-  batch = {key: jax.ShapeDtypeStruct((ROWS, LENGTH), jnp.bool_ if key == 'loss_mask'
-                                     else jnp.int32, sharding=batch_sharding)
-           for key in train.BATCH_KEYS}
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       abstract, shardings)
-  return step.lower(state, batch).compile(), abstract
+  step, state, batch, _ = compile_check.abstract_inputs(config,
+                                                        jax.devices()[:int(np.prod(mesh))])
+  return step.lower(state, batch).compile(), state
 
 
 def _flops(compiled):

@@ -34,7 +34,8 @@ DEFAULT_ACTIVATION_RULES = (
 _ACTIVE = threading.local()
 
 
-def _mesh_axes(target) -> tuple:
+def mesh_axes(target) -> tuple:
+  """A rule's target as a tuple of mesh axis names: None -> (), 'fsdp' -> ('fsdp',)."""
   if target is None:
     return ()
   return tuple(target) if isinstance(target, (tuple, list)) else (target,)
@@ -50,7 +51,7 @@ def logical_to_spec(axes, rules: dict) -> PartitionSpec:
     return PartitionSpec()
   spec, used = [], set()
   for name in axes:
-    wanted = tuple(a for a in _mesh_axes(rules.get(name)) if a not in used)
+    wanted = tuple(a for a in mesh_axes(rules.get(name)) if a not in used)
     used.update(wanted)
     spec.append(None if not wanted else wanted[0] if len(wanted) == 1 else wanted)
   return PartitionSpec(*spec)
@@ -61,7 +62,7 @@ def fit_spec(shape, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
   mesh axes the mesh lacks are dropped (a mesh without ``tensor`` still takes the rules)."""
   fixed = []
   for dim, target in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    axes = tuple(a for a in _mesh_axes(target) if a in mesh.shape)
+    axes = tuple(a for a in mesh_axes(target) if a in mesh.shape)
     size = math.prod(mesh.shape[a] for a in axes)
     fixed.append(None if not axes or dim % size else axes[0] if len(axes) == 1 else axes)
   return PartitionSpec(*fixed)
@@ -70,6 +71,12 @@ def fit_spec(shape, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
 def sharding_for(shape, axes, rules: dict, mesh: Mesh) -> NamedSharding:
   """The NamedSharding of an array of ``shape`` with logical ``axes``."""
   return NamedSharding(mesh, fit_spec(shape, logical_to_spec(axes, rules), mesh))
+
+
+def variable_sharding(variable, rules: dict, mesh: Mesh) -> NamedSharding:
+  """The NamedSharding of an ``nnx.Variable`` (concrete or abstract) by its logical axes."""
+  return sharding_for(variable.get_value().shape, variable.get_metadata().get('logical_axes'),
+                      rules, mesh)
 
 
 @contextlib.contextmanager

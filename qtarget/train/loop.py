@@ -269,7 +269,7 @@ def run(config) -> dict:
     metrics = {name: float(value) for name, value in metrics.items()}
     seconds = time.time() - tick
     problem = _divergence(metrics)
-    if problem and config.get('on_nonfinite', 'stop') == 'skip' and metrics['nonfinite']:
+    if problem and state.spec.skip_nonfinite and metrics['nonfinite']:
       skipped += 1  # the step kept the previous parameters and optimizer state
     elif problem:
       log.write(step + 1, metrics)

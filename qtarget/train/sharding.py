@@ -54,13 +54,18 @@ def batch_devices(mesh: Mesh) -> int:
   return mesh.shape['data'] * mesh.shape['fsdp']
 
 
-def check_layout(mesh: Mesh, *, batch_size: int, accum_steps: int, model_configs=()) -> None:
-  """Raises :class:`ConfigError` naming the numbers when the mesh cannot divide the work."""
-  shards = batch_devices(mesh)
+def check_batch(batch_size: int, accum_steps: int) -> None:
+  """Raises :class:`ConfigError` unless ``accum_steps`` micro-batches split the batch."""
   if accum_steps < 1:
     raise ConfigError(f'accum_steps must be >= 1, got {accum_steps}.')
   if batch_size % accum_steps:
     raise ConfigError(f'batch_size {batch_size} is not divisible by accum_steps {accum_steps}.')
+
+
+def check_layout(mesh: Mesh, *, batch_size: int, accum_steps: int, model_configs=()) -> None:
+  """Raises :class:`ConfigError` naming the numbers when the mesh cannot divide the work."""
+  shards = batch_devices(mesh)
+  check_batch(batch_size, accum_steps)
   micro = batch_size // accum_steps
   if micro % shards:
     raise ConfigError(
@@ -103,9 +108,7 @@ def state_shardings(abstract_state, mesh: Mesh, rules: dict):
 
   def sharding(leaf):
     if is_variable(leaf):
-      value = leaf.get_value()
-      axes = leaf.get_metadata().get('logical_axes')
-      return leaf.replace(layout.sharding_for(value.shape, axes, rules, mesh))
+      return leaf.replace(layout.variable_sharding(leaf, rules, mesh))
     return NamedSharding(mesh, PartitionSpec())
 
   return jax.tree.map(sharding, abstract_state, is_leaf=is_variable)

@@ -83,11 +83,7 @@ def create_state(config, student, prior_model=None, mesh=None, rules=None) -> Tr
   prior_graphdef, prior_state = (nnx.split(prior_model) if prior_mode == 'separate'
                                  else (None, nnx.State({})))
   tx, schedule = make_optimizer(config)
-  if config.accum_steps < 1:
-    raise ConfigError(f'accum_steps must be >= 1, got {config.accum_steps}.')
-  if config.batch_size % config.accum_steps:
-    raise ConfigError(f'batch_size {config.batch_size} is not divisible by accum_steps '
-                      f'{config.accum_steps}.')
+  sharding_lib.check_batch(config.batch_size, config.accum_steps)
   if config.loss not in ('dense', 'fused'):
     raise ConfigError(f"loss must be 'dense' or 'fused', got {config.loss!r}.")
   if config.loss == 'fused':

@@ -155,9 +155,7 @@ def _token_axes(num_tokens: int) -> tuple | None:
   if mesh is None:
     return None
   batch_spec = layout_lib.logical_to_spec(('activation_batch',), layout_lib.active_rules())[0]
-  axes = () if batch_spec is None else (
-      tuple(batch_spec) if isinstance(batch_spec, tuple) else (batch_spec,))
-  axes = tuple(a for a in axes if a in mesh.shape)
+  axes = tuple(a for a in layout_lib.mesh_axes(batch_spec) if a in mesh.shape)
   if 'tensor' not in axes and mesh.shape.get('tensor', 1) > 1:
     with_tensor = axes + ('tensor',)
     if num_tokens % math.prod(mesh.shape[a] for a in with_tensor) == 0:
