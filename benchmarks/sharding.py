@@ -1,9 +1,10 @@
 """What each device computes and holds under each mesh, from the compiled train step.
 
-    python benchmarks/sharding.py [--shapes tiny,smollm2] [--json OUT.json]
+    python benchmarks/sharding.py [--shapes tiny,smollm2] [--accum-steps 1] [--loss dense]
+        [--meshes 8x1x1,1x8x1,2x4x1,2x2x2] [--json OUT.json]
 
-Compiles the real train step (Target-SFT with a separate prior, dense loss, accum_steps 1) for 8
-fake CPU devices under the meshes (data, fsdp, tensor) = (8,1,1), (1,8,1), (2,4,1), (2,2,2), and
+Compiles the real train step (Target-SFT with a separate prior; dense loss and accum_steps 1 unless
+told otherwise) for 8 fake CPU devices under the meshes (data, fsdp, tensor) = (8,1,1), (1,8,1), (2,4,1), (2,2,2), and
 for one device, and prints per device: FLOPs (compiled cost analysis) as a ratio to one device's
 / 8, temporaries, and collectives (count and result bytes) read from the HLO text. Nothing is
 timed. Only APIs that predate the sharding rewrite are used, so the same script measures an
@@ -37,21 +38,26 @@ SHAPES = {
     'smollm2': (dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                      num_heads=9, num_kv_heads=3, rope_theta=100000.0,
                      tie_word_embeddings=True), 16, 256),
+    # tests/test_sharding.py's shape: H=128, V=1024, batch 16 x 24.
+    'test': (dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2,
+                  num_heads=4, num_kv_heads=2, tie_word_embeddings=True), 16, 24),
 }
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2))
 
 
-def _config(arch, rows, length, mesh):
+def _config(arch, rows, length, mesh, accum_steps=1, loss='dense'):
   root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'tiny.py')
   config = config_files.load_module(root).get_config()
   config.model.architecture = ml_collections.ConfigDict(arch)
   config.batch_size, config.data.seq_len = rows, length
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
+  config.accum_steps, config.loss, config.loss_chunk_size = accum_steps, loss, 4096
   return config
 
 
-def measure(arch, rows, length, mesh) -> dict:
-  config = _config(arch, rows, length, mesh)
+def measure(arch, rows, length, mesh, accum_steps=1, loss='dense') -> dict:
+  """FLOPs (one loop trip: one micro-batch, one loss chunk), temporaries and collectives."""
+  config = _config(arch, rows, length, mesh, accum_steps, loss)
   model_config = llama.LlamaConfig(**arch)
   if model_config.num_heads % mesh[2] or model_config.num_kv_heads % mesh[2]:
     return {'skipped': f'tensor={mesh[2]} does not divide {model_config.num_heads} heads / '
@@ -84,6 +90,9 @@ def measure(arch, rows, length, mesh) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--shapes', default='tiny,smollm2')
+  parser.add_argument('--accum-steps', type=int, default=1)
+  parser.add_argument('--loss', default='dense', choices=('dense', 'fused'))
+  parser.add_argument('--meshes', default=','.join('x'.join(map(str, m)) for m in MESHES))
   parser.add_argument('--json', default=None)
   args = parser.parse_args()
   results = {}
@@ -91,15 +100,16 @@ def main():
     if name not in SHAPES:
       sys.exit(f'unknown shape {name!r}; choose from {", ".join(SHAPES)}')
     arch, rows, length = SHAPES[name]
-    one = measure(arch, rows, length, (1, 1, 1))
+    one = measure(arch, rows, length, (1, 1, 1), 1, args.loss)
     results[name] = {'1x1x1': one}
-    print(f'## {name}: batch {rows} x {length}; one device: {one["flops"]:.3e} FLOPs, '
+    print(f'## {name}: batch {rows} x {length}, accum_steps {args.accum_steps}, {args.loss} loss; '
+          f'one device (accum_steps 1): {one["flops"]:.3e} FLOPs, '
           f'temporaries {one["temporaries"] / 2 ** 20:.1f} MiB', flush=True)
     print('| mesh (data, fsdp, tensor) | FLOPs / (one device / 8) | temporaries MiB | '
           'collectives: count x result MiB |')
     print('|---|---|---|---|')
-    for mesh in MESHES:
-      entry = measure(arch, rows, length, mesh)
+    for mesh in [tuple(int(n) for n in m.split('x')) for m in args.meshes.split(',')]:
+      entry = measure(arch, rows, length, mesh, args.accum_steps, args.loss)
       results[name]['x'.join(map(str, mesh))] = entry
       if 'skipped' in entry:
         print(f'| {mesh} | {entry["skipped"]} | | |', flush=True)
