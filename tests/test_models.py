@@ -147,7 +147,7 @@ def test_bfloat16_compute_with_float32_params():
 
 def test_every_parameter_has_logical_axes():
   model = _model(lora_rank=2, attention_bias=True)
-  known = {'embed', 'mlp', 'heads', 'kv', 'vocab', 'lora'}
+  known = {'layers', 'embed', 'mlp', 'heads', 'kv', 'vocab', 'lora'}
   count = 0
   for path, variable in nnx.iter_graph(model):
     if isinstance(variable, nnx.Param):

@@ -59,8 +59,15 @@ def _carries_the_global_batch(dims, rows):
 
 
 def _parameter_shapes(abstract):
+  """Shapes of every parameter, and of one layer of each stacked (scanned) parameter."""
   trees = (abstract.params, abstract.frozen, abstract.prior)
-  return {tuple(x.shape) for tree in trees for x in jax.tree.leaves(tree)}
+  shapes = set()
+  for tree in trees:
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+      shapes.add(tuple(x.shape))
+      if 'layers' in jax.tree_util.keystr(path):
+        shapes.add(tuple(x.shape[1:]))
+  return shapes
 
 
 # (mesh, accum_steps, loss, lora_rank). The default run: every mesh with both losses at
@@ -178,11 +185,12 @@ def test_loading_goes_straight_into_shards(tmp_path, monkeypatch):
   def measured_placer(mesh, rules):
     place = original(mesh, rules)
 
-    def measured(variable, make):
-      value = place(variable, make)
+    def measured(*args):
+      value = place(*args)
       for device, held in _bytes_per_device().items():
         peak[device] = max(peak.get(device, 0), held - before.get(device, 0))
       return value
+    measured.sharding = place.sharding
     return measured
 
   monkeypatch.setattr(checkpoints, '_placer', measured_placer)
@@ -208,19 +216,19 @@ def test_random_initialisation_goes_straight_into_shards():
   config = test_train_step.tiny_config(**{'mesh.fsdp': 8})
   mesh = train.build_mesh(config.mesh)
   model = train.loading.random_model(arch, 3, mesh, dict(config.sharding_rules))
-  kernel = model.layers[0].mlp.gate.kernel[...]
-  assert kernel.addressable_shards[0].data.shape == (64 // 8, 128)
+  kernel = model.layers.mlp.gate.kernel[...]  # [layers, embed, mlp]
+  assert kernel.addressable_shards[0].data.shape == (1, 64 // 8, 128)
   # The same numbers as one device's init under jit, and as an eager init up to rounding (XLA
   # fuses the scale into the sampling under jit: 1 ulp).
   jitted = jax.jit(lambda: nnx.split(llama.Llama(arch, rngs=nnx.Rngs(3)))[1])()
   np.testing.assert_array_equal(np.asarray(kernel),
-                                np.asarray(jitted['layers'][0]['mlp']['gate']['kernel'][...]))
+                                np.asarray(jitted['layers']['mlp']['gate']['kernel'][...]))
   eager = llama.Llama(arch, rngs=nnx.Rngs(3))
-  np.testing.assert_allclose(np.asarray(kernel), np.asarray(eager.layers[0].mlp.gate.kernel[...]),
+  np.testing.assert_allclose(np.asarray(kernel), np.asarray(eager.layers.mlp.gate.kernel[...]),
                              rtol=0, atol=1e-7)
   state = train.create_state(config, model, None, mesh=mesh, rules=dict(config.sharding_rules))
-  mu = state.opt_state[1][0].mu['layers'][0]['mlp']['gate']['lora_a'][...]
-  assert mu.sharding.spec[0] == 'fsdp' and mu.addressable_shards[0].data.shape == (8, 4)
+  mu = state.opt_state[1][0].mu['layers']['mlp']['gate']['lora_a'][...]
+  assert mu.sharding.spec[1] == 'fsdp' and mu.addressable_shards[0].data.shape == (1, 8, 4)
 
 
 @pytest.mark.parametrize('overrides, message', [

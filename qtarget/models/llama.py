@@ -7,7 +7,7 @@ the frozen prior can be the same weights without the adapters.
 
 The forward (`Llama.hidden`) returns the final hidden states; the head is a separate call
 (`Llama.logits`, `Llama.head_weights_HxV`) so a loss can fuse it with the softmax. Every parameter
-carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``, ``lora``) as
+carries logical axis names (``layers``, ``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``, ``lora``) as
 ``logical_axes`` metadata, for sharding rules kept as data; activations are constrained to
 logical names (``activation_batch``, ...) that take effect only inside a step's layout
 (:mod:`qtarget.models.layout`).
@@ -22,9 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qtarget.models import attention as attention_lib
 from qtarget.models import layout
 
 Array = jax.Array
+# remat name -> jax.checkpoint policy (None: no jax.checkpoint at all).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 # Logical names of activation axes (see qtarget.models.layout).
 BTH = ('activation_batch', 'activation_length', 'activation_embed')
@@ -61,9 +68,22 @@ class LlamaConfig:
   lora_rank: int = 0  # 0: no adapters
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = LORA_TARGETS
-  remat: bool = False  # recompute each layer in the backward pass
+  # Recompute in the backward pass: 'none' (keep every activation), 'full' (keep each layer's
+  # input only) or 'save_dots' (keep matmul outputs, recompute the rest). True/False mean
+  # 'full'/'none'.
+  remat: bool | str = 'none'
+  scan_layers: bool = True  # one compiled block scanned over stacked layers (False: a loop)
+  attention: str = 'auto'  # qtarget.models.attention.IMPLEMENTATIONS
 
   def __post_init__(self):
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, 'remat', 'full' if self.remat else 'none')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat must be one of {tuple(REMAT_POLICIES)} (or True/False), got '
+                       f'{self.remat!r}.')
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f'attention must be one of {attention_lib.IMPLEMENTATIONS}, got '
+                       f'{self.attention!r}.')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
                        f'num_kv_heads={self.num_kv_heads}.')
@@ -96,13 +116,13 @@ class KVCache(NamedTuple):
   """Keys and values of every layer for batched incremental decoding.
 
   Attributes:
-    keys: per layer ``[B, S, K, D]``.
-    values: per layer ``[B, S, K, D]``.
+    keys: ``[L, B, S, K, D]``, stacked over layers.
+    values: ``[L, B, S, K, D]``.
     valid_BxS: whether a slot holds a real (non-padding) token.
     end_B: the next slot each row writes to.
   """
-  keys: tuple[Array, ...]
-  values: tuple[Array, ...]
+  keys: Array
+  values: Array
   valid_BxS: Array
   end_B: Array
 
@@ -199,8 +219,11 @@ class Attention(nnx.Module):
     self.v = dense(h, self.num_kv_heads * d, ('embed', 'kv'), config.attention_bias, 'v')
     self.o = dense(self.num_heads * d, h, ('heads', 'embed'), False, 'o')
 
-  def __call__(self, x_BxTxH, positions_BxT, mask_BxTxS, kv=None, lora=True):
-    """``kv``: None, or ``(keys, values, write_slots_BxT)`` of a cache to update and attend to."""
+  def __call__(self, x_BxTxH, positions_BxT, *, segment_ids_BxT=None, mask_BxTxS=None,
+               kv=None, lora=True):
+    """Causal attention within ``segment_ids_BxT``'s segments (training, scoring) by
+    ``config.attention``; or, with ``mask_BxTxS``, the reference under that mask. ``kv``: None,
+    or ``(keys, values, write_slots_BxT)`` of a cache to update and attend to (with a mask)."""
     b, t, _ = x_BxTxH.shape
     heads = ('activation_batch', 'activation_length', 'activation_heads', None)
     kv_heads = ('activation_batch', 'activation_length', 'activation_kv', None)
@@ -220,14 +243,12 @@ class Attention(nnx.Module):
       cache_k = cache_k.at[rows, slots_BxT].set(k.astype(cache_k.dtype))
       cache_v = cache_v.at[rows, slots_BxT].set(v.astype(cache_v.dtype))
       k, v, new_kv = cache_k.astype(q.dtype), cache_v.astype(q.dtype), (cache_k, cache_v)
-    groups = self.num_heads // self.num_kv_heads
-    q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-    scores = jnp.einsum('btkgd,bskd->bkgts', q, k,
-                        preferred_element_type=jnp.float32) / math.sqrt(self.head_dim)
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum('bkgts,bskd->btkgd', weights, v).reshape(b, t, -1)
-    out = layout.constrain(out, ('activation_batch', 'activation_length', 'activation_heads'))
+    if mask_BxTxS is not None:
+      out = attention_lib.masked_attention(q, k, v, mask_BxTxS)
+    else:
+      out = attention_lib.attention(q, k, v, segment_ids_BxT, self.config.attention)
+    out = layout.constrain(out.reshape(b, t, -1),
+                           ('activation_batch', 'activation_length', 'activation_heads'))
     return layout.constrain(self.o(out, lora), BTH), new_kv
 
 
@@ -258,22 +279,26 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.hidden_size, config=config)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, mask, kv=None, lora=True):
-    attended, new_kv = self.attn(self.attn_norm(x), positions, mask, kv, lora)
+  def __call__(self, x, positions, *, segment_ids=None, mask=None, kv=None, lora=True):
+    attended, new_kv = self.attn(self.attn_norm(x), positions, segment_ids_BxT=segment_ids,
+                                 mask_BxTxS=mask, kv=kv, lora=lora)
     x = layout.constrain(x + attended, BTH)
     return layout.constrain(x + self.mlp(self.mlp_norm(x), lora), BTH), new_kv
 
 
-def causal_segment_mask(segment_ids_BxT: Array) -> Array:
-  """``[B, T, T]``: query i sees key j <= i of the same non-padding segment (0 = padding).
+causal_segment_mask = attention_lib.causal_segment_mask
 
-  A padding query sees only itself, so no row is empty (its output is ignored).
-  """
-  t = segment_ids_BxT.shape[1]
-  causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-  same = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  real_key = segment_ids_BxT[:, None, :] > 0
-  return (causal & same & real_key) | jnp.eye(t, dtype=bool)
+
+def _stacked_blocks(config: LlamaConfig, rngs: nnx.Rngs) -> 'Block':
+  """One Block whose every variable has a leading layer axis (logical name ``layers``)."""
+  blocks = [Block(config, rngs=rngs) for _ in range(config.num_layers)]
+  graphdef, first = nnx.split(blocks[0])
+  states = [first] + [nnx.split(block)[1] for block in blocks[1:]]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  for _, variable in nnx.to_flat_state(stacked):
+    variable.set_metadata('logical_axes',
+                          ('layers',) + tuple(variable.get_metadata()['logical_axes']))
+  return nnx.merge(graphdef, stacked)
 
 
 class Llama(nnx.Module):
@@ -284,7 +309,7 @@ class Llama(nnx.Module):
     dtype = jnp.dtype(config.param_dtype)
     self.embed = nnx.Param(_normal(rngs.params(), (config.vocab_size, config.hidden_size), dtype),
                            logical_axes=('vocab', 'embed'))
-    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.layers = _stacked_blocks(config, rngs)  # [num_layers, ...] in every variable
     self.final_norm = RMSNorm(config.hidden_size, config=config)
     self.lm_head = (None if config.tie_word_embeddings else nnx.Param(
         _normal(rngs.params(), (config.hidden_size, config.vocab_size), dtype),
@@ -297,22 +322,29 @@ class Llama(nnx.Module):
     x = jnp.take(table, tokens_BxT, axis=0).astype(self.config.compute_dtype)
     return layout.constrain(x, BTH)
 
-  def _layer(self, block, x, positions, mask, lora, remat):
-    if not remat:
-      return block(x, positions, mask, None, lora)[0]
-    # jax.checkpoint on a pure function of the block's values rather than nnx.remat: a layer
-    # mutates nothing, and nnx.remat writes every variable back after the call, which fails for
-    # values from an outer trace (a LoRA student's frozen base weights, a frozen prior).
-    graphdef, values = nnx.split(block)
+  def _layers(self, x, positions_BxT, segment_ids_BxT, lora, remat):
+    """The stacked blocks, scanned (one compiled block) or unrolled, each under the remat
+    policy. jax.checkpoint of a pure function of the block's values rather than nnx.remat: a
+    layer mutates nothing, and nnx.remat writes every variable back after the call, which fails
+    for values from an outer trace (a LoRA student's frozen base weights, a frozen prior)."""
+    graphdef, stacked = nnx.split(self.layers)
 
-    def run(values, y, positions, mask):
-      return nnx.merge(graphdef, values)(y, positions, mask, None, lora)[0]
+    def layer(x, values):
+      block = nnx.merge(graphdef, values)
+      return block(x, positions_BxT, segment_ids=segment_ids_BxT, lora=lora)[0]
 
-    return jax.checkpoint(run)(values, x, positions, mask)
+    policy = REMAT_POLICIES[remat]
+    if policy is not None:
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=not self.config.scan_layers)
+    if self.config.scan_layers:
+      return jax.lax.scan(lambda x, values: (layer(x, values), None), x, stacked)[0]
+    for i in range(self.config.num_layers):
+      x = layer(x, jax.tree.map(lambda a, i=i: a[i], stacked))
+    return x
 
   def hidden(self, tokens_BxT: Array, *, positions_BxT: Array | None = None,
              segment_ids_BxT: Array | None = None, lora: bool = True,
-             remat: bool | None = None) -> Array:
+             remat: bool | str | None = None) -> Array:
     """Final hidden states ``[B, T, H]`` (after the last norm), in the compute dtype.
 
     Args:
@@ -321,20 +353,19 @@ class Llama(nnx.Module):
         at each segment; left-padded rows start them at the first real token.
       segment_ids_BxT: 1, 2, ... for packed segments, 0 for padding; default all 1.
       lora: False runs the base weights alone (the frozen prior of a LoRA student).
-      remat: recompute each layer in the backward pass; None takes ``config.remat``. A frozen
-        prior passes False: no gradient flows through it, so there is nothing to recompute.
+      remat: a remat policy name (or True/False for 'full'/'none'); None takes
+        ``config.remat``. A frozen prior passes False: no gradient flows through it, so there is
+        nothing to recompute.
     """
     b, t = tokens_BxT.shape
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones((b, t), jnp.int32)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = layout.constrain(causal_segment_mask(segment_ids_BxT),
-                            ('activation_batch', None, None))
-    x = self._embed(tokens_BxT)
     remat = self.config.remat if remat is None else remat
-    for block in self.layers:
-      x = self._layer(block, x, positions_BxT, mask, lora, remat)
+    if isinstance(remat, bool):
+      remat = 'full' if remat else 'none'
+    x = self._layers(self._embed(tokens_BxT), positions_BxT, segment_ids_BxT, lora, remat)
     return layout.constrain(self.final_norm(x), BTH)
 
   def head_weights_HxV(self) -> Array:
@@ -359,8 +390,8 @@ class Llama(nnx.Module):
     c = self.config
     shape = (batch_size, max_length, c.num_kv_heads, c.dim_per_head)
     dtype = dtype or c.compute_dtype
-    return KVCache(keys=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
-                   values=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
+    return KVCache(keys=jnp.zeros((c.num_layers,) + shape, dtype),
+                   values=jnp.zeros((c.num_layers,) + shape, dtype),
                    valid_BxS=jnp.zeros((batch_size, max_length), bool),
                    end_B=jnp.zeros((batch_size,), jnp.int32))
 
@@ -392,12 +423,15 @@ class Llama(nnx.Module):
     s = valid_BxS.shape[1]
     mask = valid_BxS[:, None, :] & (jnp.arange(s)[None, None, :] <= slots_BxT[:, :, None])
     mask |= jnp.arange(s)[None, None, :] == slots_BxT[:, :, None]  # never an empty row
-    x = self._embed(tokens_BxT)
-    keys, values = [], []
-    for block, k, v in zip(self.layers, cache.keys, cache.values):
-      x, (k, v) = block(x, positions_BxT, mask, (k, v, slots_BxT), lora)
-      keys.append(k)
-      values.append(v)
+    graphdef, stacked = nnx.split(self.layers)
+
+    def layer(x, inputs):
+      values, k, v = inputs
+      return nnx.merge(graphdef, values)(x, positions_BxT, mask=mask, kv=(k, v, slots_BxT),
+                                         lora=lora)
+
+    x, (keys, values) = jax.lax.scan(layer, self._embed(tokens_BxT),
+                                     (stacked, cache.keys, cache.values))
     last_real = jnp.max(jnp.where(valid_BxT, jnp.arange(1, t + 1), 0), axis=1)
-    new_cache = KVCache(tuple(keys), tuple(values), valid_BxS, cache.end_B + last_real)
+    new_cache = KVCache(keys, values, valid_BxS, cache.end_B + last_real)
     return self.final_norm(x), new_cache
