@@ -67,7 +67,7 @@ def _paper_config():
       num_kv_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
       attention_bias=True, max_position_embeddings=4096, architecture='qwen2'))
   config.model.compute_dtype = 'bfloat16'  # float32 master weights, bfloat16 matmuls
-  config.model.remat = True  # per-layer rematerialization for 2k-token sequences
+  config.model.remat = 'full'  # per-layer rematerialization for 2k-token sequences
 
   config.prior.source = 'hf'
   config.prior.path = '/data/Qwen2.5-Math-7B'

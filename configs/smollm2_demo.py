@@ -15,6 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.hparams = ml_collections.ConfigDict({'eta': 0.5})  # the method's hyperparameters
   config.loss = 'dense'  # 'dense' (B x T x V logits) or 'fused' (qtarget.fused, token chunks)
   config.loss_chunk_size = 1024  # tokens per chunk of the fused loss
+  # Frozen weights (the prior, a LoRA student's base): 'compute_dtype' holds them in their
+  # model's compute dtype (bfloat16 on accelerators), 'param_dtype' keeps them as loaded.
+  config.frozen_weights = 'compute_dtype'
 
   config.model = ml_collections.ConfigDict()
   config.model.source = 'gguf'  # 'gguf', 'hf' (a Hugging Face directory) or 'random'
@@ -25,7 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.compute_dtype = 'float32'  # activations (bfloat16 on accelerators)
   config.model.lora_rank = 0  # 0: full fine-tuning; >0: LoRA adapters are the trainable part
   config.model.lora_alpha = 16.0  # LoRA scale alpha / rank
-  config.model.remat = False  # recompute each layer in the backward pass (saves memory)
+  config.model.remat = 'none'  # backward recomputation: 'none', 'full' or 'save_dots'
+  config.model.attention = 'auto'  # 'auto', 'xla', 'cudnn' or 'reference' (the einsum)
+  config.model.scan_layers = True  # one compiled block scanned over the layers
 
   config.prior = ml_collections.ConfigDict()
   config.prior.source = 'initial'  # 'initial' (frozen student at step 0), 'gguf', 'hf', 'random'
@@ -36,7 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.prior.compute_dtype = 'float32'
   config.prior.lora_rank = 0
   config.prior.lora_alpha = 16.0
-  config.prior.remat = False
+  config.prior.remat = 'none'
+  config.prior.attention = 'auto'
+  config.prior.scan_layers = True
 
   config.data = ml_collections.ConfigDict()
   config.data.kind = 'reasoning_gym'  # 'reasoning_gym' or 'files' (jsonl/parquet)

@@ -16,8 +16,9 @@ def _model(**overrides):
   fields = {**TINY.__dict__, **overrides}
   model = llama.Llama(llama.LlamaConfig(**fields), rngs=nnx.Rngs(0))
   # Larger weights than the 0.02 init, so differences are not hidden by tiny activations.
-  for _, variable in nnx.iter_graph(model):
-    if isinstance(variable, nnx.Param) and variable.get_value().ndim == 2:
+  for path, variable in nnx.iter_graph(model):
+    stacked = 'layers' in path  # a leading layer axis
+    if isinstance(variable, nnx.Param) and variable.get_value().ndim - stacked == 2:
       variable.set_value(variable.get_value() * 5)
   return model
 

@@ -11,9 +11,11 @@ from qtarget.train.errors import ConfigError
 
 
 def model_overrides(model_config) -> dict:
+  """The LlamaConfig fields a model or prior config sets (numerics, LoRA, remat, kernels)."""
   return dict(param_dtype=model_config.param_dtype, compute_dtype=model_config.compute_dtype,
               lora_rank=model_config.lora_rank, lora_alpha=model_config.lora_alpha,
-              remat=model_config.remat)
+              remat=model_config.remat, attention=model_config.get('attention', 'auto'),
+              scan_layers=model_config.get('scan_layers', True))
 
 
 def random_model(config: llama.LlamaConfig, seed: int, mesh=None, rules=None) -> llama.Llama:

@@ -57,8 +57,26 @@ def hyperparameters(config) -> tuple[dict, tuple]:
   return {name: jnp.asarray(value, jnp.float32) for name, value in given.items()}, ()
 
 
+FROZEN_WEIGHTS = ('compute_dtype', 'param_dtype')
+
+
+def _frozen_in(state: nnx.State, dtype: str, mesh) -> nnx.State:
+  """Floating arrays of frozen weights cast to ``dtype``, on their own shardings."""
+  dtype = jnp.dtype(dtype)
+  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  if mesh is None or not jax.tree.leaves(state):
+    return jax.tree.map(cast, state)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  return jax.jit(lambda s: jax.tree.map(cast, s), out_shardings=shardings)(state)
+
+
 def create_state(config, student, prior_model=None, mesh=None, rules=None) -> TrainState:
   """The initial :class:`TrainState` of a student and an optional prior.
+
+  Frozen weights (a LoRA student's base weights, a separate prior) are held in their model's
+  compute dtype when ``config.frozen_weights`` is 'compute_dtype' (the default): they are only
+  ever read in that dtype, so float32 copies would cost memory and a cast at every use.
+  'param_dtype' keeps them as loaded.
 
   With a ``mesh`` (and the parameter ``rules``), the optimizer state is initialised under
   ``jit`` straight into the parameters' shardings and the small leaves are replicated; the
@@ -82,6 +100,13 @@ def create_state(config, student, prior_model=None, mesh=None, rules=None) -> Tr
   graphdef, params, frozen = nnx.split(student, trainable_filter(config.model), ...)
   prior_graphdef, prior_state = (nnx.split(prior_model) if prior_mode == 'separate'
                                  else (None, nnx.State({})))
+  frozen_weights = config.get('frozen_weights', 'compute_dtype')
+  if frozen_weights not in FROZEN_WEIGHTS:
+    raise ConfigError(f'frozen_weights must be one of {FROZEN_WEIGHTS}, got {frozen_weights!r}.')
+  if frozen_weights == 'compute_dtype':
+    frozen = _frozen_in(frozen, student.config.compute_dtype, mesh)
+    if prior_mode == 'separate':
+      prior_state = _frozen_in(prior_state, prior_model.config.compute_dtype, mesh)
   tx, schedule = make_optimizer(config)
   sharding_lib.check_batch(config.batch_size, config.accum_steps)
   if config.loss not in ('dense', 'fused'):

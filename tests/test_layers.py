@@ -1,0 +1,168 @@
+"""Attention implementations against the reference, and scanned layers against the loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qtarget.models import attention
+from qtarget.models import llama
+from tests import test_models
+
+# Row 0 packs three segments, row 1 is left-padded, row 2 right-padded, row 3 one segment.
+SEGMENTS = np.array([[1] * 5 + [2] * 7 + [3] * 4,
+                     [0] * 6 + [1] * 10,
+                     [1] * 9 + [2] * 3 + [0] * 4,
+                     [1] * 16], np.int32)
+
+
+def _positions(segments):
+  """RoPE positions restarting at each segment, as the packer writes them."""
+  positions = np.zeros_like(segments)
+  for r, row in enumerate(segments):
+    for t in range(1, len(row)):
+      positions[r, t] = 0 if row[t] != row[t - 1] else positions[r, t - 1] + 1
+  return positions
+
+
+def _qkv(heads=6, kv_heads=2, dim=16):
+  keys = jax.random.split(jax.random.key(0), 4)
+  b, t = SEGMENTS.shape
+  q = jax.random.normal(keys[0], (b, t, heads, dim))
+  k = jax.random.normal(keys[1], (b, t, kv_heads, dim))
+  v = jax.random.normal(keys[2], (b, t, kv_heads, dim))
+  cotangent = jax.random.normal(keys[3], (b, t, heads, dim)) * (SEGMENTS > 0)[..., None, None]
+  return q, k, v, cotangent
+
+
+@pytest.mark.parametrize('implementation', ['xla', 'auto'])
+def test_attention_equals_the_reference(implementation):
+  q, k, v, cotangent = _qkv()
+  segments = jnp.asarray(SEGMENTS)
+
+  def run(name):
+    out, pullback = jax.vjp(lambda q, k, v: attention.attention(q, k, v, segments, name), q, k, v)
+    return (out,) + pullback(cotangent)  # the cotangent is zero on padding queries
+
+  real = SEGMENTS > 0
+  want = run('reference')
+  got = run(implementation)
+  for label, g, w in zip(('out', 'dq', 'dk', 'dv'), got, want):
+    g, w = np.asarray(g), np.asarray(w)
+    if label == 'out':  # a padding query's output is unspecified
+      g, w = g[real], w[real]
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=label)
+  # The reference really masks: a key in another segment changes nothing, one in the same
+  # segment does.
+  moved = k.at[0, 3].add(10.0)  # segment 1 of row 0
+  out = attention.attention(q, moved, v, segments, implementation)
+  np.testing.assert_allclose(out[0, 5:], want[0][0, 5:], atol=1e-5)  # segments 2 and 3
+  assert not np.allclose(out[0, 3:5], want[0][0, 3:5], atol=1e-3)
+
+
+def test_unknown_attention_is_refused():
+  with pytest.raises(ValueError, match="attention must be one of"):
+    llama.LlamaConfig(**{**test_models.TINY.__dict__, 'attention': 'flash'})
+  with pytest.raises(ValueError, match='unknown attention implementation'):
+    attention.attention(*_qkv()[:3], jnp.asarray(SEGMENTS), 'flash')
+
+
+def _pair(**overrides):
+  """The same weights as a scanned and as a looped model."""
+  scanned = test_models._model(scan_layers=True, **overrides)
+  looped = test_models._model(scan_layers=False, **overrides)
+  nnx.update(looped, nnx.state(scanned))
+  return scanned, looped
+
+
+def _loss_and_grads(model, lora=True):
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, SEGMENTS.shape), jnp.int32)
+  kwargs = dict(segment_ids_BxT=jnp.asarray(SEGMENTS), positions_BxT=jnp.asarray(_positions(SEGMENTS)),
+                lora=lora)
+
+  def loss(model):
+    logits = model(tokens, **kwargs)
+    return jnp.sum(jax.nn.logsumexp(logits, axis=-1) * (SEGMENTS > 0)) / SEGMENTS.size
+
+  return nnx.jit(nnx.value_and_grad(loss))(model)
+
+
+@pytest.mark.parametrize('case', ['plain', 'lora', 'lora_off_prior', 'remat_full',
+                                  'remat_save_dots'])
+def test_scanned_layers_equal_the_loop(case):
+  overrides = {'lora': dict(lora_rank=4), 'lora_off_prior': dict(lora_rank=4),
+               'remat_full': dict(remat='full'),
+               'remat_save_dots': dict(remat='save_dots')}.get(case, {})
+  scanned, looped = _pair(**overrides)
+  if 'lora' in case:  # adapters that do something
+    for _, variable in nnx.iter_graph(scanned):
+      if isinstance(variable, llama.LoRAParam):
+        variable.set_value(jnp.full_like(variable.get_value(), 0.05))
+    nnx.update(looped, nnx.state(scanned))
+  lora = case != 'lora_off_prior'
+  loss_scan, grads_scan = _loss_and_grads(scanned, lora)
+  loss_loop, grads_loop = _loss_and_grads(looped, lora)
+  np.testing.assert_allclose(loss_scan, loss_loop, rtol=1e-5)
+  leaves_scan, leaves_loop = jax.tree.leaves(grads_scan), jax.tree.leaves(grads_loop)
+  assert len(leaves_scan) == len(leaves_loop) > 0
+  for g1, g2 in zip(leaves_scan, leaves_loop):
+    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-5)
+  if case == 'lora_off_prior':  # the adapters get no gradient when switched off
+    adapters = nnx.state(grads_scan, llama.LoRAParam)
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(adapters))
+  if case == 'lora':
+    adapters = nnx.state(grads_scan, llama.LoRAParam)
+    assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(adapters))
+
+
+def test_remat_policies_match_no_remat():
+  reference = _loss_and_grads(test_models._model(remat='none'))
+  for policy in ('full', 'save_dots', True):
+    loss, grads = _loss_and_grads(test_models._model(remat=policy))
+    np.testing.assert_allclose(loss, reference[0], rtol=1e-6)
+    for g1, g2 in zip(jax.tree.leaves(grads), jax.tree.leaves(reference[1])):
+      np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='remat must be one of'):
+    test_models._model(remat='some')
+
+
+def test_scan_compiles_one_block():
+  """The scanned model's program holds one copy of the block (a while loop), the loop's L."""
+  def count_dots(scan_layers):
+    model = test_models._model(scan_layers=scan_layers, num_layers=4)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    text = nnx.jit(lambda m: m.hidden(tokens)).lower(model).as_text()
+    return text.count('dot_general'), 'while' in text
+  scanned_dots, scanned_loop = count_dots(True)
+  looped_dots, looped_loop = count_dots(False)
+  assert scanned_loop and not looped_loop
+  assert looped_dots == 4 * scanned_dots
+
+
+@pytest.mark.parametrize('frozen_weights, expected', [('compute_dtype', jnp.bfloat16),
+                                                      ('param_dtype', jnp.float32)])
+def test_frozen_weights_dtype_is_what_the_config_says(frozen_weights, expected):
+  from qtarget import train  # pylint: disable=g-import-not-at-top
+  from tests import test_train_step  # pylint: disable=g-import-not-at-top
+  config = test_train_step.tiny_config(frozen_weights=frozen_weights)
+  arch = {**config.model.architecture, 'compute_dtype': 'bfloat16'}
+  # A LoRA student (frozen base) with a separate prior (frozen whole).
+  student = llama.Llama(llama.LlamaConfig(**{**arch, 'lora_rank': 2}), rngs=nnx.Rngs(0))
+  prior = llama.Llama(llama.LlamaConfig(**arch), rngs=nnx.Rngs(1))
+  config.model.lora_rank = 2
+  state = train.create_state(config, student, prior)
+  frozen = jax.tree.leaves(state.frozen) + jax.tree.leaves(state.prior)
+  assert frozen and all(x.dtype == expected for x in frozen)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))  # trained: float32
+  _, metrics = jax.jit(train.train_step)(state, jax.tree.map(
+      jnp.asarray, test_train_step.make_batch(rows=config.batch_size)))
+  assert np.isfinite(float(metrics['loss']))
+
+
+def test_unknown_frozen_weights_is_refused():
+  from qtarget import train  # pylint: disable=g-import-not-at-top
+  from tests import test_train_step  # pylint: disable=g-import-not-at-top
+  config = test_train_step.tiny_config(frozen_weights='float16')
+  with pytest.raises(train.ConfigError, match="frozen_weights must be one of"):
+    train.create_state(config, *test_train_step._models(config))
