@@ -33,8 +33,9 @@ part() {  # part NAME SECONDS COMMAND...: one timed part, its output in $OUT/NAM
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "[$name] exit $? after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/env.txt"
 }
-# Parts, in this order unless named as arguments (e.g. `bash benchmarks/gpu_session.sh tests
-# train_step`): tests, loss, train_step, loss_small_chunks.
+# Parts: attention and train_step by default (about 7 minutes); name others as arguments (e.g.
+# `bash benchmarks/gpu_session.sh tests loss`): tests, loss, train_step, loss_small_chunks,
+# attention.
 tests() {  # the Pallas kernels compiled with Triton, against the dense loss at small shapes (the
   # same tests run interpreted on CPU in the default suite; conftest defaults JAX to the CPU).
   # float32 dots at full precision: XLA's default on a GPU lets cuBLAS use TF32 for the dense
@@ -47,19 +48,21 @@ loss() {  # the issue's three loss-head shapes: optax CE, dense Q, fused Q (chun
   # 4096), the Pallas kernels and the matmul floor
   part loss 200 $PYTHON benchmarks/loss.py --gpu --chunk-sizes 1024,4096 --out "$OUT/loss_gpu.json"
 }
-train_step() {  # Qwen2.5-1.5B shape, batch 4 x 2048, remat: SFT and Target-SFT, dense then fused
-  part train_step 280 $PYTHON benchmarks/train_step.py --gpu --loss dense,fused \
-    --out "$OUT/train_step_gpu.json"
+train_step() {  # Qwen2.5-1.5B shape, 4 x 2048: the old path (einsum attention, a Python loop of
+  # layers) against cuDNN attention with scanned layers, remat policies, dense and fused loss,
+  # SFT and Target-SFT, batch 8 (benchmarks/train_step.py GPU_VARIANTS)
+  part train_step 330 $PYTHON benchmarks/train_step.py --gpu --out "$OUT/train_step_gpu.json"
 }
 attention() {  # one layer's attention at the Qwen shape: reference, xla, cudnn (packed segments)
-  part attention 120 $PYTHON benchmarks/attention.py --gpu --out "$OUT/attention_gpu.json"
+  part attention 90 $PYTHON benchmarks/attention.py --gpu --out "$OUT/attention_gpu.json"
 }
 loss_small_chunks() {  # the fused loss's memory at smaller token chunks (no Pallas)
   part loss_small_chunks 90 $PYTHON benchmarks/loss.py --gpu --no-pallas --chunk-sizes 512,256 \
     --out "$OUT/loss_gpu_small_chunks.json"
 }
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests loss train_step loss_small_chunks)
+# The default: the first part of a session, about 7 minutes of GPU time with the start.
+[ ${#parts[@]} -eq 0 ] && parts=(attention train_step)
 for name in "${parts[@]}"; do
   case $name in
     tests | loss | train_step | loss_small_chunks | attention) $name ;;

@@ -1,12 +1,17 @@
-"""Train-step benchmark: SFT vs Target-SFT with an online prior of the student's size.
+"""Train-step benchmark: variants of the real `qtarget.train.train_step`, side by side.
 
-    python benchmarks/train_step.py          # CPU: a scaled-down decoder
-    python benchmarks/train_step.py --gpu    # Qwen2.5-1.5B shape, batch 4 x 2048, remat
+    python benchmarks/train_step.py                       # CPU: a scaled-down decoder
+    python benchmarks/train_step.py --gpu                 # Qwen2.5-1.5B shape, 4 x 2048
+    python benchmarks/train_step.py --shape smollm2_28 --compile-only \
+        --variants sft/dense/xla/loop/none/4,sft/dense/xla/scan/none/4
 
-Both steps are the real `qtarget.train.train_step` (random weights at the given shape); the
-Target-SFT step also runs the prior forward (a second model of the same shape) inside the same
-compiled program. Prints median step time, tokens per second, the ratio Target-SFT / SFT and,
-on a GPU, model FLOPs utilization of the SFT step against the bf16 peak (989 TFLOP/s, H100/H200).
+A variant is ``method/loss/attention/layers/remat/batch``: method 'sft' or 'target_sft'
+(eta 0.5, a prior of the student's shape computed in the same step), loss 'dense' or 'fused',
+attention a `model.attention` name, layers 'scan' or 'loop', remat 'none'/'full'/'save_dots',
+batch the rows per step. Random weights at the given shape; the prior's weights are held in the
+compute dtype (`frozen_weights`). Prints compile time, median step time, tokens per second, the
+compiled temporaries and, on a GPU, model FLOPs utilization against the bf16 peak (989 TFLOP/s,
+H100/H200); each ratio is against the first variant, measured in the same process.
 """
 
 import argparse
@@ -24,19 +29,45 @@ from flax import nnx
 from qtarget import train
 from qtarget.models import llama
 
-QWEN_1P5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
-                 num_heads=12, num_kv_heads=2, rope_theta=1e6, tie_word_embeddings=True,
-                 attention_bias=True, architecture='qwen2')
-CPU_MODEL = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4,
-                 num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
+SHAPES = {
+    'qwen2p5_1p5b': dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_layers=28, num_heads=12, num_kv_heads=2, rope_theta=1e6,
+                         tie_word_embeddings=True, attention_bias=True, architecture='qwen2'),
+    # SmolLM2-135M's width at 28 layers (it has 30), for compile times.
+    'smollm2_28': dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=28,
+                       num_heads=9, num_kv_heads=3, tie_word_embeddings=True),
+    # The README's main job: SmolLM2-135M itself.
+    'smollm2': dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                    num_heads=9, num_kv_heads=3, tie_word_embeddings=True),
+    'cpu': dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4,
+                num_heads=4, num_kv_heads=2, tie_word_embeddings=True),
+}
 PEAK_BF16_FLOPS = 989e12
+GPU_VARIANTS = ('sft/dense/reference/loop/full/4,sft/dense/cudnn/scan/full/4,'
+                'sft/dense/cudnn/scan/save_dots/4,sft/fused/cudnn/scan/full/4,'
+                'target_sft/dense/cudnn/scan/full/4,target_sft/fused/cudnn/scan/full/4,'
+                'sft/fused/cudnn/scan/save_dots/8')
+CPU_VARIANTS = 'sft/dense/reference/loop/none/4,sft/dense/xla/scan/none/4'
 
 
-def _config(method, hparams, loss, steps=100):
+def parse_variant(text: str) -> dict:
+  fields = text.split('/')
+  if len(fields) != 6:
+    raise SystemExit(f'variant {text!r}: expected method/loss/attention/layers/remat/batch')
+  method, loss, attention, layers, remat, batch = fields
+  if layers not in ('scan', 'loop'):
+    raise SystemExit(f"variant {text!r}: layers must be 'scan' or 'loop'")
+  return dict(name=text, method=method, loss=loss, attention=attention,
+              scan_layers=layers == 'scan', remat=remat, batch=int(batch))
+
+
+def _config(variant, steps=100):
   config = ml_collections.ConfigDict()
-  config.method, config.hparams, config.loss, config.loss_chunk_size = method, hparams, loss, 1024
+  config.method, config.loss, config.loss_chunk_size = variant['method'], variant['loss'], 1024
+  config.hparams = {'eta': 0.5} if variant['method'] == 'target_sft' else {}
   config.model = ml_collections.ConfigDict({'lora_rank': 0})
-  config.batch_size, config.accum_steps, config.steps = 1, 1, steps
+  config.batch_size, config.accum_steps, config.steps = variant['batch'], 1, steps
+  config.frozen_weights = 'compute_dtype'
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-5, warmup_steps=10, end_learning_rate_ratio=0.1, weight_decay=0.0,
       b1=0.9, b2=0.95, clip_norm=1.0))
@@ -46,36 +77,38 @@ def _config(method, hparams, loss, steps=100):
 def _batch(batch, length, vocab):
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+  segment_ids = np.ones((batch, length), np.int32)
+  segment_ids[:, length // 2:] = 2  # two packed examples per row
+  positions = np.tile(np.arange(length, dtype=np.int32), (batch, 1))
+  positions[:, length // 2:] -= length // 2
   return {'tokens': tokens, 'targets': np.roll(tokens, -1, 1),
-          'loss_mask': np.ones((batch, length), bool),
-          'segment_ids': np.ones((batch, length), np.int32),
-          'positions': np.tile(np.arange(length, dtype=np.int32), (batch, 1))}
+          'loss_mask': np.ones((batch, length), bool), 'segment_ids': segment_ids,
+          'positions': positions}
 
 
-def _time_step(config, arch, batch, repeats):
-  dtype_fields = dict(param_dtype='float32', compute_dtype=arch.pop('compute_dtype'),
-                      remat=arch.pop('remat'))
-  model_config = llama.LlamaConfig(**arch, **dtype_fields)
+def _run(variant, arch, compute_dtype, length, repeats, compile_only):
+  model_config = llama.LlamaConfig(**arch, param_dtype='float32', compute_dtype=compute_dtype,
+                                   remat=variant['remat'], attention=variant['attention'],
+                                   scan_layers=variant['scan_layers'])
+  config = _config(variant)
   student = llama.Llama(model_config, rngs=nnx.Rngs(0))
-  prior = None
-  if config.method != 'sft':
-    prior = llama.Llama(llama.LlamaConfig(**{**arch, **dtype_fields,
-                                             'param_dtype': model_config.compute_dtype}),
-                        rngs=nnx.Rngs(1))
-  config.batch_size = batch['tokens'].shape[0]
+  prior = (llama.Llama(model_config, rngs=nnx.Rngs(1)) if variant['method'] != 'sft' else None)
   state = train.create_state(config, student, prior)
   del student, prior
   mesh = train.build_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1}))
   step, shardings = train.jit_train_step(jax.eval_shape(lambda: state), mesh,
                                          {'embed': 'fsdp', 'vocab': None})
   state = train.place(state, shardings)
-  batch = {k: jax.device_put(v, train.batch_sharding(mesh)) for k, v in batch.items()}
+  batch = {k: jax.device_put(v, train.batch_sharding(mesh))
+           for k, v in _batch(variant['batch'], length, arch['vocab_size']).items()}
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()  # called below: one compilation per variant
-  compile_s = time.perf_counter() - start
-  flops = (compiled.cost_analysis() or {}).get('flops')
+  compiled = step.lower(state, batch).compile()
+  row = {'compile_s': time.perf_counter() - start}
+  row['compiled_flops'] = (compiled.cost_analysis() or {}).get('flops')
   analysis = compiled.memory_analysis()
-  temp = analysis.temp_size_in_bytes if analysis is not None else None
+  row['temp_bytes'] = analysis.temp_size_in_bytes if analysis is not None else None
+  if compile_only:
+    return row
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   times = []
@@ -84,61 +117,65 @@ def _time_step(config, arch, batch, repeats):
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  return {'step_s': statistics.median(times), 'compiled_flops': flops, 'compile_s': compile_s,
-          'temp_bytes': temp, 'loss': float(metrics['loss'])}
+  row.update(step_s=statistics.median(times), loss=float(metrics['loss']))
+  return row
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--gpu', action='store_true')
+  parser.add_argument('--gpu', action='store_true',
+                      help='the Qwen2.5-1.5B shape, bfloat16, length 2048, GPU variants')
+  parser.add_argument('--shape', choices=sorted(SHAPES), default=None)
+  parser.add_argument('--length', type=int, default=None)
+  parser.add_argument('--variants', default=None, help=__doc__.split('\n\n')[1])
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--loss', default='dense',
-                      help="'dense', 'fused' or both, comma-separated (e.g. 'dense,fused')")
-  parser.add_argument('--out', default=None,
-                      help='JSON file (default: results/train_step_<backend>_<loss>.json)')
+  parser.add_argument('--compile-only', action='store_true')
+  parser.add_argument('--out', default=None, help='JSON file (default: results/...)')
   args = parser.parse_args()
-  loss_kinds = args.loss.split(',')
-  unknown = set(loss_kinds) - {'dense', 'fused'}
-  if unknown:
-    parser.error(f"unknown --loss {sorted(unknown)}: choose from 'dense', 'fused'")
-  if args.gpu:
-    arch = dict(QWEN_1P5B, compute_dtype='bfloat16', remat=True)
-    batch_size, length = 4, 2048
-  else:
-    arch = dict(CPU_MODEL, compute_dtype='float32', remat=False)
-    batch_size, length = 4, 256
-  batch = _batch(batch_size, length, arch['vocab_size'])
-  tokens = batch_size * length
+  shape = args.shape or ('qwen2p5_1p5b' if args.gpu else 'cpu')
+  arch = SHAPES[shape]
+  compute_dtype = 'bfloat16' if args.gpu else 'float32'
+  length = args.length or (2048 if args.gpu else 256)
+  variants = [parse_variant(v) for v in
+              (args.variants or (GPU_VARIANTS if args.gpu else CPU_VARIANTS)).split(',')]
   device = f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}'
-  n_params = llama.LlamaConfig(**{k: v for k, v in arch.items()
-                                  if k not in ('compute_dtype', 'remat')}).num_parameters()
-  # 6 N T for the forward and backward matmuls of the parameters, plus attention (12 L T^2 d).
-  model_flops = (6 * n_params * tokens
-                 + 12 * arch['num_layers'] * batch_size * length ** 2 * arch['hidden_size'])
+  n_params = llama.LlamaConfig(**arch).num_parameters()
   on_gpu = jax.default_backend() == 'gpu'
   out = pathlib.Path(args.out or pathlib.Path(__file__).parent / 'results'
-                     / f"train_step_{jax.default_backend()}_{'_'.join(loss_kinds)}.json")
+                     / f'train_step_{jax.default_backend()}_{shape}.json')
   out.parent.mkdir(exist_ok=True)
-  result = {'device': device, 'shape': arch, 'batch': [batch_size, length],
-            'model_flops_per_step': model_flops, 'rows': {}, 'ratios': {}}
-  for loss in loss_kinds:
-    for name, method, hparams in (('sft', 'sft', {}), ('target_sft', 'target_sft', {'eta': 0.5})):
-      row = _time_step(_config(method, hparams, loss), dict(arch), batch, args.repeats)
+  result = {'device': device, 'shape': shape, 'arch': arch, 'length': length,
+            'compute_dtype': compute_dtype, 'rows': {}}
+  first = None
+  for variant in variants:
+    try:
+      row = _run(variant, dict(arch), compute_dtype, length, args.repeats, args.compile_only)
+    except Exception as error:  # pylint: disable=broad-except
+      result['rows'][variant['name']] = {'error': f'{type(error).__name__}: {error}'[:2000]}
+      print(f"{variant['name']}: failed: {type(error).__name__}: {str(error)[:400]}", flush=True)
+      out.write_text(json.dumps(result, indent=2))
+      continue
+    tokens = variant['batch'] * length
+    # 6 N T for the student's parameter matmuls (forward and backward) plus 12 L B T^2 H for
+    # attention counted without the causal half, as in the earlier results (comparable MFU).
+    model_flops = (6 * n_params * tokens
+                   + 12 * arch['num_layers'] * variant['batch'] * length ** 2 * arch['hidden_size'])
+    text = f"{variant['name']}: compiled in {row['compile_s']:.1f} s"
+    if row['temp_bytes'] is not None:
+      text += f", temporaries {row['temp_bytes'] / 2**30:.2f} GiB"
+    if 'step_s' in row:
       row['tokens_per_s'] = tokens / row['step_s']
+      text += f", {row['step_s']:.3f} s/step, {row['tokens_per_s']:,.0f} tokens/s"
       if on_gpu:
         row['mfu'] = model_flops / row['step_s'] / PEAK_BF16_FLOPS
-      result['rows'][f'{name}_{loss}'] = row
-      mfu = f", MFU {100 * row['mfu']:.1f}%" if on_gpu else ''
-      print(f"{name} ({loss} loss): {row['step_s']:.3f} s/step, {row['tokens_per_s']:,.0f} "
-            f"tokens/s{mfu} (compiled in {row['compile_s']:.0f} s)", flush=True)
-      out.write_text(json.dumps(result, indent=2))  # a run cut short keeps what it measured
-    ratio = (result['rows'][f'target_sft_{loss}']['step_s']
-             / result['rows'][f'sft_{loss}']['step_s'])
-    result['ratios'][loss] = ratio
-    print(f'Target-SFT / SFT step time ({loss} loss): {ratio:.2f}', flush=True)
-  if on_gpu:  # MFU counts the student's model FLOPs against the bf16 peak (989 TFLOP/s)
-    print(f'peak used for MFU: {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s')
-  out.write_text(json.dumps(result, indent=2))
+        text += f", MFU {100 * row['mfu']:.1f}%"
+    first = first or row
+    key = 'step_s' if 'step_s' in row else 'compile_s'
+    row[f'{key}_ratio_to_first'] = row[key] / first[key]
+    text += f" ({row[f'{key}_ratio_to_first']:.2f}x the first variant's {key})"
+    result['rows'][variant['name']] = row
+    print(text, flush=True)
+    out.write_text(json.dumps(result, indent=2))  # a run cut short keeps what it measured
   print(f'wrote {out}')
 
 
