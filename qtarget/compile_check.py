@@ -160,8 +160,8 @@ def _suggestions(config, report_mesh: dict, num_devices: int) -> list:
   if report_mesh['fsdp'] < num_devices:
     tips.append(f"a larger fsdp axis (--config.mesh.fsdp=-1 shards parameters and optimizer state "
                 f"over all {num_devices} chips)")
-  if not config.model.remat:
-    tips.append('rematerialization (--config.model.remat=True)')
+  if config.model.remat in (False, 'none'):
+    tips.append('rematerialization (--config.model.remat=full)')
   if config.loss == 'dense':
     tips.append("the fused loss (--config.loss=fused: no tokens x vocabulary logits)")
   tips.append('a smaller per-device batch (lower batch_size, or raise accum_steps)')
@@ -224,6 +224,7 @@ def check(config, topology_name: str | None = None, *, cpu_devices: int | None =
   """Compiles the configured step for ``topology_name`` (e.g. 'v5e:4x4') or for
   ``cpu_devices`` fake CPU devices, and measures it."""
   devices = _devices(topology_name, cpu_devices)
+  train.checks.resolve_method(config)  # a design object in the config is registered by name
   student_config, prior_config = model_configs(config)
   step, state_in, batch, mesh = abstract_inputs(config, devices,
                                                 (student_config, prior_config))
@@ -232,7 +233,7 @@ def check(config, topology_name: str | None = None, *, cpu_devices: int | None =
   cores_per_chip = max(getattr(d, 'core_on_chip', 0) for d in devices) + 1
   hbm = HBM_BYTES.get(kind)
   tokens = rows * length
-  student_factor = 8 if student_config.remat else 6
+  student_factor = 6 if student_config.remat == 'none' else 8
   model_flops = student_factor * student_config.num_parameters() * tokens
   if prior_config is not None:
     model_flops += 2 * prior_config.num_parameters() * tokens

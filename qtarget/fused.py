@@ -25,7 +25,12 @@ from qtarget import targets as targets_lib
 from qtarget import validation
 
 Array = jax.Array
-SUPPORTED_METHODS = tuple(targets_lib.METHODS)
+
+
+def __getattr__(name):
+  if name == 'SUPPORTED_METHODS':  # every registered design, read when asked
+    return tuple(targets_lib.METHODS)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 class FusedAux(NamedTuple):
@@ -46,7 +51,7 @@ class FusedAux(NamedTuple):
 
 
 def _chunk_values(method, hidden_CxH, head_HxV, labels_C, weights_C, prior_hidden_CxP,
-                  prior_head_PxV, hyper_C):
+                  prior_head_PxV, hyper_C, static):
   """Loss, logit gradient and metrics of one chunk of tokens, in float32."""
   logits = jnp.dot(hidden_CxH, head_HxV, preferred_element_type=jnp.float32)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -58,7 +63,10 @@ def _chunk_values(method, hidden_CxH, head_HxV, labels_C, weights_C, prior_hidde
     prior_log_probs = jax.nn.log_softmax(prior_logits, axis=-1)
     prior_probs = jnp.exp(prior_log_probs)
     prior_entropy = -jnp.sum(jnp.where(prior_probs > 0, prior_probs * prior_log_probs, 0.0), -1)
-  trust = jnp.broadcast_to(method.trust(label_log_prob, **hyper_C), labels_C.shape)
+  hyper_C = {**hyper_C, **static}
+  trust = (method.trust(label_log_prob, log_probs, **hyper_C) if method.trust_reads_distribution
+           else method.trust(label_log_prob, **hyper_C))
+  trust = jnp.broadcast_to(trust, labels_C.shape)
   model_power, prior_power = method.residual_powers(**hyper_C)
   log_residual = targets_lib.log_residual_from_powers(log_probs, prior_log_probs, model_power,
                                                       prior_power)
@@ -84,26 +92,27 @@ def _pad_tokens(x, pad):
 IMPLEMENTATIONS = ('xla', 'pallas', 'pallas_interpret')
 
 
-def _implementation_forward(implementation, method_name, chunk_size, *args):
+def _implementation_forward(implementation, method_key, chunk_size, *args):
+  """``method_key``: ``(name, static hyperparameters as (name, value) pairs)``."""
   if implementation == 'xla':
-    return _forward(method_name, chunk_size, *args)
+    return _forward(method_key, chunk_size, *args)
   from qtarget import fused_pallas  # pylint: disable=g-import-not-at-top
-  return fused_pallas.forward(method_name, *args,
+  return fused_pallas.forward(method_key[0], *args,
                               interpret=implementation == 'pallas_interpret')
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused(implementation, method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
+def _fused(implementation, method_key, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
            prior_hidden_NxP, prior_head_PxV, hyper_N):
-  total, aux, _ = _implementation_forward(implementation, method_name, chunk_size, hidden_NxH,
+  total, aux, _ = _implementation_forward(implementation, method_key, chunk_size, hidden_NxH,
                                           head_HxV, labels_N, weights_N, prior_hidden_NxP,
                                           prior_head_PxV, hyper_N)
   return total, aux
 
 
-def _forward(method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
+def _forward(method_key, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
              prior_hidden_NxP, prior_head_PxV, hyper_N):
-  method = targets_lib.METHODS[method_name]
+  method, static = targets_lib.METHODS[method_key[0]], dict(method_key[1])
   n = labels_N.shape[0]
   pad = (-n) % chunk_size
   chunks = (n + pad) // chunk_size
@@ -120,7 +129,7 @@ def _forward(method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
   def step(grad_head, x):
     loss, grad_logits, aux = _chunk_values(
         method, x['hidden'], head_HxV, x['labels'], x['weights'], x.get('prior_hidden'),
-        prior_head_PxV, x['hyper'])
+        prior_head_PxV, x['hyper'], static)
     grad_logits = grad_logits.astype(head_HxV.dtype)
     grad_hidden = jnp.dot(grad_logits, head_HxV.T, preferred_element_type=jnp.float32)
     grad_head = grad_head + jnp.dot(x['hidden'].T, grad_logits,
@@ -136,17 +145,17 @@ def _forward(method_name, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
   return jnp.sum(weighted), aux, grads
 
 
-def _fused_fwd(implementation, method_name, chunk_size, hidden_NxH, head_HxV, labels_N,
+def _fused_fwd(implementation, method_key, chunk_size, hidden_NxH, head_HxV, labels_N,
                weights_N, prior_hidden_NxP, prior_head_PxV, hyper_N):
-  total, aux, grads = _implementation_forward(implementation, method_name, chunk_size,
+  total, aux, grads = _implementation_forward(implementation, method_key, chunk_size,
                                               hidden_NxH, head_HxV, labels_N, weights_N,
                                               prior_hidden_NxP, prior_head_PxV, hyper_N)
   shapes = (labels_N, weights_N, prior_hidden_NxP, prior_head_PxV, hyper_N)
   return (total, aux), (grads, shapes)
 
 
-def _fused_bwd(implementation, method_name, chunk_size, residuals, cotangents):
-  del implementation, method_name, chunk_size
+def _fused_bwd(implementation, method_key, chunk_size, residuals, cotangents):
+  del implementation, method_key, chunk_size
   (grad_hidden, grad_head), (labels, weights, prior_hidden, prior_head, hyper) = residuals
   g_total, _ = cotangents  # the per-token outputs are stop-gradient'ed by the caller
   zeros = lambda x: None if x is None else jnp.zeros_like(x)
@@ -160,7 +169,8 @@ def _fused_bwd(implementation, method_name, chunk_size, residuals, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array, method: str, *,
+def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
+                          method: 'str | targets_lib.Method', *,
                           prior_hidden_NxP: Array | None = None,
                           prior_head_PxV: Array | None = None, weights_N: Array | None = None,
                           chunk_size: int = 1024, implementation: str = 'xla',
@@ -176,7 +186,8 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array, m
     head_HxV: the student's output head.
     labels_N: integer labels in ``[0, V)`` where the weight is non-zero.
     method: a name of :data:`qtarget.targets.METHODS` (sft, label_smoothing, dft, beyond_log,
-      profit, sft_kl, asft, distill, hybrid_distill, target_sft).
+      profit, sft_kl, asft, distill, hybrid_distill, target_sft, eaft, or a registered design)
+      or a :class:`qtarget.targets.Method` (registered on the way).
     prior_hidden_NxP: the prior's hidden states, for methods with a prior.
     prior_head_PxV: the prior's head (same vocabulary V).
     weights_N: per-token weights carrying the mask and the normalization (None: all ones).
@@ -185,7 +196,8 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array, m
     implementation: 'xla' (token chunks, any backend), 'pallas' (the GPU kernels of
       :mod:`qtarget.fused_pallas`: vocabulary blocks; correct but slow on an H100) or
       'pallas_interpret' (the same kernels interpreted, for checks on CPU).
-    **hyperparameters: the method's, scalars or ``[N]`` arrays (traced: no recompilation).
+    **hyperparameters: the method's, scalars or ``[N]`` arrays (traced: no recompilation);
+      static ones (EAFT's ``k``) as Python ints.
 
   Returns:
     ``(loss, aux)``: the scalar weighted sum (differentiable with respect to the hidden states
@@ -197,10 +209,8 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array, m
     >>> aux.per_token_loss.shape
     (4,)
   """
-  if method not in targets_lib.METHODS:
-    raise ValueError(f'q_cross_entropy_fused does not support method {method!r}; supported: '
-                     f'{", ".join(SUPPORTED_METHODS)}.')
-  spec = targets_lib.METHODS[method]
+  spec = targets_lib.resolve(method)
+  method = spec.name
   _check_inputs(hidden_NxH, head_HxV, labels_N, weights_N, 'hidden_NxH', 'head_HxV')
   if spec.needs_prior:
     if prior_hidden_NxP is None or prior_head_PxV is None:
@@ -218,24 +228,30 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array, m
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}.')
   n = labels_N.shape[0]
-  spec.check_hyperparameters(hyperparameters, (n,))
+  spec.check_hyperparameters(hyperparameters, (n,), head_HxV.shape[1])
+  if implementation != 'xla' and (spec.static_hyperparameters or spec.trust_reads_distribution):
+    raise ValueError(f'the Pallas kernels take trust rules of the label probability alone; '
+                     f"method {method!r} needs implementation='xla'.")
   validation.check_label_range(labels_N, head_HxV.shape[1],
                                None if weights_N is None else jnp.asarray(weights_N) != 0)
+  traced, static = spec.split_hyperparameters(hyperparameters)
   hyper_N = {name: jnp.broadcast_to(jnp.asarray(jax.lax.stop_gradient(v), jnp.float32), (n,))
-             for name, v in hyperparameters.items()}
+             for name, v in traced.items()}
   weights_N = (jnp.ones((n,), jnp.float32) if weights_N is None
                else jax.lax.stop_gradient(jnp.asarray(weights_N, jnp.float32)))
   if prior_hidden_NxP is not None:
     prior_hidden_NxP = jax.lax.stop_gradient(prior_hidden_NxP)
     prior_head_PxV = jax.lax.stop_gradient(prior_head_PxV)
   chunk_size = min(chunk_size, max(n, 1))
-  total, aux = _fused(implementation, method, chunk_size, hidden_NxH, head_HxV, labels_N,
+  method_key = (method, tuple(sorted(static.items())))
+  total, aux = _fused(implementation, method_key, chunk_size, hidden_NxH, head_HxV, labels_N,
                       weights_N, prior_hidden_NxP, prior_head_PxV, hyper_N)
   return total, jax.lax.stop_gradient(aux)
 
 
 def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
-                                  method: str, *, mesh, token_axes: tuple,
+                                  method: 'str | targets_lib.Method', *, mesh,
+                                  token_axes: tuple,
                                   prior_hidden_NxP: Array | None = None,
                                   prior_head_PxV: Array | None = None,
                                   weights_N: Array | None = None, chunk_size: int = 1024,
@@ -252,6 +268,7 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
     token_axes: mesh axis names that split the N tokens; N must be divisible by their size.
   """
   token_axes = tuple(token_axes)
+  traced, static = targets_lib.resolve(method).split_hyperparameters(hyperparameters)
   n = labels_N.shape[0]
   shards = math.prod(mesh.shape[a] for a in token_axes)
   if n % shards:
@@ -262,9 +279,9 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
           'weights': (jnp.ones((n,), jnp.float32) if weights_N is None
                       else jnp.asarray(weights_N, jnp.float32)),
           'hyper': {name: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n,))
-                    for name, v in hyperparameters.items()}}
+                    for name, v in traced.items()}}
   specs = {'hidden': rows, 'head': whole, 'labels': tokens, 'weights': tokens,
-           'hyper': {name: tokens for name in hyperparameters}}
+           'hyper': {name: tokens for name in traced}}
   if prior_hidden_NxP is not None:
     args.update(prior_hidden=prior_hidden_NxP, prior_head=prior_head_PxV)
     specs.update(prior_hidden=rows, prior_head=whole)
@@ -282,7 +299,7 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
         prior_hidden_NxP=a.get('prior_hidden'),
         prior_head_PxV=None if 'prior_head' not in a else varying(a['prior_head']),
         weights_N=a['weights'], chunk_size=chunk_size, implementation=implementation,
-        **a['hyper'])
+        **a['hyper'], **static)
     return jax.lax.psum(loss, token_axes), aux
 
   aux_specs = FusedAux(*([tokens] * len(FusedAux._fields)))

@@ -19,10 +19,16 @@ Python numbers or arrays (a scalar, or one value per token: any shape that broad
 labels), traced or not, so a sweep under ``jax.jit`` does not recompile. Values given concretely
 are checked against their valid range. ``k`` (EAFT) sets an array shape and is a static integer.
 
-Except EAFT and the user-weighted form, each method's residual is a normalized product of powers
-of the current model ``p`` and the ``prior``, :math:`r \propto p^a \, \mathrm{prior}^b`, with the
-uniform distribution when :math:`a = b = 0`. The :data:`METHODS` table holds that description
-(trust rule plus the two powers) as data; the dense constructors here and the fused loss read it.
+Except the user-weighted form, each method's residual is a normalized product of powers of the
+current model ``p`` and the ``prior``, :math:`r \propto p^a \, \mathrm{prior}^b`, with the
+uniform distribution when :math:`a = b = 0`. A :class:`Method` holds that description (a trust
+rule, the two powers, the hyperparameters and their ranges) as data, and :data:`METHODS` is the
+one registry that the dense constructors, the fused loss, the trainer and ``compile_check``
+read. A new design is a :class:`Method` passed to :func:`register` (or set as a training
+config's ``method``); nothing in the package changes::
+
+  register(Method('sqrt_trust_geometric', trust=lambda lp: jnp.exp(0.5 * lp),
+                  residual_powers=lambda: (0.5, 0.5), needs_prior=True))
 
 Labels outside ``[0, V)`` give a NaN trust at that position (under ``jit`` nothing can raise);
 :func:`qtarget.losses.q_cross_entropy` ignores such positions when they are masked.
@@ -67,21 +73,34 @@ class Method:
 
   Attributes:
     name: the method's name, as configs spell it.
-    trust: ``(label_log_prob, **hyperparameters) -> trust``, elementwise over tokens.
+    trust: ``(label_log_prob, **hyperparameters) -> trust``, elementwise over tokens; with
+      ``trust_reads_distribution``, ``(label_log_prob, log_probs, **hyperparameters)`` where
+      ``log_probs`` is ``[..., V]`` (the student's whole distribution, e.g. EAFT's entropy).
     residual_powers: ``(**hyperparameters) -> (a, b)``: the residual is proportional to
       ``p**a * prior**b`` (uniform when both are 0). Python numbers mark constant powers.
-    hyperparameters: name -> valid range, for every hyperparameter the method takes.
+    hyperparameters: name -> valid range, for every traced hyperparameter (a number or an
+      array broadcasting to the labels; a sweep does not recompile).
     needs_prior: whether the residual uses the prior.
+    static_hyperparameters: name -> valid range, for integers that set array shapes (EAFT's
+      ``k``): Python ints, part of the compiled program; an upper bound of ``inf`` means the
+      vocabulary size.
+    trust_reads_distribution: see ``trust``.
   """
   name: str
   trust: Callable[..., Array]
   residual_powers: Callable[..., tuple]
   hyperparameters: Mapping[str, Range] = dataclasses.field(default_factory=dict)
   needs_prior: bool = False
+  static_hyperparameters: Mapping[str, Range] = dataclasses.field(default_factory=dict)
+  trust_reads_distribution: bool = False
 
-  def check_hyperparameters(self, given: Mapping, labels_shape) -> None:
-    """TypeError for missing or unknown names; ValueError for shapes and concrete ranges."""
-    expected = set(self.hyperparameters)
+  def __hash__(self):  # frozen, but the mappings are dicts: hash by name and identity
+    return hash((self.name, id(self)))
+
+  def check_hyperparameters(self, given: Mapping, labels_shape, vocab_size=None) -> None:
+    """TypeError for missing or unknown names and non-integer static values; ValueError for
+    shapes and concrete ranges."""
+    expected = set(self.hyperparameters) | set(self.static_hyperparameters)
     if expected != set(given):
       missing, unknown = sorted(expected - set(given)), sorted(set(given) - expected)
       raise TypeError(f'method {self.name!r} takes hyperparameters {sorted(expected)}; '
@@ -89,6 +108,20 @@ class Method:
     for name, valid in self.hyperparameters.items():
       validation.check_hyperparameter(name, given[name], labels_shape, valid.low, valid.high,
                                       valid.low_open, valid.high_open)
+    for name, valid in self.static_hyperparameters.items():
+      value = given[name]
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f'{self.name}: {name} must be a Python int (it sets an array shape), '
+                        f'got {value!r}.')
+      high = vocab_size if valid.high == float('inf') and vocab_size is not None else valid.high
+      if not valid.low <= value <= high:
+        raise ValueError(f'{self.name}: hyperparameter {name}={value} is outside its valid '
+                         f'range [{valid.low:g}, {high:g}].')
+
+  def split_hyperparameters(self, given: Mapping) -> tuple[dict, dict]:
+    """``(traced, static)`` hyperparameters of ``given``."""
+    static = {k: int(v) for k, v in given.items() if k in self.static_hyperparameters}
+    return {k: v for k, v in given.items() if k not in static}, static
 
 
 def _ones(label_log_prob):
@@ -104,6 +137,11 @@ def _nan_where_label_invalid(trust, label_log_prob):
 def _powered_prob(label_log_prob, alpha):
   # p**alpha with 0**0 = 1, also for p = 0 (log-prob -inf).
   return jnp.where(alpha == 0, 1.0, jnp.exp(alpha * label_log_prob))
+
+
+def _eaft_trust(label_log_prob, log_probs, k):
+  del label_log_prob
+  return top_k_entropy(log_probs, k) / jnp.log(jnp.asarray(k, log_probs.dtype))
 
 
 def _asft_trust(label_log_prob, lam):
@@ -149,6 +187,8 @@ METHODS: dict[str, Method] = {
                trust=lambda lp, eta: jnp.exp(lp),
                residual_powers=lambda eta: (1.0 - eta, eta),
                hyperparameters={'eta': _UNIT}, needs_prior=True),
+        Method('eaft', trust=_eaft_trust, residual_powers=lambda k: (1, 0),
+               static_hyperparameters={'k': Range(2)}, trust_reads_distribution=True),
     )
 }
 
@@ -191,7 +231,7 @@ def _check_common(method: Method, logits, labels, prior_logits, hyperparameters)
     raise ValueError(
         f'method {method.name!r} needs the prior distribution: pass prior_logits (the frozen '
         "model's logits, same shape as the student's).")
-  method.check_hyperparameters(hyperparameters, jnp.shape(labels))
+  method.check_hyperparameters(hyperparameters, jnp.shape(labels), jnp.shape(logits)[-1])
 
 
 def _as_float_array(value, dtype, shape) -> Array:
@@ -208,10 +248,14 @@ def build(method: Method, logits: Array, labels: Array, *, prior_logits: Array |
   if method.needs_prior:
     prior_log_probs = jax.nn.log_softmax(
         jax.lax.stop_gradient(prior_logits).astype(dtype), axis=-1)
+  traced, static = method.split_hyperparameters(hyperparameters)
   hyper = {name: _as_float_array(value, dtype, jnp.shape(labels))
-           for name, value in hyperparameters.items()}
+           for name, value in traced.items()}
+  hyper.update(static)
   label_log_prob = label_log_probs(log_probs, labels)
-  trust = _nan_where_label_invalid(method.trust(label_log_prob, **hyper), label_log_prob)
+  trust = (method.trust(label_log_prob, log_probs, **hyper) if method.trust_reads_distribution
+           else method.trust(label_log_prob, **hyper))
+  trust = _nan_where_label_invalid(trust, label_log_prob)
   model_power, prior_power = method.residual_powers(**hyper)
   log_residual = log_residual_from_powers(log_probs, prior_log_probs, model_power, prior_power)
   return Target(trust=trust.astype(dtype), log_residual=log_residual)
@@ -382,18 +426,7 @@ def eaft(logits, labels, *, k: int, prior_logits=None) -> Target:
     k: a static integer in [2, V] (it sets an array shape; a new value recompiles).
     prior_logits: unused.
   """
-  validation.check_labels(logits, labels)
-  vocab_size = jnp.shape(logits)[-1]
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-    raise TypeError(f'eaft: k must be a Python int (it sets an array shape), got {k!r}.')
-  if not 2 <= k <= vocab_size:
-    raise ValueError(f'eaft: hyperparameter k={k} is outside its valid range [2, {vocab_size}].')
-  dtype = validation.compute_dtype(jnp.result_type(logits))
-  log_probs = jax.nn.log_softmax(jax.lax.stop_gradient(logits).astype(dtype), axis=-1)
-  trust = top_k_entropy(log_probs, int(k)) / jnp.log(jnp.asarray(k, dtype))
-  # Like every trust, NaN where the label is out of range.
-  trust = _nan_where_label_invalid(trust, label_log_probs(log_probs, labels))
-  return Target(trust=trust, log_residual=log_probs)
+  return build(METHODS['eaft'], logits, labels, prior_logits=prior_logits, k=k)
 
 
 def weighted(logits, labels, *, weights, prior_logits=None) -> Target:
@@ -425,6 +458,72 @@ CONSTRUCTORS: dict[str, Callable[..., Target]] = {
     'profit': profit, 'eaft': eaft, 'sft_kl': sft_kl, 'asft': asft, 'distill': distill,
     'hybrid_distill': hybrid_distill, 'target_sft': target_sft, 'weighted': weighted,
 }
+
+
+def register(method: Method, *, replace: bool = False) -> Method:
+  """Adds a design to :data:`METHODS` (and its constructor to :data:`CONSTRUCTORS`), so the
+  dense and fused losses, the trainer and ``compile_check`` take it by name.
+
+  Registering the same design again is a no-op (the same object, or the same definition run
+  again: a config file is executed more than once); another design under a taken name is an
+  error unless ``replace`` (a compiled step keyed by the old name would otherwise be reused).
+  """
+  if not isinstance(method, Method):
+    raise TypeError(f'register takes a qtarget.targets.Method, got {type(method).__name__}.')
+  if not method.name or not method.name.isidentifier():
+    raise ValueError(f'a method name must be an identifier (it names configs and run '
+                     f'directories), got {method.name!r}.')
+  existing = METHODS.get(method.name)
+  taken = existing is not None or method.name in CONSTRUCTORS
+  if taken and not (existing is not None and _same_design(existing, method)) and not replace:
+    raise ValueError(f'a method named {method.name!r} is already registered; choose another '
+                     'name or pass replace=True.')
+  overlap = set(method.hyperparameters) & set(method.static_hyperparameters)
+  if overlap:
+    raise ValueError(f'{method.name}: {sorted(overlap)} are both traced and static.')
+  METHODS[method.name] = method
+
+  def constructor(logits, labels, *, prior_logits=None, **hyperparameters) -> Target:
+    return build(method, logits, labels, prior_logits=prior_logits, **hyperparameters)
+
+  constructor.__name__ = constructor.__qualname__ = method.name
+  constructor.__doc__ = f'The target of the registered design {method.name!r} (see build).'
+  CONSTRUCTORS[method.name] = constructor
+  return method
+
+
+def _same_function(f, g) -> bool:
+  if f is g:
+    return True
+  code_f, code_g = getattr(f, '__code__', None), getattr(g, '__code__', None)
+  if code_f is None or code_g is None or code_f != code_g:
+    return False
+  cells = lambda h: tuple(c.cell_contents for c in (h.__closure__ or ()))
+  return f.__defaults__ == g.__defaults__ and cells(f) == cells(g)
+
+
+def _same_design(a: Method, b: Method) -> bool:
+  """The same definition: equal fields, the rules being the same code (a config file that is
+  loaded twice defines new function objects with identical code)."""
+  return (a is b or (a.name == b.name and dict(a.hyperparameters) == dict(b.hyperparameters)
+                     and dict(a.static_hyperparameters) == dict(b.static_hyperparameters)
+                     and a.needs_prior == b.needs_prior
+                     and a.trust_reads_distribution == b.trust_reads_distribution
+                     and _same_function(a.trust, b.trust)
+                     and _same_function(a.residual_powers, b.residual_powers)))
+
+
+def resolve(method: 'str | Method') -> Method:
+  """The :class:`Method` of a name or a design (registered on the way), or a clear error."""
+  if isinstance(method, Method):
+    return register(method)
+  if method in METHODS:
+    return METHODS[method]
+  if method in CONSTRUCTORS:
+    raise ValueError(f'method {method!r} has a constructor but no table entry: it needs inputs '
+                     'beyond logits and hyperparameters (per-token weights from the data).')
+  raise ValueError(f'unknown method {method!r}; known methods: '
+                   f'{", ".join(sorted(CONSTRUCTORS))}.')
 
 
 def needs_prior(name: str) -> bool:

@@ -15,7 +15,7 @@ N, H, P, V = 37, 16, 24, 203  # N and V deliberately not multiples of the chunk
 
 HYPER = {'sft': {}, 'label_smoothing': {'lam': 0.1}, 'dft': {}, 'beyond_log': {'alpha': 0.5},
          'profit': {'tau': 0.2}, 'sft_kl': {'lam': 0.7}, 'asft': {'lam': 0.3}, 'distill': {},
-         'hybrid_distill': {'lam': 0.4}, 'target_sft': {'eta': 0.3}}
+         'hybrid_distill': {'lam': 0.4}, 'target_sft': {'eta': 0.3}, 'eaft': {'k': 4}}
 
 
 def _inputs(dtype=jnp.float32, scale=3.0, seed=0):
@@ -52,7 +52,7 @@ def _grads(loss_fn, args):
   return jax.jit(jax.value_and_grad(lambda *a: loss_fn(*a)[0], argnums=(0, 1, 2, 3)))(*args)
 
 
-@pytest.mark.parametrize('method', fused.SUPPORTED_METHODS)
+@pytest.mark.parametrize('method', list(HYPER))  # every built-in method of targets.METHODS
 @pytest.mark.parametrize('scale', [3.0, 300.0], ids=['normal', 'extreme'])
 def test_equals_dense_float32(method, scale):
   args = _inputs(scale=scale)
@@ -135,8 +135,16 @@ def test_no_tokens_x_vocabulary_temporaries():
 
 def test_bad_input():
   hidden, head, prior_hidden, prior_head, labels, weights = _inputs()
-  with pytest.raises(ValueError, match="does not support method 'eaft'"):
-    fused.q_cross_entropy_fused(hidden, head, labels, 'eaft', k=4)
+  with pytest.raises(ValueError, match="unknown method 'weighted_mean'"):
+    fused.q_cross_entropy_fused(hidden, head, labels, 'weighted_mean')
+  with pytest.raises(ValueError, match="'weighted' has a constructor but no table entry"):
+    fused.q_cross_entropy_fused(hidden, head, labels, 'weighted', weights=1.0)
+  with pytest.raises(TypeError, match='k must be a Python int'):
+    fused.q_cross_entropy_fused(hidden, head, labels, 'eaft', k=4.0)
+  with pytest.raises(ValueError, match=r'k=300 is outside its valid range \[2, 203\]'):
+    fused.q_cross_entropy_fused(hidden, head, labels, 'eaft', k=300)
+  with pytest.raises(ValueError, match="needs implementation='xla'"):
+    fused.q_cross_entropy_fused(hidden, head, labels, 'eaft', k=4, implementation='pallas')
   with pytest.raises(ValueError, match='needs the prior'):
     fused.q_cross_entropy_fused(hidden, head, labels, 'target_sft', eta=0.5)
   with pytest.raises(ValueError, match="prior head's vocabulary size 202 differs"):

@@ -78,8 +78,8 @@ def _pair(**overrides):
 
 def _loss_and_grads(model, lora=True):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, SEGMENTS.shape), jnp.int32)
-  kwargs = dict(segment_ids_BxT=jnp.asarray(SEGMENTS), positions_BxT=jnp.asarray(_positions(SEGMENTS)),
-                lora=lora)
+  kwargs = dict(segment_ids_BxT=jnp.asarray(SEGMENTS),
+                positions_BxT=jnp.asarray(_positions(SEGMENTS)), lora=lora)
 
   def loss(model):
     logits = model(tokens, **kwargs)
@@ -166,3 +166,32 @@ def test_unknown_frozen_weights_is_refused():
   config = test_train_step.tiny_config(frozen_weights='float16')
   with pytest.raises(train.ConfigError, match="frozen_weights must be one of"):
     train.create_state(config, *test_train_step._models(config))
+
+
+def test_head_matmul_gradients():
+  """float32: autodiff's gradient exactly; bfloat16: within bfloat16 rounding of it, and the
+  backward matmuls take bfloat16 operands (no float32 matmul the size of the head)."""
+  keys = jax.random.split(jax.random.key(1), 3)
+  hidden = jax.random.normal(keys[0], (2, 5, 32))
+  weights = jax.random.normal(keys[1], (32, 40)) * 0.2
+  cotangent = jax.random.normal(keys[2], (2, 5, 40))
+  plain = lambda h, w: jnp.einsum('bth,hv->btv', h, w, preferred_element_type=jnp.float32)
+  want = jax.vjp(plain, hidden, weights)[1](cotangent)
+  got = jax.vjp(llama.head_matmul, hidden, weights)[1](cotangent)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+  h16, w16 = hidden.astype(jnp.bfloat16), weights.astype(jnp.bfloat16)
+  got16 = jax.vjp(llama.head_matmul, h16, w16)[1](cotangent)
+  for g, w in zip(got16, want):
+    assert g.dtype == jnp.bfloat16
+    # Inputs and cotangent each rounded to bfloat16 (relative 2^-8), sums in float32.
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=3 * 2**-8 * np.abs(w).max())
+  def operand_types(matmul):
+    text = jax.jit(jax.grad(lambda h, w: jnp.sum(matmul(h, w) ** 2), argnums=(0, 1))).lower(
+        h16, w16).as_text()
+    signatures = [line.split(':')[-1].split('->')[0] for line in text.splitlines()
+                  if 'dot_general' in line]
+    return [('f32' if 'xf32>' in s else '') + ('bf16' if 'xbf16>' in s else '')
+            for s in signatures]
+  assert operand_types(llama.head_matmul) == ['bf16'] * 3
+  assert 'f32' in operand_types(plain)  # what autodiff alone does: float32 backward matmuls

@@ -247,7 +247,7 @@ def test_remat_step_equals_plain_step(lora_rank, loss):
   # never does (no gradient flows through it; flax's remat also refuses to update a module built
   # outside the gradient's trace, which failed the Target-SFT step on a GPU before).
   results = []
-  for remat in (False, True):
+  for remat in ('none', 'full'):
     config = tiny_config(**{'loss': loss, 'loss_chunk_size': 24, 'model.lora_rank': lora_rank,
                             'model.remat': remat})
     student, prior = _models(config)

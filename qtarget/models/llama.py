@@ -6,11 +6,14 @@ incremental decoding with left or right padding; LoRA adapters that a call can s
 the frozen prior can be the same weights without the adapters.
 
 The forward (`Llama.hidden`) returns the final hidden states; the head is a separate call
-(`Llama.logits`, `Llama.head_weights_HxV`) so a loss can fuse it with the softmax. Every parameter
-carries logical axis names (``layers``, ``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``, ``lora``) as
-``logical_axes`` metadata, for sharding rules kept as data; activations are constrained to
-logical names (``activation_batch``, ...) that take effect only inside a step's layout
-(:mod:`qtarget.models.layout`).
+(`Llama.logits`, `Llama.head_weights_HxV`) so a loss can fuse it with the softmax. Layers are
+stacked (every block variable has a leading ``layers`` axis) and run as one scanned block or an
+unrolled loop (``scan_layers``). Every parameter carries logical axis names (``layers``,
+``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``, ``lora``) as ``logical_axes`` metadata, for
+sharding rules kept as data; activations are constrained to logical names
+(``activation_batch``, ...) that take effect only inside a step's layout
+(:mod:`qtarget.models.layout`). Attention is chosen by ``attention``
+(:mod:`qtarget.models.attention`).
 """
 
 import dataclasses
@@ -289,6 +292,37 @@ class Block(nnx.Module):
 causal_segment_mask = attention_lib.causal_segment_mask
 
 
+@jax.custom_vjp
+def head_matmul(hidden_xH: Array, weights_HxV: Array) -> Array:
+  """``hidden @ weights`` in float32 from compute-dtype operands.
+
+  Autodiff would run both backward matmuls with the float32 logits' cotangent, upcasting the
+  bfloat16 operand: float32 matmuls at the size of the whole head. Here the cotangent is
+  rounded to the compute dtype first (as the forward's inputs are) and accumulated in float32,
+  so all three head matmuls run at the compute dtype's speed. In float32 this is autodiff's
+  gradient exactly.
+  """
+  return jnp.einsum('...h,hv->...v', hidden_xH, weights_HxV, preferred_element_type=jnp.float32)
+
+
+def _head_matmul_forward(hidden_xH, weights_HxV):
+  return head_matmul(hidden_xH, weights_HxV), (hidden_xH, weights_HxV)
+
+
+def _head_matmul_backward(residuals, cotangent_xV):
+  hidden_xH, weights_HxV = residuals
+  cotangent_xV = cotangent_xV.astype(hidden_xH.dtype)
+  d_hidden = jnp.einsum('...v,hv->...h', cotangent_xV, weights_HxV,
+                        preferred_element_type=jnp.float32).astype(hidden_xH.dtype)
+  batch = ''.join(chr(ord('a') + i) for i in range(hidden_xH.ndim - 1))
+  d_weights = jnp.einsum(f'{batch}h,{batch}v->hv', hidden_xH, cotangent_xV,
+                         preferred_element_type=jnp.float32).astype(weights_HxV.dtype)
+  return d_hidden, d_weights
+
+
+head_matmul.defvjp(_head_matmul_forward, _head_matmul_backward)
+
+
 def _stacked_blocks(config: LlamaConfig, rngs: nnx.Rngs) -> 'Block':
   """One Block whose every variable has a leading layer axis (logical name ``layers``)."""
   blocks = [Block(config, rngs=rngs) for _ in range(config.num_layers)]
@@ -374,9 +408,8 @@ class Llama(nnx.Module):
     return weights.astype(self.config.compute_dtype)
 
   def logits(self, hidden_BxTxH: Array) -> Array:
-    """``hidden @ head``, accumulated and returned in float32."""
-    logits = jnp.einsum('...h,hv->...v', hidden_BxTxH, self.head_weights_HxV(),
-                        preferred_element_type=jnp.float32)
+    """``hidden @ head``, accumulated and returned in float32 (gradients: see head_matmul)."""
+    logits = head_matmul(hidden_BxTxH, self.head_weights_HxV())
     if logits.ndim != 3:
       return logits
     return layout.constrain(logits, ('activation_batch', 'activation_length', 'activation_vocab'))

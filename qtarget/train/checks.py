@@ -52,8 +52,24 @@ def _get(config, key):
   return node
 
 
+def resolve_method(config) -> targets.Method:
+  """The config's method as a :class:`qtarget.targets.Method`: a name, or a design object
+  (registered, and the config then names it, so checkpoints and logs hold a name)."""
+  method = config.method
+  try:
+    resolved = targets.resolve(method)
+  except ValueError as error:
+    raise ConfigError(f'{error} A new design is a qtarget.targets.Method set as config.method '
+                      '(or registered with qtarget.targets.register).') from error
+  if not isinstance(method, str):
+    with config.ignore_type():
+      config.method = resolved.name
+  return resolved
+
+
 def check_config(config) -> None:
   """Raises :class:`ConfigError` for a field that cannot train; touches no file or model."""
+  resolve_method(config)
   for key in ('steps', 'batch_size', 'accum_steps', 'loss_chunk_size', 'log_every',
               'checkpoint.every', 'checkpoint.keep', 'data.train_size', 'eval.batch_size',
               'eval.max_new_tokens', 'eval.num_samples'):

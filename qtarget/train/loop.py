@@ -260,45 +260,68 @@ def run(config) -> dict:
 
   interval_eval(start_step)  # killed during an evaluation right after its checkpoint
   train_seconds, tokens_seen, last, skipped = 0.0, 0, {}, 0
+  # Steps run whose metrics are still on the device: fetched together once per log interval
+  # (and before any checkpoint or evaluation), so the host never waits on the device in between
+  # and the next batch is prepared while the step runs.
+  pending = []
+  interval_start = time.time()
+
+  def flush():
+    nonlocal train_seconds, tokens_seen, last, skipped, interval_start
+    if not pending:
+      return
+    fetched = jax.device_get([device_metrics for _, device_metrics, _ in pending])
+    seconds = (time.time() - interval_start) / len(pending)  # the interval's mean step
+    for (step, _, real_tokens), values in zip(pending, fetched):
+      metrics = {name: float(value) for name, value in values.items()}
+      problem = _divergence(metrics)
+      if problem and state.spec.skip_nonfinite and metrics['nonfinite']:
+        skipped += 1  # the step kept the previous parameters and optimizer state
+      elif problem:
+        log.write(step + 1, metrics)
+        log.close()
+        latest = run_checkpoints.latest_step()
+        kept = (f'the last good checkpoint is step {latest} in {run_checkpoints.directory}'
+                if latest else 'no checkpoint was written before it')
+        fix = ('Lower --config.optimizer.learning_rate, or set --config.on_nonfinite=skip to '
+               'skip updates whose loss or gradient is not finite.' if metrics['nonfinite'] else
+               'Lower --config.optimizer.learning_rate.')
+        raise TrainingDiverged(f'step {step + 1}: {problem}. The run stops; nothing is saved '
+                               f'for this step or later ones and nothing is exported; {kept}. '
+                               f'{fix}')
+      metrics['skipped_updates'] = skipped
+      metrics['tokens_per_second'] = real_tokens / seconds
+      metrics['step_seconds'] = seconds
+      if step > start_step:  # the first step of a process includes compilation
+        train_seconds += seconds
+        tokens_seen += real_tokens
+      last = metrics
+      if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+        log.write(step + 1, metrics)
+    if progress is not None:
+      progress.update(len(pending))
+      progress.set_postfix(loss=f"{last['loss']:.3f}", nll=f"{last['nll']:.3f}",
+                           acc=f"{last['accuracy']:.2f}")
+    pending.clear()
+    interval_start = time.time()
+
+  eval_every = config.eval.get('every', 0)
   for step in range(start_step, config.steps):
     local = next(iterator)
     batch = {key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key]))
              for key in BATCH_KEYS}
-    tick = time.time()
-    state, metrics = step_fn(state, batch)
-    metrics = {name: float(value) for name, value in metrics.items()}
-    seconds = time.time() - tick
-    problem = _divergence(metrics)
-    if problem and state.spec.skip_nonfinite and metrics['nonfinite']:
-      skipped += 1  # the step kept the previous parameters and optimizer state
-    elif problem:
-      log.write(step + 1, metrics)
-      log.close()
-      latest = run_checkpoints.latest_step()
-      kept = (f'the last good checkpoint is step {latest} in {run_checkpoints.directory}'
-              if latest else 'no checkpoint was written before it')
-      fix = ('Lower --config.optimizer.learning_rate, or set --config.on_nonfinite=skip to skip '
-             'updates whose loss or gradient is not finite.' if metrics['nonfinite'] else
-             'Lower --config.optimizer.learning_rate.')
-      raise TrainingDiverged(f'step {step + 1}: {problem}. The run stops; nothing is saved for '
-                             f'this step and nothing is exported; {kept}. {fix}')
-    metrics['skipped_updates'] = skipped
+    state, metrics = step_fn(state, batch)  # dispatched: runs while the host goes on
     real_tokens = int(np.sum(local['segment_ids'] > 0)) * jax.process_count()
-    metrics['tokens_per_second'] = real_tokens / seconds
-    metrics['step_seconds'] = seconds
-    if step > start_step:  # the first step of a process includes compilation
-      train_seconds += seconds
-      tokens_seen += real_tokens
-    last = metrics
-    if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-      log.write(step + 1, metrics)
-    if progress is not None:
-      progress.update(1)
-      progress.set_postfix(loss=f"{metrics['loss']:.3f}", nll=f"{metrics['nll']:.3f}",
-                           acc=f"{metrics['accuracy']:.2f}")
-    if (step + 1) % config.checkpoint.every == 0 or step + 1 == config.steps:
-      save(step + 1)
-    interval_eval(step + 1)
+    pending.append((step, metrics, real_tokens))
+    done = step + 1
+    checkpoint_due = done % config.checkpoint.every == 0 or done == config.steps
+    if (step == start_step or done % config.log_every == 0 or checkpoint_due
+        or (eval_every and done % eval_every == 0)):
+      flush()  # metrics are checked before anything is saved or evaluated
+    if checkpoint_due:
+      save(done)
+    interval_eval(done)
+  flush()
   if progress is not None:
     progress.close()
   if run_checkpoints.latest_step() != config.steps:

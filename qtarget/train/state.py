@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qtarget import targets
 from qtarget.models import llama
+from qtarget.train import checks
 from qtarget.train import sharding as sharding_lib
 from qtarget.train.errors import ConfigError
 from qtarget.train.step import StepSpec, TrainState
@@ -37,24 +38,17 @@ def trainable_filter(model_config):
 
 
 def hyperparameters(config) -> tuple[dict, tuple]:
-  """Traced (float) and static (EAFT's k) hyperparameters, checked against the method."""
-  if config.method not in targets.CONSTRUCTORS:
-    raise ConfigError(f'unknown method {config.method!r}; known methods: '
-                      f'{", ".join(sorted(targets.CONSTRUCTORS))}.')
-  if config.method == 'weighted':
-    raise ConfigError("method 'weighted' needs per-token weights from the data, which the "
-                      'trainer does not provide.')
+  """Traced (float) and static (shape-setting ints) hyperparameters, checked against the
+  method."""
+  method = checks.resolve_method(config)
   given = dict(config.hparams)
-  if config.method == 'eaft':
-    if set(given) != {'k'}:
-      raise ConfigError(f"method 'eaft' takes hyperparameters ['k']; the config gives "
-                        f'{sorted(given)} (set --config.hparams.NAME=VALUE).')
-    return {}, (('k', int(given['k'])),)
   try:
-    targets.METHODS[config.method].check_hyperparameters(given, ())
-  except TypeError as error:
+    method.check_hyperparameters(given, ())
+  except (TypeError, ValueError) as error:
     raise ConfigError(f'{error} Set --config.hparams.NAME=VALUE.') from error
-  return {name: jnp.asarray(value, jnp.float32) for name, value in given.items()}, ()
+  traced, static = method.split_hyperparameters(given)
+  return ({name: jnp.asarray(value, jnp.float32) for name, value in traced.items()},
+          tuple(sorted(static.items())))
 
 
 FROZEN_WEIGHTS = ('compute_dtype', 'param_dtype')
@@ -112,10 +106,6 @@ def create_state(config, student, prior_model=None, mesh=None, rules=None) -> Tr
   if config.loss not in ('dense', 'fused'):
     raise ConfigError(f"loss must be 'dense' or 'fused', got {config.loss!r}.")
   if config.loss == 'fused':
-    from qtarget import fused  # pylint: disable=g-import-not-at-top
-    if config.method not in fused.SUPPORTED_METHODS:
-      raise ConfigError(f'the fused loss does not support method {config.method!r}; use '
-                        f"loss='dense' or one of {', '.join(fused.SUPPORTED_METHODS)}.")
     if prior_model is not None and prior_model.config.vocab_size < student.config.vocab_size:
       raise ConfigError('the fused loss needs a prior vocabulary at least as large as the '
                         "student's; use loss='dense'.")

@@ -34,7 +34,7 @@ class StepSpec:
   """Static description of the step (part of the compiled program).
 
   Attributes:
-    method: a name of :data:`qtarget.targets.CONSTRUCTORS`.
+    method: a name of :data:`qtarget.targets.METHODS` (built in or registered).
     prior: 'none' (the method needs none), 'lora_off' (the student without adapters) or
       'separate' (a second frozen model).
     accum_steps: micro-batches per optimizer step.
@@ -136,15 +136,21 @@ def _micro_loss(params, state: TrainState, micro: dict, count):
   hyper = {**state.hyperparameters, **dict(state.spec.static_hyperparameters)}
   target = targets.get(state.spec.method)(logits, labels, prior_logits=prior_logits, **hyper)
   per_token = losses.q_cross_entropy(logits, labels, target, where=mask)
+  # Metrics from reductions over the vocabulary (no second B x T x V softmax): the label's
+  # log-probability is its logit minus the log-normalizer; the prior's entropy is
+  # logsumexp(z) - E_p[z].
   sg = jax.lax.stop_gradient
-  log_probs = jax.nn.log_softmax(sg(logits), axis=-1)
+  # (label_log_probs gives NaN for a label outside the vocabulary.)
+  label_logit = targets.label_log_probs(sg(logits), jnp.where(mask, labels, 0))
+  label_log_prob = label_logit - jax.nn.logsumexp(sg(logits), axis=-1)
   prior_entropy = None
   if prior_logits is not None:
-    prior_log_probs = jax.nn.log_softmax(prior_logits, axis=-1)
-    prior_entropy = -jnp.sum(jnp.where(prior_log_probs > -jnp.inf,
-                                       jnp.exp(prior_log_probs) * prior_log_probs, 0.0), axis=-1)
-  sums = _metric_sums(mask, sg(per_token), targets.label_log_probs(log_probs, jnp.where(
-      mask, labels, 0)), target.trust, jnp.argmax(logits, axis=-1) == labels, prior_entropy)
+    finite = jnp.isfinite(prior_logits)  # -inf: padding rows of a larger prior vocabulary
+    prior_probs = jax.nn.softmax(prior_logits, axis=-1)
+    prior_entropy = (jax.nn.logsumexp(prior_logits, axis=-1)
+                     - jnp.sum(jnp.where(finite, prior_probs * prior_logits, 0.0), axis=-1))
+  sums = _metric_sums(mask, sg(per_token), label_log_prob, target.trust,
+                      jnp.argmax(logits, axis=-1) == labels, prior_entropy)
   return jnp.sum(per_token) / count, sums
 
 
@@ -177,7 +183,8 @@ def _micro_loss_fused(params, state: TrainState, micro: dict, count):
            for name, value in state.hyperparameters.items()}
   kwargs = dict(prior_hidden_NxP=flat(prior_hidden), prior_head_PxV=prior_head,
                 weights_N=flat(mask).astype(jnp.float32) / count,
-                chunk_size=state.spec.chunk_size, **hyper)
+                chunk_size=state.spec.chunk_size, **hyper,
+                **dict(state.spec.static_hyperparameters))
   token_axes = _token_axes(mask.size)
   if token_axes is None:
     loss, aux = fused.q_cross_entropy_fused(
