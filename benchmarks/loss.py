@@ -143,6 +143,7 @@ def bench(shape, dtype, repeats, chunk_sizes, pallas=None):
     row['other_chunk_sizes'][other] = {'fused_q_s': _time(compiled, args, repeats),
                                        'fused_q_memory': _memory(compiled)}
   if pallas:  # the GPU kernels; a failure to compile is recorded, not fatal to the run
+    import qtarget.experimental.fused_pallas  # pylint: disable=g-import-not-at-top,unused-import  # registers 'pallas'
     try:
       compiled, row['compile_s']['pallas_q'] = _compile(make_fused_q(chunk_size, pallas), args)
       row['pallas_q_s'] = _time(compiled, args, repeats, slow_s=max(1.0, 20 * row['floor_s']))

@@ -27,7 +27,9 @@ import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+import stats  # pylint: disable=import-error  (experiments/stats.py)
+
+ROOT = stats.ROOT
 DEFAULT_CONFIG = 'configs/compare_smollm2.py'
 DEFAULT_RESULTS = 'experiments/results'
 
@@ -221,18 +223,7 @@ def run(args) -> None:
 
 # Statistics and the report.
 
-_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-          9: 2.262, 10: 2.228}
-
-
-def mean_and_interval(values: list[float]) -> tuple[float, float]:
-  """Mean and half-width of the 95% Student-t interval over seeds (nan with one value)."""
-  n = len(values)
-  mean = sum(values) / n
-  if n < 2:
-    return mean, math.nan
-  sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-  return mean, _T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
+mean_and_interval = stats.mean_and_interval  # re-exported: the report's and the CLI's
 
 
 def rescore_file(path: pathlib.Path) -> float:
@@ -283,8 +274,9 @@ def main():
     sys.exit(rescore(args))
   elif args.command == 'report':
     import report  # pylint: disable=g-import-not-at-top  (experiments/report.py)
-    report.write(load_grid(args.config), Registry(ROOT / args.results_dir), ROOT / args.output,
-                 args)
+    grid = load_grid(args.config)
+    report.write(grid, Registry(ROOT / args.results_dir), ROOT / args.output, args,
+                 run_names(grid))
   else:
     _base_eval(args)
 

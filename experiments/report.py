@@ -10,7 +10,7 @@ import math
 import pathlib
 import re
 
-import compare  # pylint: disable=import-error  (experiments/compare.py, the caller)
+import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 ETA_METHODS = (('dft', 0.0),)  # DFT is Target-SFT at eta = 0
 
@@ -18,7 +18,7 @@ ETA_METHODS = (('dft', 0.0),)  # DFT is Target-SFT at eta = 0
 def _cell(values: list[float]) -> str:
   if not values:
     return '-'
-  mean, half = compare.mean_and_interval(values)
+  mean, half = stats.mean_and_interval(values)
   interval = '' if math.isnan(half) else f' ± {100 * half:.1f}'
   return f'{100 * mean:.1f}{interval} ({len(values)})'
 
@@ -32,7 +32,7 @@ def _by(records, key_fn, value='accuracy'):
 
 def _prediction_rows(record) -> list[dict]:
   return [json.loads(line) for line in
-          (compare.ROOT / record['predictions']).read_text().splitlines() if line]
+          (stats.ROOT / record['predictions']).read_text().splitlines() if line]
 
 
 def _exact_share(rows: list[dict]) -> float:
@@ -141,7 +141,7 @@ def _paired_table(grid, records) -> list[str]:
       if not values:
         cells.append('-')
         continue
-      mean, half = compare.mean_and_interval(values)
+      mean, half = stats.mean_and_interval(values)
       interval = '' if math.isnan(half) else f' ± {100 * half:.1f}'
       wins = sum(v > 0 for v in values)
       cells.append(f'{100 * mean:+.1f}{interval} ({wins}/{len(values)})')
@@ -172,9 +172,9 @@ def _plots(grid, records, out_dir: pathlib.Path) -> list[str]:
     if not points:
       continue
     etas = [p[0] for p in points]
-    stats = [compare.mean_and_interval(p[1]) for p in points]
-    ax.errorbar(etas, [100 * s[0] for s in stats],
-                yerr=[0 if math.isnan(s[1]) else 100 * s[1] for s in stats], marker='o',
+    intervals = [stats.mean_and_interval(p[1]) for p in points]
+    ax.errorbar(etas, [100 * s[0] for s in intervals],
+                yerr=[0 if math.isnan(s[1]) else 100 * s[1] for s in intervals], marker='o',
                 capsize=3, label=setting)
   ax.set_xlabel('eta (0 = DFT; prior = teacher)')
   ax.set_ylabel(f'held-out Average@{grid.EVAL["num_samples"]} (%)')
@@ -193,9 +193,9 @@ def _plots(grid, records, out_dir: pathlib.Path) -> list[str]:
       points = sorted((noise[s], cells[(s, method)]) for s in noise if cells[(s, method)])
       if not points:
         continue
-      stats = [compare.mean_and_interval(p[1]) for p in points]
-      ax.errorbar([p[0] for p in points], [100 * s[0] for s in stats],
-                  yerr=[0 if math.isnan(s[1]) else 100 * s[1] for s in stats], marker='o',
+      intervals = [stats.mean_and_interval(p[1]) for p in points]
+      ax.errorbar([p[0] for p in points], [100 * s[0] for s in intervals],
+                  yerr=[0 if math.isnan(s[1]) else 100 * s[1] for s in intervals], marker='o',
                   capsize=3, label=method)
     ax.set_xlabel('fraction of training problems with a corrupted step')
     ax.set_ylabel(f'held-out Average@{grid.EVAL["num_samples"]} (%)')
@@ -208,7 +208,8 @@ def _plots(grid, records, out_dir: pathlib.Path) -> list[str]:
   return written
 
 
-def write(grid, registry, output: pathlib.Path, args) -> None:
+def write(grid, registry, output: pathlib.Path, args, expected_runs: list[str]) -> None:
+  """``expected_runs``: every run name of the grid (compare.run_names), to list what is missing."""
   output.parent.mkdir(parents=True, exist_ok=True)
   records = list(registry.records().values())
   k = grid.EVAL['num_samples']
@@ -221,7 +222,7 @@ def write(grid, registry, output: pathlib.Path, args) -> None:
            'Student-t interval over seeds, and (n) the number of seeds recorded so far. '
            '`python experiments/compare.py rescore` re-scores every saved prediction with the '
            "task's scorer and checks it against these numbers.", '']
-  expected = compare.run_names(grid)
+  expected = expected_runs
   missing = [n for n in expected if n not in registry.records()]
   per_run = [r['wall_seconds'] for r in records if r['method'] not in ('base', 'teacher')]
   lines += ['## Status and budget', '',

@@ -89,16 +89,24 @@ def _pad_tokens(x, pad):
   return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
 
 
-IMPLEMENTATIONS = ('xla', 'pallas', 'pallas_interpret')
+# implementation name -> forward(method name, hidden, head, labels, weights, prior hidden,
+# prior head, hyper) -> (total, aux, grads); modules outside the default path add theirs.
+_EXTRA_IMPLEMENTATIONS = {}
+# Implementations that exist in the package, and the module that registers each.
+KNOWN_IMPLEMENTATIONS = {'xla': __name__, 'pallas': 'qtarget.experimental.fused_pallas',
+                         'pallas_interpret': 'qtarget.experimental.fused_pallas'}
+
+
+def register_implementation(name: str, forward) -> None:
+  """Makes ``implementation=name`` available (the experimental Pallas module calls this)."""
+  _EXTRA_IMPLEMENTATIONS[name] = forward
 
 
 def _implementation_forward(implementation, method_key, chunk_size, *args):
   """``method_key``: ``(name, static hyperparameters as (name, value) pairs)``."""
   if implementation == 'xla':
     return _forward(method_key, chunk_size, *args)
-  from qtarget import fused_pallas  # pylint: disable=g-import-not-at-top
-  return fused_pallas.forward(method_key[0], *args,
-                              interpret=implementation == 'pallas_interpret')
+  return _EXTRA_IMPLEMENTATIONS[implementation](method_key[0], *args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -193,9 +201,9 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
     weights_N: per-token weights carrying the mask and the normalization (None: all ones).
     chunk_size: tokens per chunk; temporaries are O(chunk_size x V) plus the float32 H x V
       accumulator of the head gradient (the XLA implementation).
-    implementation: 'xla' (token chunks, any backend), 'pallas' (the GPU kernels of
-      :mod:`qtarget.fused_pallas`: vocabulary blocks; correct but slow on an H100) or
-      'pallas_interpret' (the same kernels interpreted, for checks on CPU).
+    implementation: 'xla' (token chunks, any backend); after ``import
+      qtarget.experimental.fused_pallas``, 'pallas' (its GPU kernels: vocabulary blocks;
+      correct but slow on an H100) or 'pallas_interpret' (the same, interpreted on CPU).
     **hyperparameters: the method's, scalars or ``[N]`` arrays (traced: no recompilation);
       static ones (EAFT's ``k``) as Python ints.
 
@@ -223,8 +231,12 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
                        f"the student's {head_HxV.shape[1]}.")
   else:
     prior_hidden_NxP = prior_head_PxV = None
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.')
+  if implementation != 'xla' and implementation not in _EXTRA_IMPLEMENTATIONS:
+    if implementation in KNOWN_IMPLEMENTATIONS:
+      raise ValueError(f'implementation {implementation!r} is experimental: import '
+                       f'{KNOWN_IMPLEMENTATIONS[implementation]} first.')
+    raise ValueError(f'implementation must be one of {tuple(KNOWN_IMPLEMENTATIONS)}, got '
+                     f'{implementation!r}.')
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}.')
   n = labels_N.shape[0]

@@ -143,8 +143,11 @@ def test_bad_input():
     fused.q_cross_entropy_fused(hidden, head, labels, 'eaft', k=4.0)
   with pytest.raises(ValueError, match=r'k=300 is outside its valid range \[2, 203\]'):
     fused.q_cross_entropy_fused(hidden, head, labels, 'eaft', k=300)
-  with pytest.raises(ValueError, match="needs implementation='xla'"):
-    fused.q_cross_entropy_fused(hidden, head, labels, 'eaft', k=4, implementation='pallas')
+  if 'pallas' not in fused._EXTRA_IMPLEMENTATIONS:  # pylint: disable=protected-access
+    with pytest.raises(ValueError, match='import qtarget.experimental.fused_pallas first'):
+      fused.q_cross_entropy_fused(hidden, head, labels, 'dft', implementation='pallas')
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    fused.q_cross_entropy_fused(hidden, head, labels, 'dft', implementation='triton')
   with pytest.raises(ValueError, match='needs the prior'):
     fused.q_cross_entropy_fused(hidden, head, labels, 'target_sft', eta=0.5)
   with pytest.raises(ValueError, match="prior head's vocabulary size 202 differs"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from qtarget import fused
-from qtarget import fused_pallas
+from qtarget.experimental import fused_pallas
 from qtarget import targets
 
 import test_fused
@@ -103,3 +103,10 @@ def test_per_token_hyperparameters():
 def test_unknown_implementation():
   with pytest.raises(ValueError, match='implementation must be one of'):
     test_fused._fused_loss('sft', *test_fused._inputs(), implementation='triton')  # pylint: disable=protected-access
+
+
+def test_trust_rules_of_the_whole_distribution_are_refused():
+  hidden, head, _, _, labels, _ = test_fused._inputs()  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="needs implementation='xla'"):
+    fused.q_cross_entropy_fused(hidden, head, jnp.abs(labels), 'eaft', k=4,
+                                implementation=IMPLEMENTATION)

@@ -22,7 +22,9 @@ gradient kernel, plus the two gradient products: 1.5x the floor of
 (``tests/test_fused_pallas.py``) and, compiled with Triton, on an H100 (jax 0.11.2), where it is
 correct but 21x the matmul floor at N, H, V = 16384, 576, 49152 (``benchmarks/RESULTS.md``; not
 profiled: the gradient kernel's atomic adds of every tile product are the likely cost).
-:func:`qtarget.fused.q_cross_entropy_fused` uses it only when asked (``implementation='pallas'``).
+Experimental: jax deprecates the Triton backend of Pallas, and the XLA path is faster. Importing
+this module registers ``implementation='pallas'`` and ``'pallas_interpret'`` with
+:func:`qtarget.fused.q_cross_entropy_fused`; nothing else in the package imports it.
 """
 
 import functools
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from qtarget import fused
 from qtarget import targets as targets_lib
 
 Array = jax.Array
@@ -165,7 +168,6 @@ def forward(method_name, hidden_NxH, head_HxV, labels_N, weights_N, prior_hidden
 
   Same contract as :func:`qtarget.fused._forward` (inputs already checked and detached).
   """
-  from qtarget import fused  # pylint: disable=g-import-not-at-top
   blocks = {**DEFAULT_BLOCKS, **(blocks or {})}
   method = targets_lib.METHODS[method_name]
   has_prior = method.needs_prior
@@ -230,3 +232,7 @@ def forward(method_name, hidden_NxH, head_HxV, labels_N, weights_N, prior_hidden
            grad_w[:head_HxV.shape[0], :vocab].astype(head_HxV.dtype))
   aux = fused.FusedAux(loss, trust, label_log_prob, s['best_index'], prior_entropy)
   return jnp.sum(loss * weights), aux, grads
+
+
+fused.register_implementation('pallas', functools.partial(forward, interpret=False))
+fused.register_implementation('pallas_interpret', functools.partial(forward, interpret=True))

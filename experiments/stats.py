@@ -1,0 +1,20 @@
+"""What both compare.py and report.py need: the repository root and seed-level intervals."""
+
+import math
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# Student-t 97.5% quantiles by degrees of freedom (beyond 10: the normal's 1.96).
+_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+          9: 2.262, 10: 2.228}
+
+
+def mean_and_interval(values: list[float]) -> tuple[float, float]:
+  """Mean and half-width of the 95% Student-t interval over seeds (nan with one value)."""
+  n = len(values)
+  mean = sum(values) / n
+  if n < 2:
+    return mean, math.nan
+  sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+  return mean, _T_975.get(n - 1, 1.96) * sd / math.sqrt(n)

@@ -1,0 +1,89 @@
+"""The import graph of qtarget and experiments has no cycles (lazy imports inside functions
+count: a cycle is a cycle whenever it closes)."""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _modules():
+  """Module name -> path, for qtarget/ and experiments/ (top-level scripts by file name)."""
+  modules = {}
+  for path in (ROOT / 'qtarget').rglob('*.py'):
+    parts = path.relative_to(ROOT).with_suffix('').parts
+    name = '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+    modules[name] = path
+  for path in (ROOT / 'experiments').glob('*.py'):
+    modules[f'experiments.{path.stem}'] = path
+  return modules
+
+
+def _imports(name, path, modules):
+  """The project modules ``name`` imports, anywhere in its file."""
+  found = set()
+  package = name if path.name == '__init__.py' else name.rpartition('.')[0]
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      candidates = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ''
+      if node.level:
+        base = '.'.join(package.split('.')[:len(package.split('.')) - node.level + 1]
+                        + ([base] if base else []))
+      candidates = [base] + [f'{base}.{alias.name}' for alias in node.names]
+    else:
+      continue
+    for candidate in candidates:
+      if name.startswith('experiments.') and candidate in {m.split('.')[-1] for m in modules
+                                                          if m.startswith('experiments.')}:
+        candidate = f'experiments.{candidate}'  # the scripts import each other by file name
+      if candidate in modules and candidate != name:
+        found.add(candidate)
+  return found
+
+
+def _cycle(graph):
+  """One cycle as a list of modules, or None."""
+  state = {}
+
+  def visit(node, stack):
+    state[node] = 'open'
+    stack.append(node)
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == 'open':
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in state:
+        found = visit(nxt, stack)
+        if found:
+          return found
+    stack.pop()
+    state[node] = 'done'
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      found = visit(node, [])
+      if found:
+        return found
+  return None
+
+
+def _graph():
+  modules = _modules()
+  graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+  # A package's __init__ re-exporting its submodules is not a cycle with them.
+  for name in graph:
+    graph[name] = {m for m in graph[name] if not name.startswith(m + '.')}
+  return graph
+
+
+def test_no_import_cycles():
+  graph = _graph()
+  assert 'qtarget.fused' in graph and 'experiments.report' in graph
+  assert _cycle(graph) is None, ' -> '.join(_cycle(graph))
+
+
+def test_the_cycle_finder_finds_cycles():
+  assert _cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
+  assert _cycle({'a': {'b'}, 'b': set()}) is None
