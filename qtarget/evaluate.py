@@ -93,19 +93,25 @@ def _generate(graphdef, state, tokens_BxP, valid_BxP, key, temperature, top_p, *
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
              lora: bool = True, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             progress=None) -> list[str]:
+             progress=None, systems: list[str | None] | None = None) -> list[str]:
   """Completions of chat prompts (text up to the end-of-turn token).
 
+  ``systems``: each prompt's system prompt (None: none), rendered by the chat template exactly
+  as in training.
   ``temperature`` 0 decodes greedily; otherwise tokens are sampled from the top-p nucleus, with
   keys derived from ``seed`` and the batch index (the same call gives the same samples).
   """
   if temperature < 0 or not 0 < top_p <= 1:
     raise ValueError(f'temperature must be >= 0 and top_p in (0, 1]; got {temperature}, {top_p}.')
+  if systems is not None and len(systems) != len(prompts):
+    raise ValueError(f'{len(systems)} system prompts for {len(prompts)} prompts.')
+  systems = systems if systems is not None else [None] * len(prompts)
   graphdef, state = nnx.split(model)
   outputs = []
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
-    encoded = [tokenizer.encode_prompt(p) for p in chunk]
+    encoded = [tokenizer.encode_prompt(p, system=system)
+               for p, system in zip(chunk, systems[start:start + batch_size])]
     width = -(-max(len(e) for e in encoded) // _BUCKET) * _BUCKET
     rows = len(chunk)
     padded_rows = batch_size  # fixed batch shape: one program per bucket
@@ -241,9 +247,10 @@ def evaluate(model, tokenizer, records: list[dict], *, max_new_tokens: int = 64,
                      'gives one answer per problem; sample (temperature > 0) for k > 1.')
   start = time.time()
   prompts = [r['prompt'] for r in records for _ in range(num_samples)]
+  systems = [records_lib.system_prompt(r) for r in records for _ in range(num_samples)]
   outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                      batch_size=batch_size, lora=lora, temperature=temperature, top_p=top_p,
-                     seed=seed, progress=progress)
+                     seed=seed, progress=progress, systems=systems)
   predictions = []
   for index, output in enumerate(outputs):
     record = records[index // num_samples]

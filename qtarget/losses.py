@@ -48,6 +48,12 @@ def q_cross_entropy(logits: Array, labels: Array, target: targets_lib.Target,
   under ``jax.jit`` they cannot raise and give a NaN loss (and NaN gradient) at that position,
   never a silently wrong finite value.
 
+  The residual must sum to one (``exp(target.log_residual)`` over the vocabulary, as every
+  constructor's does): the gradient is defined as p - Q, which is the loss's own gradient only
+  then (where the trust is below 1). A concrete target that breaks this raises a ValueError
+  (tolerance 1e-3); under
+  ``jax.jit`` it cannot be checked and is the caller's contract.
+
   Example:
     >>> logits = jnp.array([[2.0, 0.0, -1.0]])
     >>> labels = jnp.array([0])
@@ -62,6 +68,7 @@ def q_cross_entropy(logits: Array, labels: Array, target: targets_lib.Target,
     raise ValueError(f'target.trust of shape {jnp.shape(target.trust)} does not match labels of '
                      f'shape {jnp.shape(labels)}.')
   validation.check_label_range(labels, jnp.shape(logits)[-1], where)
+  validation.check_residual_normalized(target.trust, target.log_residual, where)
 
   dtype = validation.compute_dtype(jnp.result_type(logits))
   logits = jnp.asarray(logits).astype(dtype)

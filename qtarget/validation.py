@@ -104,3 +104,28 @@ def check_hyperparameter(name: str, value, labels_shape, low: float, high: float
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     offending = values[np.isnan(values) | below | above].ravel()[0]
     raise ValueError(f'hyperparameter {name}={offending} is outside its valid range {interval}.')
+
+
+def check_residual_normalized(trust, log_residual, where=None, tolerance: float = 1e-3) -> None:
+  """Raises if a concrete residual does not sum to one where it carries mass (trust < 1, at an
+  unmasked position).
+
+  The loss's custom derivative is p - Q, which is the loss's true gradient only when Q sums to
+  one; an unnormalized hand-built residual would train on a gradient that is not the loss's.
+  """
+  if not all(is_concrete(x) for x in (trust, log_residual, where)):
+    return
+  if jnp.size(log_residual) == 0:
+    return
+  sums = np.asarray(jnp.exp(jax.nn.logsumexp(jnp.asarray(log_residual, jnp.float32), axis=-1)))
+  bad = ~(np.abs(sums - 1.0) <= tolerance)  # NaN counts as bad
+  bad &= np.broadcast_to(np.asarray(trust) != 1, bad.shape)
+  if where is not None:
+    bad &= np.broadcast_to(np.asarray(where, bool), bad.shape)
+  if bad.any():
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f'target.log_residual does not sum to one at {int(bad.sum())} position(s) where the '
+        f'trust is below 1; at index {index} exp(log_residual) sums to {sums[index]:.6g}. Build '
+        'targets with qtarget.targets (or normalize the residual with jax.nn.log_softmax): the '
+        "loss's gradient p - Q assumes sum(Q) = 1.")

@@ -65,6 +65,11 @@ def test_parquet_file(tmp_path):
     ('{"prompt": "a"}\n', r'd.jsonl:1: record without a response'),
     ('{"response": "b"}\n', r'd.jsonl:1: no prompt'),
     ('{"messages": [{"role": "user", "content": "hi"}]}\n', 'no assistant turn'),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+     '{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}\n',
+     r"d.jsonl:1: \"messages\" holds the turns \['user', 'assistant', 'user', 'assistant'\]"),
+    ('{"messages": [{"role": "assistant", "content": "b"}, {"role": "user", "content": "a"}]}\n',
+     r"holds the turns \['assistant', 'user'\]"),
 ])
 def test_bad_files(tmp_path, content, message):
   (tmp_path / 'd.jsonl').write_text(content)

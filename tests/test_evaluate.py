@@ -17,8 +17,8 @@ class _DigitsTokenizer:
   """Prompts are space-separated ids; outputs decode to the same form."""
   eos_id = EOS
 
-  def encode_prompt(self, prompt):
-    return [int(t) for t in prompt.split()]
+  def encode_prompt(self, prompt, system=None):
+    return [int(t) for t in ((system or '') + ' ' + prompt).split()]
 
   def decode(self, ids):
     return ' '.join(str(int(i)) for i in ids)
@@ -164,3 +164,42 @@ def test_boxed_answers_are_extracted_and_scored():
   output = 'We get $x = \\boxed{\\dfrac{3}{2}}$. Check: \\boxed{1.5} is the same.'
   extracted = records.extract_answer(output, record['answer'])
   assert extracted == '1.5' and evaluate.score(record, extracted) == 1.0
+
+
+def test_evaluation_prompts_carry_the_system_prompt_as_training_does():
+  """A record whose metadata holds a system prompt is generated from the same rendering as the
+  training example's prompt: a prefix of the training tokens, system prompt included."""
+  import availability  # pylint: disable=g-import-not-at-top
+  if availability.smollm2_missing():
+    pytest.skip(availability.smollm2_missing())
+  from qtarget import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from qtarget.data import pipeline  # pylint: disable=g-import-not-at-top
+  import gguf  # pylint: disable=g-import-not-at-top
+  from qtarget import checkpoints  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizer_lib.Tokenizer.from_gguf(
+      gguf.GGUFReader(str(checkpoints.smollm2_gguf_path())))
+  record = records.record_from_row(
+      {'messages': [{'role': 'system', 'content': 'Answer in French.'},
+                    {'role': 'user', 'content': 'What is 2+3?'},
+                    {'role': 'assistant', 'content': 'cinq'}]}, 'row 1')
+  assert records.system_prompt(record) == 'Answer in French.'
+  example = pipeline.example_arrays(record, tokenizer, max_length=512, truncate=False)
+  seen = []
+
+  class Recording:  # the real tokenizer, recording the prompts generation encodes
+    eos_id = tokenizer.eos_id
+    decode = staticmethod(tokenizer.decode)
+
+    def encode_prompt(self, prompt, system=None):
+      seen.append(tokenizer.encode_prompt(prompt, system=system))
+      return [1]
+
+  config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                             num_layers=1, num_heads=2, num_kv_heads=1)
+  evaluate.evaluate(llama.Llama(config, rngs=nnx.Rngs(0)), Recording(), [record],
+                    max_new_tokens=1, batch_size=1)
+  training_tokens = list(example['tokens'])
+  assert len(seen) == 1 and training_tokens[:len(seen[0])] == list(seen[0])
+  assert 'Answer in French.' in tokenizer.decode(seen[0])
+  # Without the system prompt the rendering differs (so the check above can fail).
+  assert list(tokenizer.encode_prompt(record['prompt'])) != training_tokens[:len(seen[0])]

@@ -194,3 +194,28 @@ def test_bad_where_and_target_shapes():
     losses.q_cross_entropy(logits[:1], labels[:1], target)
   with pytest.raises(ValueError, match='do not match'):
     losses.q_cross_entropy(logits, labels[:, :2], target)
+
+
+def test_a_residual_that_does_not_sum_to_one_is_refused():
+  """A hand-built target whose residual is unnormalized: its loss's own gradient is not p - Q
+  (checked here with jax.grad of the formula), so a concrete one raises."""
+  logits = jnp.array([[1.0, 0.5, -1.0, 0.0]])
+  labels = jnp.array([1])
+  unnormalized = targets.Target(trust=jnp.array([0.3]), log_residual=jnp.log(
+      jnp.array([[0.5, 0.5, 0.5, 0.5]])))  # sums to 2
+  with pytest.raises(ValueError, match=r'does not sum to one at 1 position.*sums to 2'):
+    losses.q_cross_entropy(logits, labels, unnormalized)
+  # Why: the formula's gradient differs from the custom p - Q for such a target.
+  log_probs = jax.nn.log_softmax(logits)
+  formula = lambda z: (-0.3 * jax.nn.log_softmax(z)[0, 1]
+                       - 0.7 * jnp.sum(0.5 * jax.nn.log_softmax(z)))
+  q = 0.3 * jax.nn.one_hot(labels, 4) + 0.7 * 0.5
+  assert not np.allclose(jax.grad(formula)(logits), jnp.exp(log_probs) - q, atol=1e-3)
+  # Masked positions, and positions with trust 1, do not use the residual: no error.
+  losses.q_cross_entropy(logits, labels, unnormalized, where=jnp.array([False]))
+  losses.q_cross_entropy(logits, labels, unnormalized._replace(trust=jnp.array([1.0])))
+  # A normalized residual passes; under jit nothing is checked (documented contract).
+  normalized = unnormalized._replace(log_residual=jax.nn.log_softmax(unnormalized.log_residual))
+  losses.q_cross_entropy(logits, labels, normalized)
+  jitted = jax.jit(losses.q_cross_entropy)(logits, labels, unnormalized)
+  assert np.isfinite(jitted).all()

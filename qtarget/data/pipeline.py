@@ -17,6 +17,7 @@ import grain
 import numpy as np
 
 from qtarget.data import builders
+from qtarget.data import records as records_lib
 
 
 class DataError(ValueError):
@@ -40,11 +41,8 @@ class ScanReport:
 def example_arrays(record: dict, tokenizer, max_length: int, truncate: bool) -> dict:
   """Next-token arrays of one record: inputs, targets and the response mask, at most
   ``max_length`` long (cut at the end when ``truncate``)."""
-  system = None
-  if '"system"' in record.get('metadata', ''):
-    import json  # pylint: disable=g-import-not-at-top
-    system = json.loads(record['metadata']).get('system')
-  encoded = tokenizer.encode_example(record['prompt'], record['response'], system=system)
+  encoded = tokenizer.encode_example(record['prompt'], record['response'],
+                                     system=records_lib.system_prompt(record))
   ids, mask = encoded.token_ids, encoded.loss_mask
   if len(ids) - 1 > max_length:
     if not truncate:

@@ -73,6 +73,15 @@ def last_boxed(text: str) -> str | None:
   return None
 
 
+def system_prompt(record: dict) -> str | None:
+  """The system prompt a record carries (in its metadata), or None: the one rendering of a
+  record's prompt for training and for evaluation alike."""
+  metadata = record.get('metadata') or ''
+  if '"system"' not in metadata:
+    return None
+  return json.loads(metadata).get('system') or None
+
+
 def _from_messages(messages, where: str) -> tuple[str, str, str | None]:
   if not isinstance(messages, list) or not messages:
     raise RecordError(f'{where}: "messages" must be a non-empty list of role/content dicts.')
@@ -83,6 +92,13 @@ def _from_messages(messages, where: str) -> tuple[str, str, str | None]:
     raise RecordError(f'{where}: "messages" has no user turn.')
   if not assistants or not assistants[-1]:
     raise RecordError(f'{where}: "messages" has no assistant turn (no response to learn).')
+  turns = [m.get('role') for m in messages if m.get('role') != 'system']
+  if turns != ['user', 'assistant']:
+    raise RecordError(
+        f'{where}: "messages" holds the turns {turns}; only one user turn followed by one '
+        'assistant turn (after an optional system message) is supported. Split a multi-turn '
+        'conversation into one row per assistant turn, with the conversation before it as the '
+        'prompt.')
   return users[0], assistants[-1], system
 
 
