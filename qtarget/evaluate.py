@@ -11,8 +11,6 @@ by reasoning-gym's ``score_answer`` for reasoning-gym tasks, or by MATH-style eq
 import dataclasses
 import functools
 import json
-import math
-import re
 import time
 
 import jax
@@ -142,75 +140,18 @@ def _reasoning_gym_dataset(task: str):
   return reasoning_gym.create_dataset(task, size=1, seed=0)
 
 
-_LATEX_NOISE = (r'\left', r'\right', r'\!', r'\,', r'\;', r'\:', r'\ ', '^\\circ', '^{\\circ}',
-                r'\%', '%', r'\$', '$', r'\displaystyle')
-
-
-def _strip_text_commands(answer: str) -> str:
-  r"""``\text{cm}``-style wrappers keep their content; ``\mbox`` and ``\mathrm`` too."""
-  return re.sub(r'\\(?:text|textbf|mbox|mathrm|mathbf)\{([^{}]*)\}', r'\1', answer)
-
-
-def normalize_math(answer: str) -> str:
-  r"""A MATH-style canonical form: LaTeX spacing and sizing dropped, ``dfrac``/``tfrac`` ->
-  ``frac``, ``\frac12`` -> ``\frac{1}{2}``, ``\sqrt2`` -> ``\sqrt{2}``, a leading ``x =`` and
-  thousands separators removed, no whitespace."""
-  answer = _strip_text_commands(answer.strip())
-  for noise in _LATEX_NOISE:
-    answer = answer.replace(noise, '')
-  answer = answer.replace(r'\dfrac', r'\frac').replace(r'\tfrac', r'\frac')
-  answer = re.sub(r'\\frac(\d)(\d)', r'\\frac{\1}{\2}', answer)
-  answer = re.sub(r'\\frac\{([^{}]*)\}(\d)', r'\\frac{\1}{\2}', answer)
-  answer = re.sub(r'\\sqrt(\d+)', r'\\sqrt{\1}', answer)
-  answer = re.sub(r'^[a-zA-Z]\s*=\s*', '', answer)  # "x = 5" -> "5"
-  answer = re.sub(r'(\d),(\d{3})(?!\d)', r'\1\2', answer)  # 1,000 -> 1000
-  answer = re.sub(r'\s+', '', answer).rstrip('.')
-  return answer
-
-
-def _number(answer: str) -> float | None:
-  r"""The value of an integer, decimal, ``a/b`` or ``\frac{a}{b}`` (optionally negative)."""
-  match = re.fullmatch(r'(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}', answer)
-  try:
-    if match:
-      return (-1 if match[1] else 1) * float(match[2]) / float(match[3])
-    if re.fullmatch(r'-?[\d.]+/-?[\d.]+', answer):
-      numerator, denominator = answer.split('/')
-      return float(numerator) / float(denominator)
-    if re.fullmatch(r'-?\d*\.?\d+', answer):
-      return float(answer)
-  except (ValueError, ZeroDivisionError):
-    return None
-  return None
-
-
-def _split_top_level(answer: str) -> list[str]:
-  parts, depth, current = [], 0, ''
-  for char in answer:
-    depth += char in '([{'
-    depth -= char in ')]}'
-    if char == ',' and depth == 0:
-      parts.append(current)
-      current = ''
-    else:
-      current += char
-  return parts + [current]
-
-
 def math_equal(prediction: str, gold: str) -> bool:
-  r"""MATH-style answer equivalence: equal canonical forms (:func:`normalize_math`), or equal
-  numbers (``0.5`` = ``\frac{1}{2}`` = ``1/2``, relative tolerance 1e-6), element by element for
-  tuples and lists with the same brackets."""
-  a, b = normalize_math(prediction), normalize_math(gold)
-  if a == b:
-    return True
-  x, y = _number(a), _number(b)
-  if x is not None and y is not None:
-    return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
-  if a[:1] in '([' and a[:1] == b[:1] and a[-1:] == b[-1:] and a[-1:] in ')]':
-    left, right = _split_top_level(a[1:-1]), _split_top_level(b[1:-1])
-    return len(left) == len(right) > 1 and all(map(math_equal, left, right))
-  return False
+  r"""MATH-style answer equivalence by math-verify (the checker of the open reasoning-SFT
+  evaluations): both answers parsed as LaTeX into sympy and compared symbolically and
+  numerically (``0.5`` = ``\frac{1}{2}`` = ``1/2``, ``x = 5`` = ``5``, tuples element by
+  element, intervals by their brackets). An empty or unparseable prediction is wrong."""
+  from math_verify import parse, verify  # pylint: disable=g-import-not-at-top
+  as_latex = lambda text: f'${text}$'  # extracted answers are bare LaTeX
+  parsed_gold = parse(as_latex(gold))
+  parsed_prediction = parse(as_latex(prediction))
+  if not parsed_gold or not parsed_prediction:
+    return False
+  return bool(verify(parsed_gold, parsed_prediction))
 
 
 def score(record: dict, extracted: str) -> float:
