@@ -66,6 +66,7 @@ def _compare(*args, results):
 
 
 @needs_smollm2
+@pytest.mark.slow  # the comparison tool end to end (90 s on 2 cores)
 def test_paper_grid_runs_records_resumes_and_rescores(tmp_path):
   train = tmp_path / 'numina_cot.jsonl'
   train.write_text(''.join(json.dumps(r) + '\n' for r in _numina_rows(40)))

@@ -35,6 +35,13 @@ exec(DESIGN_SOURCE, _namespace)  # pylint: disable=exec-used
 DESIGN = _namespace['SQRT_TRUST_GEOMETRIC']
 
 
+@pytest.fixture(autouse=True)
+def _private_registry(monkeypatch):
+  """Each test registers into a copy of the registry: nothing leaks into other tests."""
+  monkeypatch.setattr(targets, 'METHODS', dict(targets.METHODS))
+  monkeypatch.setattr(targets, 'CONSTRUCTORS', dict(targets.CONSTRUCTORS))
+
+
 def _softmax64(z):
   z = np.asarray(z, np.float64)
   e = np.exp(z - z.max(-1, keepdims=True))
@@ -71,6 +78,7 @@ def test_the_design_target_against_float64_numpy():
 
 
 def test_registration_rules():
+  assert targets.register(DESIGN) is DESIGN
   assert targets.register(DESIGN) is DESIGN  # the same object again: a no-op
   again = {}
   exec(DESIGN_SOURCE, again)  # pylint: disable=exec-used

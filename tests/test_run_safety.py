@@ -202,6 +202,7 @@ def test_a_changed_config_refuses_to_resume(overrides, fields, finished_run, tmp
     assert field in str(raised.value)
 
 
+@pytest.mark.slow  # resume rules covered by the faster tests above; these add a kill and the listing
 def test_harmless_changes_resume_and_are_listed(finished_run, tmp_path, data_dir, capsys):
   workdir = _copy(finished_run[0], tmp_path)
   shutil.rmtree(workdir / 'checkpoints' / '4')
@@ -263,6 +264,7 @@ def test_compare_only_matching_nothing_exits_non_zero():
   assert 'teacher' not in result.stdout
 
 
+@pytest.mark.slow  # resume rules covered by the faster tests above; these add a kill and the listing
 def test_sigkill_during_the_fallback_still_resumes(finished_run, tmp_path, data_dir):
   workdir = _copy(finished_run[0], tmp_path)
   shutil.rmtree(workdir / 'checkpoints' / '4' / 'state')

@@ -103,6 +103,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes: sharded equality is tested in one process by test_train_step
 def test_two_processes_agree_with_one(tmp_path):
   single = tmp_path / 'single'
   subprocess.run(_command(single, '--config.steps=3'), env=_env(devices=4), check=True,
@@ -217,6 +218,7 @@ def test_unknown_method(tmp_path):
   _assert_stopped_before_training(config, train.ConfigError, "unknown method 'sfft'")
 
 
+@pytest.mark.slow  # the SIGKILL resume test above covers interruption; this adds interval evaluation
 def test_evaluation_at_intervals_and_after_an_interruption(tmp_path):
   workdir = tmp_path / 'interval'
   flags = ['--config.steps=5', '--config.eval.every=2', '--config.eval.after=True',
