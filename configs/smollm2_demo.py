@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.pack = True  # pack several examples per row (segment ids keep them apart)
   config.data.truncate = False  # False: a longer example stops the run with its record named
   config.data.data_dir = ''  # where tfds writes array_record files (empty: ~/.cache/qtarget)
+  config.data.prefetch_batches = 2  # batches packed ahead in a background thread (0: none)
 
   config.steps = 100  # optimizer steps
   config.batch_size = 4  # rows per optimizer step, across all hosts

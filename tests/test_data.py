@@ -166,11 +166,19 @@ def test_packed_batches(tmp_path, tokenizer):
 
 
 @needs_tokenizer
-def test_iterator_state_resumes_exactly(tmp_path, tokenizer):
+@pytest.mark.parametrize('prefetch_batches', [0, 2])
+def test_iterator_state_resumes_exactly(tmp_path, tokenizer, prefetch_batches):
   config = builders.ReasoningGymConfig(task='chain_sum', train_size=60, eval_size=4, seed=2)
   builder = builders.prepare(config, str(tmp_path))
-  make = lambda: pipeline.train_dataset(builder, tokenizer, seq_len=128, batch_size=2, seed=5,
-                                        num_epochs=None, pack=True, truncate=False)
+  make = lambda prefetch=prefetch_batches: pipeline.train_dataset(
+      builder, tokenizer, seq_len=128, batch_size=2, seed=5, num_epochs=None, pack=True,
+      truncate=False, prefetch_batches=prefetch)
+  # Prefetching changes where the work runs, not the stream.
+  plain, ahead = iter(make(0)), iter(make(2))
+  for _ in range(5):
+    got, want = next(ahead), next(plain)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
   iterator = iter(make())
   for _ in range(3):
     next(iterator)

@@ -104,6 +104,21 @@ def test_the_loop_counts_skipped_updates(tmp_path, data_dir):
   assert sum(line['nonfinite'] for line in lines) == lines[-1]['skipped_updates']
 
 
+# The host waits on the device once per log interval, not once per step.
+
+def test_metrics_are_fetched_once_per_log_interval(tmp_path, data_dir, monkeypatch):
+  fetched = []
+  original = train.loop.fetch_metrics
+  monkeypatch.setattr(train.loop, 'fetch_metrics',
+                      lambda pending: fetched.append(len(pending)) or original(pending))
+  workdir = tmp_path / 'run'
+  train.run(_config(workdir, data_dir, steps=8, log_every=4, **{'checkpoint.every': 8}))
+  # The first step alone (it includes compilation), then steps 2-4, then 5-8: every step once.
+  assert fetched == [1, 3, 4]
+  logged = [line['step'] for line in _strict_json_lines(workdir / 'metrics.jsonl')]
+  assert logged == [4, 8]
+
+
 # Damaged, missing and lost checkpoints.
 
 @pytest.fixture(scope='module')

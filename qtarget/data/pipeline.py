@@ -99,8 +99,13 @@ def _from_packed(packed: dict) -> dict:
 def train_dataset(builder, tokenizer, *, split: str = 'train', seq_len: int,
                   batch_size: int, seed: int, num_epochs: int | None, pack: bool,
                   truncate: bool, process_index: int = 0, process_count: int = 1,
-                  packing_bins: int = 16) -> grain.IterDataset:
+                  packing_bins: int = 16, prefetch_batches: int = 0) -> grain.IterDataset:
   """This host's rows of each global batch (``batch_size`` rows across all hosts).
+
+  Records are read and tokenized by grain's reader threads; with ``prefetch_batches`` > 0,
+  packing and batching run in a background thread too, that many batches ahead, so the host
+  prepares the next batch while the device runs the step. The stream, and the iterator state
+  that checkpoints save, are the same either way.
 
   Every host builds the same global stream (shuffle, packing and batching depend on the seed
   only) and keeps its contiguous block of rows, so the global batch, and so training, is the same
@@ -122,7 +127,10 @@ def train_dataset(builder, tokenizer, *, split: str = 'train', seq_len: int,
   else:
     iterable = iterable.map(lambda e: _pad(e, seq_len))
   batches = iterable.batch(batch_size, drop_remainder=True)
-  if process_count == 1:
-    return batches
-  return batches.map(lambda b: {k: v[process_index * rows:(process_index + 1) * rows]
-                                for k, v in b.items()})
+  if process_count > 1:
+    batches = batches.map(lambda b: {k: v[process_index * rows:(process_index + 1) * rows]
+                                     for k, v in b.items()})
+  if prefetch_batches:
+    batches = grain.experimental.ThreadPrefetchIterDataset(
+        batches, prefetch_buffer_size=prefetch_batches)
+  return batches

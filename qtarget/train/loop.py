@@ -88,7 +88,8 @@ def _data(config, tokenizer, vocab_size):
       builder, tokenizer, seq_len=data.seq_len, batch_size=config.batch_size,
       seed=data.seed * 1_000_003 + config.seed,  # the run seed varies the order, not the data
       num_epochs=None, pack=data.pack, truncate=data.truncate,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      prefetch_batches=data.get('prefetch_batches', 2))
   return dataset, report, eval_records
 
 
@@ -105,6 +106,12 @@ def _divergence(metrics: dict) -> str | None:
     return (f"the gradient norm is exactly 0 with loss {metrics['loss']:.4g} (the model has "
             'died: it no longer learns)')
   return None
+
+
+def fetch_metrics(device_metrics: list[dict]) -> list[dict]:
+  """One device-to-host transfer for a log interval's metrics (the loop's only wait on the
+  device between checkpoints)."""
+  return jax.device_get(device_metrics)
 
 
 def _json_number(value):
@@ -270,7 +277,7 @@ def run(config) -> dict:
     nonlocal train_seconds, tokens_seen, last, skipped, interval_start
     if not pending:
       return
-    fetched = jax.device_get([device_metrics for _, device_metrics, _ in pending])
+    fetched = fetch_metrics([device_metrics for _, device_metrics, _ in pending])
     seconds = (time.time() - interval_start) / len(pending)  # the interval's mean step
     for (step, _, real_tokens), values in zip(pending, fetched):
       metrics = {name: float(value) for name, value in values.items()}
@@ -328,6 +335,8 @@ def run(config) -> dict:
     save(config.steps)  # resumed at the end: make sure the final state is on disk
   run_checkpoints.wait()
   log.close()
+  if hasattr(iterator, 'close'):
+    iterator.close()  # stops the prefetch thread
 
   if config.eval.after:
     summary['eval_after'] = _evaluate('after', state, tokenizer, eval_records, config, workdir,
