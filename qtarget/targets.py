@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qtarget import cached_prior
 from qtarget import validation
 
 Array = jax.Array
@@ -225,7 +226,9 @@ def log_residual_from_powers(log_probs: Array, prior_log_probs: Array | None,
 
 def _check_common(method: Method, logits, labels, prior_logits, hyperparameters):
   validation.check_labels(logits, labels)
-  if prior_logits is not None:
+  if isinstance(prior_logits, cached_prior.CachedPrior):
+    validation.check_cached_prior(logits, prior_logits)
+  elif prior_logits is not None:
     validation.check_prior(logits, prior_logits)
   elif method.needs_prior:
     raise ValueError(
@@ -245,7 +248,10 @@ def build(method: Method, logits: Array, labels: Array, *, prior_logits: Array |
   dtype = validation.compute_dtype(jnp.result_type(logits))
   log_probs = jax.nn.log_softmax(jax.lax.stop_gradient(logits).astype(dtype), axis=-1)
   prior_log_probs = None
-  if method.needs_prior:
+  if method.needs_prior and isinstance(prior_logits, cached_prior.CachedPrior):
+    prior_log_probs = jax.lax.stop_gradient(cached_prior.prior_log_probs(
+        prior_logits, jax.lax.stop_gradient(logits))).astype(dtype)
+  elif method.needs_prior:
     prior_log_probs = jax.nn.log_softmax(
         jax.lax.stop_gradient(prior_logits).astype(dtype), axis=-1)
   traced, static = method.split_hyperparameters(hyperparameters)

@@ -56,6 +56,26 @@ def check_prior(logits, prior_logits) -> None:
         f'{student_shape}.')
 
 
+def check_cached_prior(logits, cached) -> None:
+  """A :class:`qtarget.cached_prior.CachedPrior` that fits the student's logits."""
+  vocab_size, positions = jnp.shape(logits)[-1], jnp.shape(logits)[:-1]
+  k = jnp.shape(cached.token_ids)[-1]
+  if jnp.shape(cached.token_ids)[:-1] != positions or jnp.shape(cached.log_probs) != jnp.shape(
+      cached.token_ids) or jnp.shape(cached.tail_log_mass) != positions:
+    raise ValueError(f'the cached prior (token_ids {jnp.shape(cached.token_ids)}, log_probs '
+                     f'{jnp.shape(cached.log_probs)}, tail_log_mass '
+                     f'{jnp.shape(cached.tail_log_mass)}) does not match the student logits '
+                     f'{jnp.shape(logits)}: expected [..., k] and [...] with ... = {positions}.')
+  if not 1 <= k <= vocab_size:
+    raise ValueError(f'the cached prior keeps k={k} tokens, outside [1, {vocab_size}] (the '
+                     'vocabulary size).')
+  if is_concrete(cached.token_ids):
+    ids = np.asarray(cached.token_ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+      raise ValueError(f'the cached prior holds token ids outside [0, {vocab_size}): '
+                       f'{int(ids.min())}..{int(ids.max())} (built for another vocabulary?).')
+
+
 def check_label_range(labels, vocab_size: int, where=None) -> None:
   """Raises if a concrete label (at an unmasked position) lies outside [0, vocab_size)."""
   if not (is_concrete(labels) and (where is None or is_concrete(where))):

@@ -1,0 +1,102 @@
+"""The prior's top-k cache: exact at k = V, within the stated bound below it."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qtarget import cached_prior
+from qtarget import losses
+from qtarget import targets
+
+VOCAB = 50
+# Every built-in method with a prior, with hyperparameters.
+PRIOR_METHODS = [('sft_kl', {'lam': 0.3}), ('asft', {'lam': 0.2}), ('distill', {}),
+                 ('hybrid_distill', {'lam': 0.4}), ('target_sft', {'eta': 0.25}),
+                 ('target_sft', {'eta': 0.5}), ('target_sft', {'eta': 1.0})]
+
+
+def _inputs(seed=0, temperature=2.0, shape=(3, 7)):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  logits = jax.random.normal(keys[0], shape + (VOCAB,)) * temperature
+  prior_logits = jax.random.normal(keys[1], shape + (VOCAB,)) * temperature
+  labels = jax.random.randint(keys[2], shape, 0, VOCAB)
+  return logits, prior_logits, labels
+
+
+def test_the_cache_holds_the_top_k_and_the_tail():
+  _, prior_logits, _ = _inputs()
+  cached = cached_prior.from_logits(prior_logits, 5)
+  log_probs = np.asarray(jax.nn.log_softmax(prior_logits), np.float64)
+  want_ids = np.argsort(-log_probs, axis=-1)[..., :5]
+  np.testing.assert_array_equal(np.sort(cached.token_ids, -1), np.sort(want_ids, -1))
+  np.testing.assert_allclose(cached.log_probs, np.take_along_axis(log_probs, want_ids, -1),
+                             atol=1e-6)
+  tail = 1 - np.exp(np.take_along_axis(log_probs, want_ids, -1)).sum(-1)
+  np.testing.assert_allclose(np.exp(cached.tail_log_mass), tail, rtol=1e-4)
+  # The reconstruction is a distribution, exact on the top k, the tail like the student's.
+  logits, _, _ = _inputs(seed=1)
+  rebuilt = np.exp(np.asarray(cached_prior.prior_log_probs(cached, logits), np.float64))
+  np.testing.assert_allclose(rebuilt.sum(-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.take_along_axis(rebuilt, want_ids, -1),
+                             np.exp(np.take_along_axis(log_probs, want_ids, -1)), rtol=1e-5)
+  p = np.asarray(jax.nn.softmax(logits), np.float64)
+  outside = np.ones_like(p, bool)
+  np.put_along_axis(outside, want_ids, False, -1)
+  ratio = np.where(outside, rebuilt / p, np.nan)  # constant over the tail of each position
+  spread = np.nanmax(ratio, -1) / np.nanmin(ratio, -1)
+  np.testing.assert_allclose(spread, 1.0, rtol=1e-4)
+
+
+@pytest.mark.parametrize('method, hyper', PRIOR_METHODS, ids=lambda x: str(x))
+def test_k_equal_to_the_vocabulary_reproduces_the_online_prior(method, hyper):
+  logits, prior_logits, labels = _inputs()
+  cached = cached_prior.from_logits(prior_logits, VOCAB)
+  assert np.all(np.isneginf(cached.tail_log_mass))
+
+  def loss(z, prior):
+    target = targets.get(method)(z, labels, prior_logits=prior, **hyper)
+    return jnp.sum(losses.q_cross_entropy(z, labels, target))
+
+  online, online_grad = jax.value_and_grad(loss)(logits, prior_logits)
+  offline, offline_grad = jax.value_and_grad(loss)(logits, cached)
+  np.testing.assert_allclose(offline, online, rtol=1e-6)
+  np.testing.assert_allclose(offline_grad, online_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize('method, hyper', PRIOR_METHODS, ids=lambda x: str(x))
+@pytest.mark.parametrize('k', [1, 4, 16])
+@pytest.mark.parametrize('temperature', [0.5, 3.0])
+def test_the_target_error_stays_within_the_bound(method, hyper, k, temperature):
+  logits, prior_logits, labels = _inputs(seed=k, temperature=temperature, shape=(64,))
+  cached = cached_prior.from_logits(prior_logits, k)
+  exact = targets.get(method)(logits, labels, prior_logits=prior_logits, **hyper)
+  approx = targets.get(method)(logits, labels, prior_logits=cached, **hyper)
+  q, q_hat = (np.asarray(targets.dense(t, labels), np.float64) for t in (exact, approx))
+  tv = 0.5 * np.abs(q - q_hat).sum(-1)
+  powers = targets.METHODS[method].residual_powers(**hyper)
+  bound = np.asarray(cached_prior.target_error_bound(cached, logits, exact.trust, *powers))
+  assert np.all(tv <= bound + 1e-5), (tv - bound).max()
+  # The bound is not vacuous: it is below the whole untrusted mass where the tail is small.
+  small_tail = np.exp(np.asarray(cached.tail_log_mass)) < 0.05
+  if small_tail.any():
+    assert np.all(bound[small_tail] < (1 - np.asarray(exact.trust))[small_tail] + 1e-6)
+  # The prior's own error: TV(prior, cached prior) <= tail mass.
+  prior = np.asarray(jax.nn.softmax(prior_logits), np.float64)
+  rebuilt = np.exp(np.asarray(cached_prior.prior_log_probs(cached, logits), np.float64))
+  prior_tv = 0.5 * np.abs(prior - rebuilt).sum(-1)
+  assert np.all(prior_tv <= np.exp(np.asarray(cached.tail_log_mass)) + 1e-6)
+
+
+def test_bad_caches_are_refused():
+  logits, prior_logits, labels = _inputs()
+  with pytest.raises(ValueError, match=r'k must be an int in \[1, 50\]'):
+    cached_prior.from_logits(prior_logits, 51)
+  cached = cached_prior.from_logits(prior_logits, 4)
+  with pytest.raises(ValueError, match='does not match the student logits'):
+    targets.target_sft(logits[:2], labels[:2], prior_logits=cached, eta=0.5)
+  wrong_vocabulary = cached._replace(token_ids=cached.token_ids + VOCAB)
+  with pytest.raises(ValueError, match='built for another vocabulary'):
+    targets.target_sft(logits, labels, prior_logits=wrong_vocabulary, eta=0.5)
