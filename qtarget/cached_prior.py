@@ -45,9 +45,16 @@ class CachedPrior(NamedTuple):
   tail_log_mass: Array
 
 
+def _scatter_index(token_ids_xK: Array) -> tuple:
+  rows = jnp.indices(token_ids_xK.shape, sparse=True)
+  return tuple(rows[:-1]) + (token_ids_xK,)
+
+
 def _in_top_k(token_ids_xK: Array, vocab_size: int) -> Array:
-  """``[..., V]`` boolean: whether each token is among the cached ones."""
-  return jnp.any(token_ids_xK[..., :, None] == jnp.arange(vocab_size), axis=-2)
+  """``[..., V]`` boolean: whether each token is among the cached ones (a scatter: no
+  ``[..., k, V]`` comparison)."""
+  mask = jnp.zeros(token_ids_xK.shape[:-1] + (vocab_size,), bool)
+  return mask.at[_scatter_index(token_ids_xK)].set(True)
 
 
 def from_logits(prior_logits: Array, k: int) -> CachedPrior:
@@ -75,9 +82,7 @@ def prior_log_probs(cached: CachedPrior, student_logits: Array) -> Array:
       empty_tail, 0.0, cached.tail_log_mass[..., None])
   tail = jnp.where(empty_tail, -jnp.inf, spread)
   scattered = jnp.full(student.shape, -jnp.inf, jnp.float32)
-  rows = jnp.indices(cached.token_ids.shape)
-  index = tuple(rows[:-1]) + (cached.token_ids,)
-  scattered = scattered.at[index].set(cached.log_probs)
+  scattered = scattered.at[_scatter_index(cached.token_ids)].set(cached.log_probs)
   return jnp.where(in_top, scattered, tail)
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from qtarget import cached_prior as cached_prior_lib
 from qtarget import targets as targets_lib
 from qtarget import validation
 
@@ -51,7 +52,7 @@ class FusedAux(NamedTuple):
 
 
 def _chunk_values(method, hidden_CxH, head_HxV, labels_C, weights_C, prior_hidden_CxP,
-                  prior_head_PxV, hyper_C, static):
+                  prior_head_PxV, prior_cache_C, hyper_C, static):
   """Loss, logit gradient and metrics of one chunk of tokens, in float32."""
   logits = jnp.dot(hidden_CxH, head_HxV, preferred_element_type=jnp.float32)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -59,8 +60,12 @@ def _chunk_values(method, hidden_CxH, head_HxV, labels_C, weights_C, prior_hidde
   prior_log_probs = None
   prior_entropy = jnp.zeros(labels_C.shape, jnp.float32)
   if method.needs_prior:
-    prior_logits = jnp.dot(prior_hidden_CxP, prior_head_PxV, preferred_element_type=jnp.float32)
-    prior_log_probs = jax.nn.log_softmax(prior_logits, axis=-1)
+    if prior_cache_C is not None:  # the cached top-k prior, its tail spread like the student's
+      prior_log_probs = cached_prior_lib.prior_log_probs(prior_cache_C, logits)
+    else:
+      prior_logits = jnp.dot(prior_hidden_CxP, prior_head_PxV,
+                             preferred_element_type=jnp.float32)
+      prior_log_probs = jax.nn.log_softmax(prior_logits, axis=-1)
     prior_probs = jnp.exp(prior_log_probs)
     prior_entropy = -jnp.sum(jnp.where(prior_probs > 0, prior_probs * prior_log_probs, 0.0), -1)
   hyper_C = {**hyper_C, **static}
@@ -102,24 +107,29 @@ def register_implementation(name: str, forward) -> None:
   _EXTRA_IMPLEMENTATIONS[name] = forward
 
 
-def _implementation_forward(implementation, method_key, chunk_size, *args):
+def _implementation_forward(implementation, method_key, chunk_size, hidden_NxH, head_HxV,
+                            labels_N, weights_N, prior_hidden_NxP, prior_head_PxV, prior_cache,
+                            hyper_N):
   """``method_key``: ``(name, static hyperparameters as (name, value) pairs)``."""
   if implementation == 'xla':
-    return _forward(method_key, chunk_size, *args)
-  return _EXTRA_IMPLEMENTATIONS[implementation](method_key[0], *args)
+    return _forward(method_key, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
+                    prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N)
+  return _EXTRA_IMPLEMENTATIONS[implementation](method_key[0], hidden_NxH, head_HxV, labels_N,
+                                                weights_N, prior_hidden_NxP, prior_head_PxV,
+                                                hyper_N)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _fused(implementation, method_key, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
-           prior_hidden_NxP, prior_head_PxV, hyper_N):
+           prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N):
   total, aux, _ = _implementation_forward(implementation, method_key, chunk_size, hidden_NxH,
                                           head_HxV, labels_N, weights_N, prior_hidden_NxP,
-                                          prior_head_PxV, hyper_N)
+                                          prior_head_PxV, prior_cache, hyper_N)
   return total, aux
 
 
 def _forward(method_key, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
-             prior_hidden_NxP, prior_head_PxV, hyper_N):
+             prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N):
   method, static = targets_lib.METHODS[method_key[0]], dict(method_key[1])
   n = labels_N.shape[0]
   pad = (-n) % chunk_size
@@ -131,13 +141,15 @@ def _forward(method_key, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
       'weights': as_chunks(weights_N.astype(jnp.float32)),
       'hyper': {k: as_chunks(v) for k, v in hyper_N.items()},
   }
-  if method.needs_prior:
+  if method.needs_prior and prior_cache is not None:
+    xs['prior_cache'] = jax.tree.map(as_chunks, prior_cache)
+  elif method.needs_prior:
     xs['prior_hidden'] = as_chunks(prior_hidden_NxP)
 
   def step(grad_head, x):
     loss, grad_logits, aux = _chunk_values(
         method, x['hidden'], head_HxV, x['labels'], x['weights'], x.get('prior_hidden'),
-        prior_head_PxV, x['hyper'], static)
+        prior_head_PxV, x.get('prior_cache'), x['hyper'], static)
     grad_logits = grad_logits.astype(head_HxV.dtype)
     grad_hidden = jnp.dot(grad_logits, head_HxV.T, preferred_element_type=jnp.float32)
     grad_head = grad_head + jnp.dot(x['hidden'].T, grad_logits,
@@ -154,24 +166,32 @@ def _forward(method_key, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
 
 
 def _fused_fwd(implementation, method_key, chunk_size, hidden_NxH, head_HxV, labels_N,
-               weights_N, prior_hidden_NxP, prior_head_PxV, hyper_N):
+               weights_N, prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N):
   total, aux, grads = _implementation_forward(implementation, method_key, chunk_size,
                                               hidden_NxH, head_HxV, labels_N, weights_N,
-                                              prior_hidden_NxP, prior_head_PxV, hyper_N)
-  shapes = (labels_N, weights_N, prior_hidden_NxP, prior_head_PxV, hyper_N)
+                                              prior_hidden_NxP, prior_head_PxV, prior_cache,
+                                              hyper_N)
+  shapes = (labels_N, weights_N, prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N)
   return (total, aux), (grads, shapes)
 
 
 def _fused_bwd(implementation, method_key, chunk_size, residuals, cotangents):
   del implementation, method_key, chunk_size
-  (grad_hidden, grad_head), (labels, weights, prior_hidden, prior_head, hyper) = residuals
+  (grad_hidden, grad_head), (labels, weights, prior_hidden, prior_head, prior_cache,
+                             hyper) = residuals
   g_total, _ = cotangents  # the per-token outputs are stop-gradient'ed by the caller
   zeros = lambda x: None if x is None else jnp.zeros_like(x)
   labels_ct = None if labels is None else jnp.zeros(labels.shape, jax.dtypes.float0)
   return ((g_total * grad_hidden.astype(jnp.float32)).astype(grad_hidden.dtype),
           (g_total * grad_head.astype(jnp.float32)).astype(grad_head.dtype),
           labels_ct, zeros(weights), zeros(prior_hidden), zeros(prior_head),
-          jax.tree.map(jnp.zeros_like, hyper))
+          jax.tree.map(_zero_cotangent, prior_cache), jax.tree.map(jnp.zeros_like, hyper))
+
+
+def _zero_cotangent(x):
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    return jnp.zeros(x.shape, jax.dtypes.float0)
+  return jnp.zeros_like(x)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -182,6 +202,7 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
                           prior_hidden_NxP: Array | None = None,
                           prior_head_PxV: Array | None = None, weights_N: Array | None = None,
                           chunk_size: int = 1024, implementation: str = 'xla',
+                          prior_cache: 'cached_prior_lib.CachedPrior | None' = None,
                           **hyperparameters) -> tuple[Array, FusedAux]:
   r"""Weighted sum over tokens of CE(Q, softmax(hidden @ head)), without N x V arrays.
 
@@ -198,6 +219,9 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
       or a :class:`qtarget.targets.Method` (registered on the way).
     prior_hidden_NxP: the prior's hidden states, for methods with a prior.
     prior_head_PxV: the prior's head (same vocabulary V).
+    prior_cache: instead of the prior's hidden states and head, its cached top-k distribution
+      (:class:`qtarget.cached_prior.CachedPrior` of ``[N, k]`` and ``[N]`` arrays), exact on
+      the top k with the tail spread like the student's (the XLA implementation).
     weights_N: per-token weights carrying the mask and the normalization (None: all ones).
     chunk_size: tokens per chunk; temporaries are O(chunk_size x V) plus the float32 H x V
       accumulator of the head gradient (the XLA implementation).
@@ -220,17 +244,23 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
   spec = targets_lib.resolve(method)
   method = spec.name
   _check_inputs(hidden_NxH, head_HxV, labels_N, weights_N, 'hidden_NxH', 'head_HxV')
-  if spec.needs_prior:
+  if spec.needs_prior and prior_cache is not None:
+    validation.check_cached_prior(labels_N.shape, head_HxV.shape[1], prior_cache)
+    if implementation != 'xla':
+      raise ValueError("a cached prior needs implementation='xla'.")
+    prior_cache = jax.tree.map(jax.lax.stop_gradient, cached_prior_lib.CachedPrior(*prior_cache))
+    prior_hidden_NxP = prior_head_PxV = None
+  elif spec.needs_prior:
     if prior_hidden_NxP is None or prior_head_PxV is None:
       raise ValueError(f'method {method!r} needs the prior: pass prior_hidden_NxP and '
-                       'prior_head_PxV.')
+                       'prior_head_PxV (or prior_cache).')
     _check_inputs(prior_hidden_NxP, prior_head_PxV, labels_N, None, 'prior_hidden_NxP',
                   'prior_head_PxV')
     if prior_head_PxV.shape[1] != head_HxV.shape[1]:
       raise ValueError(f"the prior head's vocabulary size {prior_head_PxV.shape[1]} differs from "
                        f"the student's {head_HxV.shape[1]}.")
   else:
-    prior_hidden_NxP = prior_head_PxV = None
+    prior_hidden_NxP = prior_head_PxV = prior_cache = None
   if implementation != 'xla' and implementation not in _EXTRA_IMPLEMENTATIONS:
     if implementation in KNOWN_IMPLEMENTATIONS:
       raise ValueError(f'implementation {implementation!r} is experimental: import '
@@ -257,7 +287,7 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
   chunk_size = min(chunk_size, max(n, 1))
   method_key = (method, tuple(sorted(static.items())))
   total, aux = _fused(implementation, method_key, chunk_size, hidden_NxH, head_HxV, labels_N,
-                      weights_N, prior_hidden_NxP, prior_head_PxV, hyper_N)
+                      weights_N, prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N)
   return total, jax.lax.stop_gradient(aux)
 
 
@@ -268,6 +298,7 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
                                   prior_head_PxV: Array | None = None,
                                   weights_N: Array | None = None, chunk_size: int = 1024,
                                   implementation: str = 'xla',
+                                  prior_cache: 'cached_prior_lib.CachedPrior | None' = None,
                                   **hyperparameters) -> tuple[Array, FusedAux]:
   """:func:`q_cross_entropy_fused`, data-parallel over the mesh axes ``token_axes``.
 
@@ -297,6 +328,9 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
   if prior_hidden_NxP is not None:
     args.update(prior_hidden=prior_hidden_NxP, prior_head=prior_head_PxV)
     specs.update(prior_hidden=rows, prior_head=whole)
+  if prior_cache is not None:
+    args['prior_cache'] = cached_prior_lib.CachedPrior(*prior_cache)
+    specs['prior_cache'] = cached_prior_lib.CachedPrior(rows, rows, tokens)
 
   validation.check_label_range(labels_N, head_HxV.shape[1],
                                None if weights_N is None else jnp.asarray(weights_N) != 0)
@@ -311,7 +345,7 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
         prior_hidden_NxP=a.get('prior_hidden'),
         prior_head_PxV=None if 'prior_head' not in a else varying(a['prior_head']),
         weights_N=a['weights'], chunk_size=chunk_size, implementation=implementation,
-        **a['hyper'], **static)
+        prior_cache=a.get('prior_cache'), **a['hyper'], **static)
     return jax.lax.psum(loss, token_axes), aux
 
   aux_specs = FusedAux(*([tokens] * len(FusedAux._fields)))

@@ -227,7 +227,7 @@ def log_residual_from_powers(log_probs: Array, prior_log_probs: Array | None,
 def _check_common(method: Method, logits, labels, prior_logits, hyperparameters):
   validation.check_labels(logits, labels)
   if isinstance(prior_logits, cached_prior.CachedPrior):
-    validation.check_cached_prior(logits, prior_logits)
+    validation.check_cached_prior(jnp.shape(logits)[:-1], jnp.shape(logits)[-1], prior_logits)
   elif prior_logits is not None:
     validation.check_prior(logits, prior_logits)
   elif method.needs_prior:

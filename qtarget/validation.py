@@ -56,16 +56,17 @@ def check_prior(logits, prior_logits) -> None:
         f'{student_shape}.')
 
 
-def check_cached_prior(logits, cached) -> None:
-  """A :class:`qtarget.cached_prior.CachedPrior` that fits the student's logits."""
-  vocab_size, positions = jnp.shape(logits)[-1], jnp.shape(logits)[:-1]
+def check_cached_prior(positions: tuple, vocab_size: int, cached) -> None:
+  """A :class:`qtarget.cached_prior.CachedPrior` for student logits ``positions + (V,)``."""
+  positions = tuple(positions)
   k = jnp.shape(cached.token_ids)[-1]
   if jnp.shape(cached.token_ids)[:-1] != positions or jnp.shape(cached.log_probs) != jnp.shape(
       cached.token_ids) or jnp.shape(cached.tail_log_mass) != positions:
     raise ValueError(f'the cached prior (token_ids {jnp.shape(cached.token_ids)}, log_probs '
                      f'{jnp.shape(cached.log_probs)}, tail_log_mass '
                      f'{jnp.shape(cached.tail_log_mass)}) does not match the student logits '
-                     f'{jnp.shape(logits)}: expected [..., k] and [...] with ... = {positions}.')
+                     f'{positions + (vocab_size,)}: expected [..., k] and [...] with ... = '
+                     f'{positions}.')
   if not 1 <= k <= vocab_size:
     raise ValueError(f'the cached prior keeps k={k} tokens, outside [1, {vocab_size}] (the '
                      'vocabulary size).')

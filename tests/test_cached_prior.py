@@ -100,3 +100,50 @@ def test_bad_caches_are_refused():
   wrong_vocabulary = cached._replace(token_ids=cached.token_ids + VOCAB)
   with pytest.raises(ValueError, match='built for another vocabulary'):
     targets.target_sft(logits, labels, prior_logits=wrong_vocabulary, eta=0.5)
+
+
+@pytest.mark.parametrize('method, hyper', PRIOR_METHODS, ids=lambda x: str(x))
+def test_the_fused_loss_takes_the_cache(method, hyper):
+  """k = V: the fused loss with the cache equals the fused loss with the prior's head (1e-6);
+  k = 4: it equals the dense loss with the same cache."""
+  from qtarget import fused  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(3), 4)
+  n, h = 12, 16
+  hidden = jax.random.normal(keys[0], (n, h))
+  head = jax.random.normal(keys[1], (h, VOCAB)) * 0.5
+  prior_hidden = jax.random.normal(keys[2], (n, h))
+  labels = jax.random.randint(keys[3], (n,), 0, VOCAB)
+  prior_logits = prior_hidden @ head
+  online = lambda hd, w: fused.q_cross_entropy_fused(
+      hd, w, labels, method, prior_hidden_NxP=prior_hidden, prior_head_PxV=head, chunk_size=5,
+      **hyper)[0]
+  value, grads = jax.value_and_grad(online, argnums=(0, 1))(hidden, head)
+  whole = cached_prior.from_logits(prior_logits, VOCAB)
+  cached = lambda cache: lambda hd, w: fused.q_cross_entropy_fused(
+      hd, w, labels, method, prior_cache=cache, chunk_size=5, **hyper)[0]
+  value_c, grads_c = jax.value_and_grad(cached(whole), argnums=(0, 1))(hidden, head)
+  np.testing.assert_allclose(value_c, value, rtol=1e-6)
+  for got, want in zip(grads_c, grads):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+  top4 = cached_prior.from_logits(prior_logits, 4)
+  fused_value = jax.jit(cached(top4))(hidden, head)
+  logits = hidden @ head
+  target = targets.get(method)(logits, labels, prior_logits=top4, **hyper)
+  dense_value = jnp.sum(losses.q_cross_entropy(logits, labels, target))
+  np.testing.assert_allclose(fused_value, dense_value, rtol=1e-5)
+
+
+def test_the_data_parallel_fused_loss_takes_the_cache():
+  from qtarget import fused  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  keys = jax.random.split(jax.random.key(4), 4)
+  hidden = jax.random.normal(keys[0], (16, 8))
+  head = jax.random.normal(keys[1], (8, VOCAB))
+  labels = jax.random.randint(keys[2], (16,), 0, VOCAB)
+  cache = cached_prior.from_logits(jax.random.normal(keys[3], (16, VOCAB)), 6)
+  whole, _ = fused.q_cross_entropy_fused(hidden, head, labels, 'target_sft', prior_cache=cache,
+                                         eta=0.5)
+  split, _ = jax.jit(lambda h, w: fused.q_cross_entropy_fused_sharded(
+      h, w, labels, 'target_sft', mesh=mesh, token_axes=('data',), prior_cache=cache,
+      eta=0.5))(hidden, head)
+  np.testing.assert_allclose(split, whole, rtol=1e-5)
