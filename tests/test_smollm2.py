@@ -134,3 +134,30 @@ def test_same_weights_in_transformers_give_the_same_logits(smollm2):
   ours = np.asarray(_forward(model, jnp.asarray([ids])))
   # 30 float32 layers, logits up to ~30: agreement to about 1e-5 relative.
   np.testing.assert_allclose(ours, expected, atol=1e-3, rtol=0)
+
+
+def test_cached_prior_error_on_real_smollm2_distributions(smollm2):
+  """k = 64 of SmolLM2's 49152 tokens: the target's TV error stays within the stated bound on
+  the model's own distributions over a real sentence, for students that differ from it."""
+  from qtarget import cached_prior  # pylint: disable=g-import-not-at-top
+  from qtarget import targets  # pylint: disable=g-import-not-at-top
+  model, tokenizer = smollm2
+  ids = jnp.asarray([tokenizer.encode(SENTENCE)])
+  prior_logits = _forward(model, ids)[0]
+  labels = ids[0, 1:]
+  prior_logits = prior_logits[:-1]
+  cache = cached_prior.from_logits(prior_logits, 64)
+  noise = jax.random.normal(jax.random.key(0), prior_logits.shape)
+  students = {'noisy (+N(0,1) logits)': prior_logits + noise, 'softer (T=2)': prior_logits / 2}
+  for name, logits in students.items():
+    for eta in (0.25, 0.5, 1.0):
+      exact = targets.target_sft(logits, labels, prior_logits=prior_logits, eta=eta)
+      approx = targets.target_sft(logits, labels, prior_logits=cache, eta=eta)
+      q, q_hat = (np.asarray(targets.dense(t, labels), np.float64) for t in (exact, approx))
+      tv = 0.5 * np.abs(q - q_hat).sum(-1)
+      bound = np.asarray(cached_prior.target_error_bound(cache, logits, exact.trust,
+                                                         1 - eta, eta))
+      print(f'{name} eta={eta}: tail mass mean {float(jnp.exp(cache.tail_log_mass).mean()):.4f}'
+            f' max {float(jnp.exp(cache.tail_log_mass).max()):.4f}; TV mean {tv.mean():.4f} '
+            f'max {tv.max():.4f}; bound mean {bound.mean():.4f} max {bound.max():.4f}')
+      assert np.all(tv <= bound + 1e-5)
