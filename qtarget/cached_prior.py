@@ -89,8 +89,8 @@ def prior_log_probs(cached: CachedPrior, student_logits: Array) -> Array:
 def target_error_bound(cached: CachedPrior, student_logits: Array, trust: Array,
                        model_power, prior_power) -> Array:
   """``[...]`` an upper bound on TV(Q, Q_cached) per token for a residual
-  ``p**model_power * prior**prior_power`` (see the module docstring; a negative prior power
-  gets the trivial bound 1 - trust)."""
+  ``p**model_power * prior**prior_power`` (see the module docstring; a negative power gets
+  the trivial bound 1 - trust)."""
   vocab_size = student_logits.shape[-1]
   student = jax.nn.log_softmax(jnp.asarray(student_logits, jnp.float32), axis=-1)
   in_top = _in_top_k(cached.token_ids, vocab_size)
@@ -110,13 +110,13 @@ def target_error_bound(cached: CachedPrior, student_logits: Array, trust: Array,
   log_tail_sum_p_a = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, times(a, student)), axis=-1)
   a, b = a[..., 0], b[..., 0]
   log_beta_bound = log_tail_sum_p_a + times(b, largest_tail_prior) - log_a_top
-  holder = jnp.isclose(a + b, 1.0)
+  holder = jnp.isclose(a + b, 1.0) & (a >= 0) & (b >= 0)  # where Hölder applies
   log_student_tail = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, student), axis=-1)
   log_beta_holder = times(a, log_student_tail) + times(b, log_t) - log_a_top
   log_beta_bound = jnp.where(holder, jnp.minimum(log_beta_holder, log_beta_bound),
                              log_beta_bound)
   beta_bound = jnp.minimum(jnp.exp(log_beta_bound), 1.0)
-  beta_bound = jnp.where(b < 0, 1.0, beta_bound)  # a negative prior power: no bound but 1
+  beta_bound = jnp.where((b < 0) | (a < 0), 1.0, beta_bound)  # negative powers: only 1
   empty = jnp.isneginf(log_t)
   tv_residual = jnp.where(empty, 0.0, jnp.maximum(beta_hat, beta_bound))
   return (1.0 - trust) * tv_residual

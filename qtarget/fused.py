@@ -311,7 +311,9 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
     token_axes: mesh axis names that split the N tokens; N must be divisible by their size.
   """
   token_axes = tuple(token_axes)
-  traced, static = targets_lib.resolve(method).split_hyperparameters(hyperparameters)
+  spec = targets_lib.resolve(method)
+  spec.check_hyperparameters(hyperparameters, labels_N.shape, head_HxV.shape[1])
+  traced, static = spec.split_hyperparameters(hyperparameters)
   n = labels_N.shape[0]
   shards = math.prod(mesh.shape[a] for a in token_axes)
   if n % shards:

@@ -68,7 +68,7 @@ class Range:
   high_open: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # identity: equivalence is _same_design's
 class Method:
   """A method of the table as data: a trust rule and the residual's powers.
 
@@ -94,9 +94,6 @@ class Method:
   needs_prior: bool = False
   static_hyperparameters: Mapping[str, Range] = dataclasses.field(default_factory=dict)
   trust_reads_distribution: bool = False
-
-  def __hash__(self):  # frozen, but the mappings are dicts: hash by name and identity
-    return hash((self.name, id(self)))
 
   def check_hyperparameters(self, given: Mapping, labels_shape, vocab_size=None) -> None:
     """TypeError for missing or unknown names and non-integer static values; ValueError for
@@ -498,14 +495,33 @@ def register(method: Method, *, replace: bool = False) -> Method:
   return method
 
 
-def _same_function(f, g) -> bool:
+def _same_value(a, b, depth: int) -> bool:
+  if a is b:
+    return True
+  if callable(a) and callable(b) and hasattr(a, '__code__') and hasattr(b, '__code__'):
+    return _same_function(a, b, depth + 1)  # a helper function of a config file loaded again
+  return bool(a == b)
+
+
+def _same_function(f, g, depth: int = 0) -> bool:
   if f is g:
     return True
+  if depth > 3:
+    return False
   code_f, code_g = getattr(f, '__code__', None), getattr(g, '__code__', None)
   if code_f is None or code_g is None or code_f != code_g:
     return False
+  # The values the code reads: defaults, closure cells and the module globals it names.
   cells = lambda h: tuple(c.cell_contents for c in (h.__closure__ or ()))
-  return f.__defaults__ == g.__defaults__ and cells(f) == cells(g)
+  names = lambda h: tuple(h.__globals__.get(name) for name in h.__code__.co_names
+                          if name in h.__globals__)
+  try:
+    return bool(f.__defaults__ == g.__defaults__
+                and len(cells(f)) == len(cells(g))
+                and all(_same_value(a, b, depth) for a, b in zip(cells(f), cells(g)))
+                and all(_same_value(a, b, depth) for a, b in zip(names(f), names(g))))
+  except Exception:  # pylint: disable=broad-except  # values that do not compare (arrays)
+    return False
 
 
 def _same_design(a: Method, b: Method) -> bool:

@@ -79,10 +79,28 @@ def test_the_target_error_stays_within_the_bound(method, hyper, k, temperature):
   powers = targets.METHODS[method].residual_powers(**hyper)
   bound = np.asarray(cached_prior.target_error_bound(cached, logits, exact.trust, *powers))
   assert np.all(tv <= bound + 1e-5), (tv - bound).max()
-  # The bound is not vacuous: it is below the whole untrusted mass where the tail is small.
-  small_tail = np.exp(np.asarray(cached.tail_log_mass)) < 0.05
-  if small_tail.any():
-    assert np.all(bound[small_tail] < (1 - np.asarray(exact.trust))[small_tail] + 1e-6)
+  # The bound is the docstring's, recomputed in float64 NumPy (all these methods have
+  # a + b = 1 with a, b >= 0: the smaller of the Hölder and the general bound).
+  a, b = (float(x) for x in powers)
+  p = np.asarray(jax.nn.softmax(logits), np.float64)
+  top = np.asarray(cached.token_ids)
+  in_top = np.zeros_like(p, bool)
+  np.put_along_axis(in_top, top, True, -1)
+  cached_probs = np.exp(np.asarray(cached.log_probs, np.float64))
+  t = np.exp(np.asarray(cached.tail_log_mass, np.float64))
+  s_tail = np.where(in_top, 0.0, p).sum(-1)
+  weights_top = (np.take_along_axis(p, top, -1) ** a * cached_probs ** b).sum(-1)
+  tail_hat = (np.where(in_top, 0.0, p) ** a * np.where(in_top, 0.0, p * (t / s_tail)[:, None])
+              ** b).sum(-1) if b else np.where(in_top, 0.0, p).sum(-1)
+  beta_hat = tail_hat / (weights_top + tail_hat)
+  largest_tail_prior = np.minimum(t, cached_probs.min(-1))
+  general = (np.where(in_top, 0.0, p ** a).sum(-1) * largest_tail_prior ** b / weights_top)
+  beta_bound = np.minimum(np.minimum(s_tail ** a * t ** b / weights_top, general), 1.0)
+  want = (1 - np.asarray(exact.trust, np.float64)) * np.maximum(beta_hat, beta_bound)
+  np.testing.assert_allclose(bound, want, rtol=1e-4, atol=1e-6)
+  if b == 1 and temperature > 1:  # residual = prior, peaked distributions: nearly attained
+    # (measured 0.83-0.97 of it; flat ones at temperature 0.5 reach only about 0.3)
+    assert (tv / np.maximum(bound, 1e-12)).max() > 0.5
   # The prior's own error: TV(prior, cached prior) <= tail mass.
   prior = np.asarray(jax.nn.softmax(prior_logits), np.float64)
   rebuilt = np.exp(np.asarray(cached_prior.prior_log_probs(cached, logits), np.float64))

@@ -195,3 +195,27 @@ def test_head_matmul_gradients():
             for s in signatures]
   assert operand_types(llama.head_matmul) == ['bf16'] * 3
   assert 'f32' in operand_types(plain)  # what autodiff alone does: float32 backward matmuls
+
+
+def test_auto_attention_resolves_by_backend_dtype_and_head_size(monkeypatch):
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert attention.resolve('auto', jnp.bfloat16, 128) == 'cudnn'
+  assert attention.resolve('auto', jnp.float32, 128) == 'xla'  # cuDNN flash: 16-bit only
+  assert attention.resolve('auto', jnp.bfloat16, 256) == 'xla'
+  assert attention.resolve('reference', jnp.bfloat16, 128) == 'reference'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert attention.resolve('auto', jnp.bfloat16, 128) == 'xla'  # splash is not wired in
+
+
+def test_loaded_models_get_lora_adapters_at_the_init_scale(tmp_path):
+  """A = N(0, 1/in_features) per layer of the stacked variable, B = 0 (as a fresh model's)."""
+  from qtarget import checkpoints  # pylint: disable=g-import-not-at-top
+  config = llama.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=3,
+                             num_heads=4, num_kv_heads=2)
+  checkpoints.export_hf(llama.Llama(config, rngs=nnx.Rngs(0)), tmp_path)
+  model = checkpoints.load_hf(tmp_path, lora_rank=8)
+  for module, name, fan_in in (('attn', 'q', 64), ('mlp', 'down', 96)):
+    dense = getattr(getattr(model.layers, module), name)
+    a, b = np.asarray(dense.lora_a[...]), np.asarray(dense.lora_b[...])
+    assert a.shape == (3, fan_in, 8) and not b.any()
+    np.testing.assert_allclose(a.std(), 1 / np.sqrt(fan_in), rtol=0.15)

@@ -59,14 +59,14 @@ def _carries_the_global_batch(dims, rows):
 
 
 def _parameter_shapes(abstract):
-  """Shapes of every parameter, and of one layer of each stacked (scanned) parameter."""
+  """Shapes of every parameter, where a stacked (scanned) parameter counts one layer only: a
+  whole [layers, ...] stack gathered at once (hoisted out of the scan) is not ZeRO-3."""
   trees = (abstract.params, abstract.frozen, abstract.prior)
   shapes = set()
   for tree in trees:
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
-      shapes.add(tuple(x.shape))
-      if 'layers' in jax.tree_util.keystr(path):
-        shapes.add(tuple(x.shape[1:]))
+      stacked = 'layers' in jax.tree_util.keystr(path)
+      shapes.add(tuple(x.shape[1:] if stacked else x.shape))
   return shapes
 
 

@@ -328,6 +328,8 @@ def run(config) -> dict:
     if checkpoint_due:
       save(done)
     interval_eval(done)
+    if checkpoint_due or (eval_every and done % eval_every == 0):
+      interval_start = time.time()  # step times exclude the checkpoint and the evaluation
   flush()
   if progress is not None:
     progress.close()

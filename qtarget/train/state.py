@@ -57,7 +57,9 @@ FROZEN_WEIGHTS = ('compute_dtype', 'param_dtype')
 def _frozen_in(state: nnx.State, dtype: str, mesh) -> nnx.State:
   """Floating arrays of frozen weights cast to ``dtype``, on their own shardings."""
   dtype = jnp.dtype(dtype)
-  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  # Only ever narrowing: bfloat16 weights under a float32 compute dtype stay bfloat16.
+  cast = lambda x: (x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                    and dtype.itemsize < x.dtype.itemsize else x)
   if mesh is None or not jax.tree.leaves(state):
     return jax.tree.map(cast, state)
   shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -69,8 +71,9 @@ def create_state(config, student, prior_model=None, mesh=None, rules=None) -> Tr
 
   Frozen weights (a LoRA student's base weights, a separate prior) are held in their model's
   compute dtype when ``config.frozen_weights`` is 'compute_dtype' (the default): they are only
-  ever read in that dtype, so float32 copies would cost memory and a cast at every use.
-  'param_dtype' keeps them as loaded.
+  ever read in that dtype, so float32 copies would cost memory and a cast at every use (only
+  narrowing casts are made). 'param_dtype' keeps them as loaded. A LoRA student's exported
+  weights (adapters merged) then carry base weights rounded to the compute dtype.
 
   With a ``mesh`` (and the parameter ``rules``), the optimizer state is initialised under
   ``jit`` straight into the parameters' shardings and the small leaves are replicated; the
