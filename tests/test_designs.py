@@ -59,7 +59,8 @@ def test_the_design_target_against_float64_numpy():
   p_y = np.take_along_axis(p, np.asarray(labels)[..., None], -1)[..., 0]
   residual = np.sqrt(p * prior)
   residual /= residual.sum(-1, keepdims=True)
-  q = np.sqrt(p_y)[..., None] * np.eye(11)[np.asarray(labels)] + (1 - np.sqrt(p_y))[..., None] * residual
+  trust = np.sqrt(p_y)[..., None]
+  q = trust * np.eye(11)[np.asarray(labels)] + (1 - trust) * residual
   np.testing.assert_allclose(targets.dense(target, labels), q, rtol=1e-5, atol=1e-6)
   # The loss's logit gradient is p - Q (jax.grad of the Q-loss).
   grad = jax.grad(lambda z: jnp.sum(losses.q_cross_entropy(z, labels, target)))(logits)
@@ -117,17 +118,18 @@ def get_config():
   config.hparams = {{}}
   return config
 ''')
+  cli = test_train_cli  # pylint: disable=protected-access  (its helpers)
   runs = {}
   for loss in ('dense', 'fused'):
     workdir = tmp_path / loss
-    command = test_train_cli._command(workdir, '--config.steps=2', f'--config.loss={loss}')  # pylint: disable=protected-access
+    command = cli._command(workdir, '--config.steps=2', f'--config.loss={loss}')
     command[command.index('--config') + 1] = str(config_file)
-    result = subprocess.run(command, env=test_train_cli._env(), capture_output=True, text=True)  # pylint: disable=protected-access
+    result = subprocess.run(command, env=cli._env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((workdir / 'summary.json').read_text())
     assert summary['method'] == 'sqrt_trust_geometric'
-    lines = [json.loads(line) for line in test_train_cli._metric_lines(workdir)]  # pylint: disable=protected-access
-    runs[loss] = ([line for line in lines if 'loss' in line], test_train_cli._exported(workdir))  # pylint: disable=protected-access
+    lines = [json.loads(line) for line in cli._metric_lines(workdir)]
+    runs[loss] = ([line for line in lines if 'loss' in line], cli._exported(workdir))
   (dense_lines, dense_params), (fused_lines, fused_params) = runs['dense'], runs['fused']
   assert len(dense_lines) == len(fused_lines) == 2
   for dense_line, fused_line in zip(dense_lines, fused_lines):

@@ -9,7 +9,8 @@ queries and padding positions carry no loss), so implementations may differ ther
   memory-hungry, kept as the definition the others are tested against.
 - ``'xla'``: ``jax.nn.dot_product_attention(implementation='xla')`` with the same mask.
 - ``'cudnn'``: cuDNN flash attention (GPU, bfloat16/float16) with the same mask, which cuDNN
-  reads as a bias; scores are never materialised (on an H100 at the Qwen2.5-1.5B shape 3.7x
+  reads as a ``[B, 1, T, S]`` bias (built per layer: B T^2 elements); scores are never
+  materialised (on an H100 at the Qwen2.5-1.5B shape 3.7x
   faster than the reference with 15x fewer temporaries, `benchmarks/RESULTS.md`). cuDNN's
   ragged layout (per-segment lengths and offsets, no mask at all) gave wrong values or
   allocated 190 GiB in jax 0.11.2, so it is not used.

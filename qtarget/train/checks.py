@@ -18,9 +18,9 @@ from qtarget.train.errors import ConfigError
 # steps, batch, seed, mesh) defines what is trained.
 HARMLESS_PREFIXES = ('workdir', 'log_every', 'progress_bar', 'eval.', 'checkpoint.every',
                      'checkpoint.keep', 'export_hf', 'distributed.', 'start_over',
-                     'on_nonfinite', 'mesh.', 'data.data_dir', 'data.prefetch_batches', 'model.attention',
-                     'model.remat', 'model.scan_layers', 'prior.attention', 'prior.remat',
-                     'prior.scan_layers')
+                     'on_nonfinite', 'mesh.', 'data.data_dir', 'data.prefetch_batches',
+                     'model.attention', 'model.remat', 'model.scan_layers', 'prior.attention',
+                     'prior.remat', 'prior.scan_layers')
 MODEL_SOURCES = ('gguf', 'hf', 'random')
 PRIOR_SOURCES = ('initial',) + MODEL_SOURCES
 
