@@ -88,10 +88,12 @@ def main():
   cotangent = jax.random.normal(keys[3], (b, t, n, d), dtype)
   segment_ids = jnp.asarray(packed_segment_ids(b, t))
   real = np.asarray(segment_ids > 0)
-  kinds = {name: (lambda name: lambda q, k, v, s: attention.attention(q, k, v, s, name))(name)
+  kinds = {name: (lambda name: lambda q, k, v, s: attention.attention(
+               q, k, v, attention.causal_segment_mask(s), name))(name)
            for name in ('reference', 'xla')}
   if jax.default_backend() == 'gpu':
-    kinds['cudnn'] = lambda q, k, v, s: attention.attention(q, k, v, s, 'cudnn')
+    kinds['cudnn'] = lambda q, k, v, s: attention.attention(
+        q, k, v, attention.causal_segment_mask(s), 'cudnn')
     kinds.update(_comparisons(shape))
   out = pathlib.Path(args.out or pathlib.Path(__file__).parent / 'results'
                      / f'attention_{jax.default_backend()}.json')

@@ -69,21 +69,26 @@ def from_logits(prior_logits: Array, k: int) -> CachedPrior:
   return CachedPrior(token_ids.astype(jnp.int32), top_log_probs, tail_log_mass)
 
 
-def prior_log_probs(cached: CachedPrior, student_logits: Array) -> Array:
-  """``[..., V]`` log-probabilities of the reconstructed prior: exact on the top k, the tail
-  mass spread like the student's distribution over the tail (see the module docstring)."""
-  vocab_size = student_logits.shape[-1]
-  student = jax.nn.log_softmax(jnp.asarray(student_logits, jnp.float32), axis=-1)
-  in_top = _in_top_k(cached.token_ids, vocab_size)
-  student_tail = jnp.where(in_top, -jnp.inf, student)
+def _reconstruct(cached: CachedPrior, student_xV: Array, in_top: Array) -> tuple[Array, Array]:
+  """The reconstructed prior's log-probabilities and the log of the student's tail mass (of
+  ``student_xV``'s normalisation: only differences of ``student_xV`` matter to the prior)."""
+  student_tail = jnp.where(in_top, -jnp.inf, student_xV)
   student_tail_mass = jax.nn.logsumexp(student_tail, axis=-1, keepdims=True)
   empty_tail = jnp.isneginf(cached.tail_log_mass)[..., None] | jnp.isneginf(student_tail_mass)
   spread = student_tail - jnp.where(empty_tail, 0.0, student_tail_mass) + jnp.where(
       empty_tail, 0.0, cached.tail_log_mass[..., None])
   tail = jnp.where(empty_tail, -jnp.inf, spread)
-  scattered = jnp.full(student.shape, -jnp.inf, jnp.float32)
+  scattered = jnp.full(student_xV.shape, -jnp.inf, jnp.float32)
   scattered = scattered.at[_scatter_index(cached.token_ids)].set(cached.log_probs)
-  return jnp.where(in_top, scattered, tail)
+  return jnp.where(in_top, scattered, tail), student_tail_mass[..., 0]
+
+
+def prior_log_probs(cached: CachedPrior, student_logits: Array) -> Array:
+  """``[..., V]`` log-probabilities of the reconstructed prior: exact on the top k, the tail
+  mass spread like the student's distribution over the tail (see the module docstring).
+  ``student_logits`` may be logits or log-probabilities (the result is the same)."""
+  student = jnp.asarray(student_logits, jnp.float32)
+  return _reconstruct(cached, student, _in_top_k(cached.token_ids, student.shape[-1]))[0]
 
 
 def target_error_bound(cached: CachedPrior, student_logits: Array, trust: Array,
@@ -100,7 +105,7 @@ def target_error_bound(cached: CachedPrior, student_logits: Array, trust: Array,
   student_top = jnp.take_along_axis(student, cached.token_ids, axis=-1)
   log_a_top = jax.nn.logsumexp(times(a, student_top) + times(b, cached.log_probs), axis=-1)
   # The cached residual's tail mass (exact, from the reconstruction).
-  reconstructed = prior_log_probs(cached, student_logits)
+  reconstructed, log_student_tail = _reconstruct(cached, student, in_top)
   log_w_hat = jnp.where(in_top, -jnp.inf, times(a, student) + times(b, reconstructed))
   log_tail_hat = jax.nn.logsumexp(log_w_hat, axis=-1)
   beta_hat = jnp.exp(log_tail_hat - jnp.logaddexp(log_a_top, log_tail_hat))
@@ -111,7 +116,6 @@ def target_error_bound(cached: CachedPrior, student_logits: Array, trust: Array,
   a, b = a[..., 0], b[..., 0]
   log_beta_bound = log_tail_sum_p_a + times(b, largest_tail_prior) - log_a_top
   holder = jnp.isclose(a + b, 1.0) & (a >= 0) & (b >= 0)  # where Hölder applies
-  log_student_tail = jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, student), axis=-1)
   log_beta_holder = times(a, log_student_tail) + times(b, log_t) - log_a_top
   log_beta_bound = jnp.where(holder, jnp.minimum(log_beta_holder, log_beta_bound),
                              log_beta_bound)

@@ -160,7 +160,7 @@ def _suggestions(config, report_mesh: dict, num_devices: int) -> list:
   if report_mesh['fsdp'] < num_devices:
     tips.append(f"a larger fsdp axis (--config.mesh.fsdp=-1 shards parameters and optimizer state "
                 f"over all {num_devices} chips)")
-  if config.model.remat in (False, 'none'):
+  if llama.remat_name(config.model.remat) == 'none':
     tips.append('rematerialization (--config.model.remat=full)')
   if config.loss == 'dense':
     tips.append("the fused loss (--config.loss=fused: no tokens x vocabulary logits)")

@@ -61,7 +61,7 @@ def _chunk_values(method, hidden_CxH, head_HxV, labels_C, weights_C, prior_hidde
   prior_entropy = jnp.zeros(labels_C.shape, jnp.float32)
   if method.needs_prior:
     if prior_cache_C is not None:  # the cached top-k prior, its tail spread like the student's
-      prior_log_probs = cached_prior_lib.prior_log_probs(prior_cache_C, logits)
+      prior_log_probs = cached_prior_lib.prior_log_probs(prior_cache_C, log_probs)
     else:
       prior_logits = jnp.dot(prior_hidden_CxP, prior_head_PxV,
                              preferred_element_type=jnp.float32)
@@ -69,9 +69,8 @@ def _chunk_values(method, hidden_CxH, head_HxV, labels_C, weights_C, prior_hidde
     prior_probs = jnp.exp(prior_log_probs)
     prior_entropy = -jnp.sum(jnp.where(prior_probs > 0, prior_probs * prior_log_probs, 0.0), -1)
   hyper_C = {**hyper_C, **static}
-  trust = (method.trust(label_log_prob, log_probs, **hyper_C) if method.trust_reads_distribution
-           else method.trust(label_log_prob, **hyper_C))
-  trust = jnp.broadcast_to(trust, labels_C.shape)
+  trust = jnp.broadcast_to(method.trust_of(label_log_prob, log_probs, **hyper_C),
+                           labels_C.shape)
   model_power, prior_power = method.residual_powers(**hyper_C)
   log_residual = targets_lib.log_residual_from_powers(log_probs, prior_log_probs, model_power,
                                                       prior_power)

@@ -116,6 +116,12 @@ class Method:
         raise ValueError(f'{self.name}: hyperparameter {name}={value} is outside its valid '
                          f'range [{valid.low:g}, {high:g}].')
 
+  def trust_of(self, label_log_prob: Array, log_probs: Array, **hyperparameters) -> Array:
+    """The trust per token; ``log_probs`` (``[..., V]``) reaches distribution-reading rules."""
+    if self.trust_reads_distribution:
+      return self.trust(label_log_prob, log_probs, **hyperparameters)
+    return self.trust(label_log_prob, **hyperparameters)
+
   def split_hyperparameters(self, given: Mapping) -> tuple[dict, dict]:
     """``(traced, static)`` hyperparameters of ``given``."""
     static = {k: int(v) for k, v in given.items() if k in self.static_hyperparameters}
@@ -246,8 +252,8 @@ def build(method: Method, logits: Array, labels: Array, *, prior_logits: Array |
   log_probs = jax.nn.log_softmax(jax.lax.stop_gradient(logits).astype(dtype), axis=-1)
   prior_log_probs = None
   if method.needs_prior and isinstance(prior_logits, cached_prior.CachedPrior):
-    prior_log_probs = jax.lax.stop_gradient(cached_prior.prior_log_probs(
-        prior_logits, jax.lax.stop_gradient(logits))).astype(dtype)
+    prior_log_probs = jax.lax.stop_gradient(
+        cached_prior.prior_log_probs(prior_logits, log_probs)).astype(dtype)
   elif method.needs_prior:
     prior_log_probs = jax.nn.log_softmax(
         jax.lax.stop_gradient(prior_logits).astype(dtype), axis=-1)
@@ -256,9 +262,8 @@ def build(method: Method, logits: Array, labels: Array, *, prior_logits: Array |
            for name, value in traced.items()}
   hyper.update(static)
   label_log_prob = label_log_probs(log_probs, labels)
-  trust = (method.trust(label_log_prob, log_probs, **hyper) if method.trust_reads_distribution
-           else method.trust(label_log_prob, **hyper))
-  trust = _nan_where_label_invalid(trust, label_log_prob)
+  trust = _nan_where_label_invalid(method.trust_of(label_log_prob, log_probs, **hyper),
+                                   label_log_prob)
   model_power, prior_power = method.residual_powers(**hyper)
   log_residual = log_residual_from_powers(log_probs, prior_log_probs, model_power, prior_power)
   return Target(trust=trust.astype(dtype), log_residual=log_residual)

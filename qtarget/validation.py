@@ -77,18 +77,25 @@ def check_cached_prior(positions: tuple, vocab_size: int, cached) -> None:
                        f'{int(ids.min())}..{int(ids.max())} (built for another vocabulary?).')
 
 
+def _unmasked_failures(bad: np.ndarray, where) -> tuple[int, tuple] | None:
+  """``(count, first index)`` of the failing positions that ``where`` (None: all) keeps."""
+  if where is not None:
+    bad = bad & np.broadcast_to(np.asarray(where, bool), bad.shape)
+  if not bad.any():
+    return None
+  return int(bad.sum()), tuple(int(i) for i in np.argwhere(bad)[0])
+
+
 def check_label_range(labels, vocab_size: int, where=None) -> None:
   """Raises if a concrete label (at an unmasked position) lies outside [0, vocab_size)."""
   if not (is_concrete(labels) and (where is None or is_concrete(where))):
     return
   labels_np = np.asarray(labels)
-  bad = (labels_np < 0) | (labels_np >= vocab_size)
-  if where is not None:
-    bad &= np.broadcast_to(np.asarray(where, bool), labels_np.shape)
-  if bad.any():
-    index = tuple(int(i) for i in np.argwhere(bad)[0])
+  failures = _unmasked_failures((labels_np < 0) | (labels_np >= vocab_size), where)
+  if failures:
+    count, index = failures
     raise ValueError(
-        f'{int(bad.sum())} label(s) outside [0, {vocab_size}) at unmasked positions; the first '
+        f'{count} label(s) outside [0, {vocab_size}) at unmasked positions; the first '
         f'is {int(labels_np[index])} at index {index}. Mask padding positions with `where=`.')
 
 
@@ -140,13 +147,11 @@ def check_residual_normalized(trust, log_residual, where=None, tolerance: float 
     return
   sums = np.asarray(jnp.exp(jax.nn.logsumexp(jnp.asarray(log_residual, jnp.float32), axis=-1)))
   bad = ~(np.abs(sums - 1.0) <= tolerance)  # NaN counts as bad
-  bad &= np.broadcast_to(np.asarray(trust) != 1, bad.shape)
-  if where is not None:
-    bad &= np.broadcast_to(np.asarray(where, bool), bad.shape)
-  if bad.any():
-    index = tuple(int(i) for i in np.argwhere(bad)[0])
+  failures = _unmasked_failures(bad & np.broadcast_to(np.asarray(trust) != 1, bad.shape), where)
+  if failures:
+    count, index = failures
     raise ValueError(
-        f'target.log_residual does not sum to one at {int(bad.sum())} position(s) where the '
+        f'target.log_residual does not sum to one at {count} position(s) where the '
         f'trust is below 1; at index {index} exp(log_residual) sums to {sums[index]:.6g}. Build '
         'targets with qtarget.targets (or normalize the residual with jax.nn.log_softmax): the '
         "loss's gradient p - Q assumes sum(Q) = 1.")

@@ -39,10 +39,10 @@ def _qkv(heads=6, kv_heads=2, dim=16):
 @pytest.mark.parametrize('implementation', ['xla', 'auto'])
 def test_attention_equals_the_reference(implementation):
   q, k, v, cotangent = _qkv()
-  segments = jnp.asarray(SEGMENTS)
+  mask = attention.causal_segment_mask(jnp.asarray(SEGMENTS))
 
   def run(name):
-    out, pullback = jax.vjp(lambda q, k, v: attention.attention(q, k, v, segments, name), q, k, v)
+    out, pullback = jax.vjp(lambda q, k, v: attention.attention(q, k, v, mask, name), q, k, v)
     return (out,) + pullback(cotangent)  # the cotangent is zero on padding queries
 
   real = SEGMENTS > 0
@@ -56,7 +56,7 @@ def test_attention_equals_the_reference(implementation):
   # The reference really masks: a key in another segment changes nothing, one in the same
   # segment does.
   moved = k.at[0, 3].add(10.0)  # segment 1 of row 0
-  out = attention.attention(q, moved, v, segments, implementation)
+  out = attention.attention(q, moved, v, mask, implementation)
   np.testing.assert_allclose(out[0, 5:], want[0][0, 5:], atol=1e-5)  # segments 2 and 3
   assert not np.allclose(out[0, 3:5], want[0][0, 3:5], atol=1e-3)
 
@@ -65,7 +65,8 @@ def test_unknown_attention_is_refused():
   with pytest.raises(ValueError, match="attention must be one of"):
     llama.LlamaConfig(**{**test_models.TINY.__dict__, 'attention': 'flash'})
   with pytest.raises(ValueError, match='unknown attention implementation'):
-    attention.attention(*_qkv()[:3], jnp.asarray(SEGMENTS), 'flash')
+    attention.attention(*_qkv()[:3], attention.causal_segment_mask(jnp.asarray(SEGMENTS)),
+                        'flash')
 
 
 def _pair(**overrides):

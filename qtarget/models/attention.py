@@ -64,11 +64,12 @@ def masked_attention(q_BxTxNxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array,
   return jnp.einsum('bkgts,bskd->btkgd', weights, v_BxSxKxD).reshape(b, t, n, d)
 
 
-def attention(q_BxTxNxD: Array, k_BxTxKxD: Array, v_BxTxKxD: Array, segment_ids_BxT: Array,
+def attention(q_BxTxNxD: Array, k_BxTxKxD: Array, v_BxTxKxD: Array, mask_BxTxT: Array,
               implementation: str = 'auto') -> Array:
-  """Causal grouped-query attention within packed segments, ``[B, T, N, D]``."""
+  """Causal grouped-query attention within packed segments, ``[B, T, N, D]``; ``mask_BxTxT``
+  is :func:`causal_segment_mask` of the segment ids (built once per forward, not per layer)."""
   implementation = resolve(implementation, q_BxTxNxD.dtype, q_BxTxNxD.shape[-1])
-  mask = causal_segment_mask(segment_ids_BxT)
+  mask = mask_BxTxT
   if implementation == 'reference':
     return masked_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, mask)
   # cuDNN also takes the causal flag, which lets it skip the tiles above the diagonal (1.3x

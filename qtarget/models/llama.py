@@ -35,6 +35,18 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def remat_name(remat: bool | str) -> str:
+  """A remat setting as a policy name (True/False mean 'full'/'none'); an unknown one raises."""
+  if isinstance(remat, bool):
+    remat = 'full' if remat else 'none'
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat must be one of {tuple(REMAT_POLICIES)} (or True/False), got '
+                     f'{remat!r}.')
+  return remat
+
+
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 # Logical names of activation axes (see qtarget.models.layout).
 BTH = ('activation_batch', 'activation_length', 'activation_embed')
@@ -79,11 +91,7 @@ class LlamaConfig:
   attention: str = 'auto'  # qtarget.models.attention.IMPLEMENTATIONS
 
   def __post_init__(self):
-    if isinstance(self.remat, bool):
-      object.__setattr__(self, 'remat', 'full' if self.remat else 'none')
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f'remat must be one of {tuple(REMAT_POLICIES)} (or True/False), got '
-                       f'{self.remat!r}.')
+    object.__setattr__(self, 'remat', remat_name(self.remat))
     if self.attention not in attention_lib.IMPLEMENTATIONS:
       raise ValueError(f'attention must be one of {attention_lib.IMPLEMENTATIONS}, got '
                        f'{self.attention!r}.')
@@ -222,11 +230,11 @@ class Attention(nnx.Module):
     self.v = dense(h, self.num_kv_heads * d, ('embed', 'kv'), config.attention_bias, 'v')
     self.o = dense(self.num_heads * d, h, ('heads', 'embed'), False, 'o')
 
-  def __call__(self, x_BxTxH, positions_BxT, *, segment_ids_BxT=None, mask_BxTxS=None,
-               kv=None, lora=True):
-    """Causal attention within ``segment_ids_BxT``'s segments (training, scoring) by
-    ``config.attention``; or, with ``mask_BxTxS``, the reference under that mask. ``kv``: None,
-    or ``(keys, values, write_slots_BxT)`` of a cache to update and attend to (with a mask)."""
+  def __call__(self, x_BxTxH, positions_BxT, mask_BxTxS, kv=None, lora=True):
+    """Without ``kv``: causal attention within packed segments (``mask_BxTxS`` is their
+    :func:`causal_segment_mask`) by ``config.attention``. ``kv``: ``(keys, values,
+    write_slots_BxT)`` of a cache to update and attend to under ``mask_BxTxS`` (the reference
+    implementation: a cache mask is not a segment mask)."""
     b, t, _ = x_BxTxH.shape
     heads = ('activation_batch', 'activation_length', 'activation_heads', None)
     kv_heads = ('activation_batch', 'activation_length', 'activation_kv', None)
@@ -246,10 +254,10 @@ class Attention(nnx.Module):
       cache_k = cache_k.at[rows, slots_BxT].set(k.astype(cache_k.dtype))
       cache_v = cache_v.at[rows, slots_BxT].set(v.astype(cache_v.dtype))
       k, v, new_kv = cache_k.astype(q.dtype), cache_v.astype(q.dtype), (cache_k, cache_v)
-    if mask_BxTxS is not None:
+    if kv is not None:
       out = attention_lib.masked_attention(q, k, v, mask_BxTxS)
     else:
-      out = attention_lib.attention(q, k, v, segment_ids_BxT, self.config.attention)
+      out = attention_lib.attention(q, k, v, mask_BxTxS, self.config.attention)
     out = layout.constrain(out.reshape(b, t, -1),
                            ('activation_batch', 'activation_length', 'activation_heads'))
     return layout.constrain(self.o(out, lora), BTH), new_kv
@@ -282,9 +290,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.hidden_size, config=config)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, *, segment_ids=None, mask=None, kv=None, lora=True):
-    attended, new_kv = self.attn(self.attn_norm(x), positions, segment_ids_BxT=segment_ids,
-                                 mask_BxTxS=mask, kv=kv, lora=lora)
+  def __call__(self, x, positions, mask, kv=None, lora=True):
+    attended, new_kv = self.attn(self.attn_norm(x), positions, mask, kv, lora)
     x = layout.constrain(x + attended, BTH)
     return layout.constrain(x + self.mlp(self.mlp_norm(x), lora), BTH), new_kv
 
@@ -356,7 +363,7 @@ class Llama(nnx.Module):
     x = jnp.take(table, tokens_BxT, axis=0).astype(self.config.compute_dtype)
     return layout.constrain(x, BTH)
 
-  def _layers(self, x, positions_BxT, segment_ids_BxT, lora, remat):
+  def _layers(self, x, positions_BxT, mask_BxTxT, lora, remat):
     """The stacked blocks, scanned (one compiled block) or unrolled, each under the remat
     policy. jax.checkpoint of a pure function of the block's values rather than nnx.remat: a
     layer mutates nothing, and nnx.remat writes every variable back after the call, which fails
@@ -365,7 +372,7 @@ class Llama(nnx.Module):
 
     def layer(x, values):
       block = nnx.merge(graphdef, values)
-      return block(x, positions_BxT, segment_ids=segment_ids_BxT, lora=lora)[0]
+      return block(x, positions_BxT, mask_BxTxT, None, lora)[0]
 
     policy = REMAT_POLICIES[remat]
     if policy is not None:
@@ -396,10 +403,10 @@ class Llama(nnx.Module):
       segment_ids_BxT = jnp.ones((b, t), jnp.int32)
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
-    remat = self.config.remat if remat is None else remat
-    if isinstance(remat, bool):
-      remat = 'full' if remat else 'none'
-    x = self._layers(self._embed(tokens_BxT), positions_BxT, segment_ids_BxT, lora, remat)
+    remat = self.config.remat if remat is None else remat_name(remat)
+    mask = layout.constrain(causal_segment_mask(segment_ids_BxT),
+                            ('activation_batch', None, None))
+    x = self._layers(self._embed(tokens_BxT), positions_BxT, mask, lora, remat)
     return layout.constrain(self.final_norm(x), BTH)
 
   def head_weights_HxV(self) -> Array:
@@ -460,8 +467,7 @@ class Llama(nnx.Module):
 
     def layer(x, inputs):
       values, k, v = inputs
-      return nnx.merge(graphdef, values)(x, positions_BxT, mask=mask, kv=(k, v, slots_BxT),
-                                         lora=lora)
+      return nnx.merge(graphdef, values)(x, positions_BxT, mask, (k, v, slots_BxT), lora)
 
     x, (keys, values) = jax.lax.scan(layer, self._embed(tokens_BxT),
                                      (stacked, cache.keys, cache.values))

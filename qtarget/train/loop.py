@@ -321,16 +321,16 @@ def run(config) -> dict:
     real_tokens = int(np.sum(local['segment_ids'] > 0)) * jax.process_count()
     pending.append((step, metrics, real_tokens))
     done = step + 1
+    # The last step is always a checkpoint, so every step's metrics are flushed in the loop.
     checkpoint_due = done % config.checkpoint.every == 0 or done == config.steps
-    if (step == start_step or done % config.log_every == 0 or checkpoint_due
-        or (eval_every and done % eval_every == 0)):
+    eval_due = bool(eval_every) and done % eval_every == 0
+    if step == start_step or done % config.log_every == 0 or checkpoint_due or eval_due:
       flush()  # metrics are checked before anything is saved or evaluated
     if checkpoint_due:
       save(done)
     interval_eval(done)
-    if checkpoint_due or (eval_every and done % eval_every == 0):
+    if checkpoint_due or eval_due:
       interval_start = time.time()  # step times exclude the checkpoint and the evaluation
-  flush()
   if progress is not None:
     progress.close()
   if run_checkpoints.latest_step() != config.steps:
