@@ -34,8 +34,8 @@ part() {  # part NAME SECONDS COMMAND...: one timed part, its output in $OUT/NAM
   echo "[$name] exit $? after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/env.txt"
 }
 # Parts: attention and train_step by default (about 7 minutes); name others as arguments (e.g.
-# `bash benchmarks/gpu_session.sh tests loss`): tests, loss, train_step, loss_small_chunks,
-# attention.
+# `bash benchmarks/gpu_session.sh tests loss`): tests, loss, loss_pallas, train_step,
+# loss_small_chunks, attention.
 tests() {  # the Pallas kernels compiled with Triton, against the dense loss at small shapes (the
   # same tests run interpreted on CPU in the default suite; conftest defaults JAX to the CPU).
   # float32 dots at full precision: XLA's default on a GPU lets cuBLAS use TF32 for the dense
@@ -45,8 +45,14 @@ tests() {  # the Pallas kernels compiled with Triton, against the dense loss at 
     $PYTHON -m pytest -q -p no:cacheprovider tests/test_fused_pallas.py
 }
 loss() {  # the three loss-head shapes: optax CE, dense Q, fused Q (chunks of 1024 and
-  # 4096), the Pallas kernels and the matmul floor
-  part loss 200 $PYTHON benchmarks/loss.py --gpu --chunk-sizes 1024,4096 --out "$OUT/loss_gpu.json"
+  # 512, head gradient accumulated in float32 and in bfloat16) and the matmul floor; the Pallas
+  # kernels (21x the floor on an H100) only with `loss_pallas`
+  part loss 240 $PYTHON benchmarks/loss.py --gpu --no-pallas --chunk-sizes 1024,512 \
+    --out "$OUT/loss_gpu.json"
+}
+loss_pallas() {  # the Pallas kernels at the first loss shape
+  part loss_pallas 120 $PYTHON benchmarks/loss.py --gpu --pallas --chunk-sizes 1024 \
+    --shapes 16384,576,576,49152 --out "$OUT/loss_gpu_pallas.json"
 }
 train_step() {  # Qwen2.5-1.5B shape, 4 x 2048: the old path (einsum attention, a Python loop of
   # layers) against cuDNN attention with scanned layers, remat policies, dense and fused loss,
@@ -65,8 +71,9 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(attention train_step)
 for name in "${parts[@]}"; do
   case $name in
-    tests | loss | train_step | loss_small_chunks | attention) $name ;;
-    *) echo "unknown part '$name': choose from tests, loss, train_step, loss_small_chunks, attention" >&2
+    tests | loss | loss_pallas | train_step | loss_small_chunks | attention) $name ;;
+    *) echo "unknown part '$name': choose from tests, loss, loss_pallas, train_step," \
+         "loss_small_chunks, attention" >&2
        exit 2 ;;
   esac
 done

@@ -6,7 +6,8 @@
 Compared, each as loss and gradients with respect to the hidden states and the head:
   optax_ce     optax's hard-label cross-entropy on dense logits (hidden @ head)
   dense_q      Target-SFT's target + q_cross_entropy on dense student and prior logits
-  fused_q      qtarget.fused.q_cross_entropy_fused (token chunks, no N x V array)
+  fused_q      qtarget.fused.q_cross_entropy_fused (token chunks, no N x V array), with its
+               head gradient accumulated in float32 and in the head's dtype ('head_dtype')
   pallas_q     the same with implementation='pallas' (GPU kernels; default on GPU, --pallas)
   floor        3 student-head matmuls + 1 prior-head matmul (the matmuls any exact method needs)
 Prints a markdown table and writes JSON next to this file (results/loss_<device>.json).
@@ -55,12 +56,13 @@ def dense_q(hidden, head, prior_hidden, prior_head, labels, weights):
   return jnp.sum(losses.q_cross_entropy(logits, labels, target) * weights)
 
 
-def make_fused_q(chunk_size, implementation='xla'):
+def make_fused_q(chunk_size, implementation='xla', head_grad_accumulation='float32'):
   def fused_q(hidden, head, prior_hidden, prior_head, labels, weights):
     loss, _ = fused.q_cross_entropy_fused(hidden, head, labels, 'target_sft',
                                           prior_hidden_NxP=prior_hidden,
                                           prior_head_PxV=prior_head, weights_N=weights,
                                           chunk_size=chunk_size, implementation=implementation,
+                                          head_grad_accumulation=head_grad_accumulation,
                                           eta=ETA)
     return loss
   return fused_q
@@ -125,7 +127,9 @@ def bench(shape, dtype, repeats, chunk_sizes, pallas=None):
          'compile_s': {}}
   executables = {}
   for name, fn in (('optax_ce', optax_ce), ('dense_q', dense_q),
-                   ('fused_q', make_fused_q(chunk_size))):
+                   ('fused_q', make_fused_q(chunk_size)),
+                   ('fused_q_head_dtype', make_fused_q(chunk_size,
+                                                       head_grad_accumulation='head_dtype'))):
     executables[name], row['compile_s'][name] = _compile(fn, args)
     row[f'{name}_s'] = _time(executables[name], args, repeats)
     row[f'{name}_memory'] = _memory(executables[name])
@@ -137,11 +141,16 @@ def bench(shape, dtype, repeats, chunk_sizes, pallas=None):
   # dense one.
   dense_value, dense_grads = executables['dense_q'](*args)
   row.update(_errors(executables['fused_q'], args, dense_value, dense_grads))
+  row['head_dtype_errors'] = _errors(executables['fused_q_head_dtype'], args, dense_value,
+                                     dense_grads)
   row['other_chunk_sizes'] = {}
   for other in chunk_sizes[1:]:
     compiled, _ = _compile(make_fused_q(other), args)
-    row['other_chunk_sizes'][other] = {'fused_q_s': _time(compiled, args, repeats),
-                                       'fused_q_memory': _memory(compiled)}
+    narrow, _ = _compile(make_fused_q(other, head_grad_accumulation='head_dtype'), args)
+    row['other_chunk_sizes'][other] = {
+        'fused_q_s': _time(compiled, args, repeats), 'fused_q_memory': _memory(compiled),
+        'fused_q_head_dtype_s': _time(narrow, args, repeats),
+        'fused_q_head_dtype_memory': _memory(narrow)}
   if pallas:  # the GPU kernels; a failure to compile is recorded, not fatal to the run
     import qtarget.experimental.fused_pallas  # pylint: disable=g-import-not-at-top,unused-import  # registers 'pallas'
     try:
@@ -161,28 +170,31 @@ def _gib(x):
 
 def report(rows, device):
   lines = [f'device: {device}', '',
-           '| N, H, P, V | optax CE ms | dense Q ms | fused Q ms | floor ms | fused/floor | '
-           'fused/dense | dense temp GiB | fused temp GiB | dense/fused temp |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '| N, H, P, V | chunk | optax CE ms | dense Q ms | fused Q ms | floor ms | '
+           'fused/floor | fused/optax | fused/dense | dense temp GiB | fused temp GiB | '
+           'head_dtype: fused Q ms, /optax, temp GiB, max grad error |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+  temp = lambda memory: memory and memory['temp']
   for r in rows:
-    dense_temp = r['dense_q_memory'] and r['dense_q_memory']['temp']
-    fused_temp = r['fused_q_memory'] and r['fused_q_memory']['temp']
-    ratio = f'{dense_temp / fused_temp:.1f}x' if dense_temp and fused_temp else 'n/a'
     lines.append(
-        f"| {', '.join(map(str, r['shape']))} | {1e3 * r['optax_ce_s']:.1f} | "
-        f"{1e3 * r['dense_q_s']:.1f} | {1e3 * r['fused_q_s']:.1f} | {1e3 * r['floor_s']:.1f} | "
-        f"{r['fused_q_s'] / r['floor_s']:.2f} | {r['fused_q_s'] / r['dense_q_s']:.2f} | "
-        f"{_gib(dense_temp)} | {_gib(fused_temp)} | {ratio} |")
-  chunk_rows = [r for r in rows if r.get('other_chunk_sizes')]
-  if chunk_rows:
-    lines += ['', '| N, H, P, V | chunk | fused Q ms | fused/floor | fused temp GiB |',
-              '|---|---|---|---|---|']
-    for r in chunk_rows:
-      for chunk, other in r['other_chunk_sizes'].items():
-        temp = other['fused_q_memory'] and other['fused_q_memory']['temp']
-        lines.append(f"| {', '.join(map(str, r['shape']))} | {chunk} | "
-                     f"{1e3 * other['fused_q_s']:.1f} | {other['fused_q_s'] / r['floor_s']:.2f} | "
-                     f"{_gib(temp)} |")
+        f"| {', '.join(map(str, r['shape']))} | {r['chunk_size']} | "
+        f"{1e3 * r['optax_ce_s']:.1f} | {1e3 * r['dense_q_s']:.1f} | "
+        f"{1e3 * r['fused_q_s']:.1f} | {1e3 * r['floor_s']:.1f} | "
+        f"{r['fused_q_s'] / r['floor_s']:.2f} | {r['fused_q_s'] / r['optax_ce_s']:.2f} | "
+        f"{r['fused_q_s'] / r['dense_q_s']:.2f} | {_gib(temp(r['dense_q_memory']))} | "
+        f"{_gib(temp(r['fused_q_memory']))} | {1e3 * r['fused_q_head_dtype_s']:.1f}, "
+        f"{r['fused_q_head_dtype_s'] / r['optax_ce_s']:.2f}, "
+        f"{_gib(temp(r['fused_q_head_dtype_memory']))}, "
+        f"{r['head_dtype_errors']['max_abs_grad_error']:.1e} |")
+    for chunk, other in r.get('other_chunk_sizes', {}).items():
+      lines.append(
+          f"| {', '.join(map(str, r['shape']))} | {chunk} | | | "
+          f"{1e3 * other['fused_q_s']:.1f} | | {other['fused_q_s'] / r['floor_s']:.2f} | "
+          f"{other['fused_q_s'] / r['optax_ce_s']:.2f} | | | "
+          f"{_gib(temp(other['fused_q_memory']))} | "
+          f"{1e3 * other['fused_q_head_dtype_s']:.1f}, "
+          f"{other['fused_q_head_dtype_s'] / r['optax_ce_s']:.2f}, "
+          f"{_gib(temp(other['fused_q_head_dtype_memory']))}, |")
   kernel_rows = [r for r in rows if 'pallas_q_s' in r or 'pallas_error' in r]
   if kernel_rows:
     lines += ['', '| N, H, P, V | Pallas Q ms | Pallas/floor | Pallas temp GiB | '

@@ -15,6 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.hparams = ml_collections.ConfigDict({'eta': 0.5})  # the method's hyperparameters
   config.loss = 'dense'  # 'dense' (B x T x V logits) or 'fused' (qtarget.fused, token chunks)
   config.loss_chunk_size = 1024  # tokens per chunk of the fused loss
+  # The fused loss's head-gradient accumulator: 'float32', or 'head_dtype' (bfloat16 for a
+  # bfloat16 head: half the memory, rounding bounded in qtarget.fused's docstring).
+  config.loss_head_grad_accumulation = 'float32'
   # Frozen weights (the prior, a LoRA student's base): 'compute_dtype' holds them in their
   # model's compute dtype (bfloat16 on accelerators), 'param_dtype' keeps them as loaded.
   config.frozen_weights = 'compute_dtype'

@@ -93,6 +93,8 @@ def _pad_tokens(x, pad):
   return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
 
 
+HEAD_GRAD_ACCUMULATIONS = ('float32', 'head_dtype')
+
 # implementation name -> forward(method name, hidden, head, labels, weights, prior hidden,
 # prior head, hyper) -> (total, aux, grads); modules outside the default path add theirs.
 _EXTRA_IMPLEMENTATIONS = {}
@@ -106,12 +108,13 @@ def register_implementation(name: str, forward) -> None:
   _EXTRA_IMPLEMENTATIONS[name] = forward
 
 
-def _implementation_forward(implementation, method_key, chunk_size, hidden_NxH, head_HxV,
+def _implementation_forward(implementation, method_key, chunking, hidden_NxH, head_HxV,
                             labels_N, weights_N, prior_hidden_NxP, prior_head_PxV, prior_cache,
                             hyper_N):
-  """``method_key``: ``(name, static hyperparameters as (name, value) pairs)``."""
+  """``method_key``: ``(name, static hyperparameters as (name, value) pairs)``;
+  ``chunking``: ``(tokens per chunk, head-gradient accumulation)``."""
   if implementation == 'xla':
-    return _forward(method_key, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
+    return _forward(method_key, chunking, hidden_NxH, head_HxV, labels_N, weights_N,
                     prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N)
   return _EXTRA_IMPLEMENTATIONS[implementation](method_key[0], hidden_NxH, head_HxV, labels_N,
                                                 weights_N, prior_hidden_NxP, prior_head_PxV,
@@ -119,17 +122,19 @@ def _implementation_forward(implementation, method_key, chunk_size, hidden_NxH, 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused(implementation, method_key, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
+def _fused(implementation, method_key, chunking, hidden_NxH, head_HxV, labels_N, weights_N,
            prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N):
-  total, aux, _ = _implementation_forward(implementation, method_key, chunk_size, hidden_NxH,
+  total, aux, _ = _implementation_forward(implementation, method_key, chunking, hidden_NxH,
                                           head_HxV, labels_N, weights_N, prior_hidden_NxP,
                                           prior_head_PxV, prior_cache, hyper_N)
   return total, aux
 
 
-def _forward(method_key, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
+def _forward(method_key, chunking, hidden_NxH, head_HxV, labels_N, weights_N,
              prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N):
   method, static = targets_lib.METHODS[method_key[0]], dict(method_key[1])
+  chunk_size, accumulation = chunking
+  accumulator_dtype = jnp.float32 if accumulation == 'float32' else head_HxV.dtype
   n = labels_N.shape[0]
   pad = (-n) % chunk_size
   chunks = (n + pad) // chunk_size
@@ -151,22 +156,24 @@ def _forward(method_key, chunk_size, hidden_NxH, head_HxV, labels_N, weights_N,
         prior_head_PxV, x.get('prior_cache'), x['hyper'], static)
     grad_logits = grad_logits.astype(head_HxV.dtype)
     grad_hidden = jnp.dot(grad_logits, head_HxV.T, preferred_element_type=jnp.float32)
+    # A narrow accumulator takes the product in its own dtype: a float32 product would be an
+    # H x V float32 temporary, the very array this option removes.
     grad_head = grad_head + jnp.dot(x['hidden'].T, grad_logits,
-                                    preferred_element_type=jnp.float32)
+                                    preferred_element_type=accumulator_dtype)
     weighted = jnp.sum(loss * x['weights'])
     return grad_head, (weighted, grad_hidden.astype(hidden_NxH.dtype), aux)
 
   grad_head, (weighted, grad_hidden, aux) = jax.lax.scan(
-      step, jnp.zeros_like(head_HxV, jnp.float32), xs)  # zeros_like: keeps a shard_map type
+      step, jnp.zeros_like(head_HxV, accumulator_dtype), xs)  # zeros_like: keeps a shard_map type
   unchunk = lambda x: x.reshape((chunks * chunk_size,) + x.shape[2:])[:n]
   aux = jax.tree.map(unchunk, aux)
   grads = (unchunk(grad_hidden), grad_head.astype(head_HxV.dtype))
   return jnp.sum(weighted), aux, grads
 
 
-def _fused_fwd(implementation, method_key, chunk_size, hidden_NxH, head_HxV, labels_N,
+def _fused_fwd(implementation, method_key, chunking, hidden_NxH, head_HxV, labels_N,
                weights_N, prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N):
-  total, aux, grads = _implementation_forward(implementation, method_key, chunk_size,
+  total, aux, grads = _implementation_forward(implementation, method_key, chunking,
                                               hidden_NxH, head_HxV, labels_N, weights_N,
                                               prior_hidden_NxP, prior_head_PxV, prior_cache,
                                               hyper_N)
@@ -174,8 +181,8 @@ def _fused_fwd(implementation, method_key, chunk_size, hidden_NxH, head_HxV, lab
   return (total, aux), (grads, shapes)
 
 
-def _fused_bwd(implementation, method_key, chunk_size, residuals, cotangents):
-  del implementation, method_key, chunk_size
+def _fused_bwd(implementation, method_key, chunking, residuals, cotangents):
+  del implementation, method_key, chunking
   (grad_hidden, grad_head), (labels, weights, prior_hidden, prior_head, prior_cache,
                              hyper) = residuals
   g_total, _ = cotangents  # the per-token outputs are stop-gradient'ed by the caller
@@ -202,6 +209,7 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
                           prior_head_PxV: Array | None = None, weights_N: Array | None = None,
                           chunk_size: int = 1024, implementation: str = 'xla',
                           prior_cache: 'cached_prior_lib.CachedPrior | None' = None,
+                          head_grad_accumulation: str = 'float32',
                           **hyperparameters) -> tuple[Array, FusedAux]:
   r"""Weighted sum over tokens of CE(Q, softmax(hidden @ head)), without N x V arrays.
 
@@ -222,8 +230,19 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
       (:class:`qtarget.cached_prior.CachedPrior` of ``[N, k]`` and ``[N]`` arrays), exact on
       the top k with the tail spread like the student's (the XLA implementation).
     weights_N: per-token weights carrying the mask and the normalization (None: all ones).
-    chunk_size: tokens per chunk; temporaries are O(chunk_size x V) plus the float32 H x V
+    chunk_size: tokens per chunk; temporaries are O(chunk_size x V) plus the H x V
       accumulator of the head gradient (the XLA implementation).
+    head_grad_accumulation: how the XLA implementation sums the head gradient over chunks.
+      'float32' (default): a float32 accumulator, H x V x 4 bytes of temporaries (0.87 GiB for
+      Qwen2.5-1.5B's head); the result is rounded to the head's dtype once. 'head_dtype': the
+      accumulator in the head's dtype (half the bytes for a bfloat16 head; no change for a
+      float32 one). Each chunk's product G_j (float32 accumulation inside the matmul) is
+      rounded to the head's dtype and added to the accumulator, so with c chunks and the
+      dtype's unit roundoff u (2^-8 for bfloat16) the head gradient G = sum_j G_j satisfies,
+      elementwise and to first order in u,
+      ``|G_computed - G| <= u * sum_{j=1..c} (|G_j| + |G_1 + ... + G_j|) <= 2 c u sum_j |G_j|``
+      (recursive summation with rounded summands; 'float32' has u |G|, its final rounding;
+      tested against a float64 reference in tests/test_fused.py).
     implementation: 'xla' (token chunks, any backend); after ``import
       qtarget.experimental.fused_pallas``, 'pallas' (its GPU kernels: vocabulary blocks;
       correct but slow on an H100) or 'pallas_interpret' (the same, interpreted on CPU).
@@ -268,6 +287,9 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
                      f'{implementation!r}.')
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}.')
+  if head_grad_accumulation not in HEAD_GRAD_ACCUMULATIONS:
+    raise ValueError(f'head_grad_accumulation must be one of {HEAD_GRAD_ACCUMULATIONS}, got '
+                     f'{head_grad_accumulation!r}.')
   n = labels_N.shape[0]
   spec.check_hyperparameters(hyperparameters, (n,), head_HxV.shape[1])
   if implementation != 'xla' and (spec.static_hyperparameters or spec.trust_reads_distribution):
@@ -285,7 +307,8 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
     prior_head_PxV = jax.lax.stop_gradient(prior_head_PxV)
   chunk_size = min(chunk_size, max(n, 1))
   method_key = (method, tuple(sorted(static.items())))
-  total, aux = _fused(implementation, method_key, chunk_size, hidden_NxH, head_HxV, labels_N,
+  chunking = (chunk_size, head_grad_accumulation)
+  total, aux = _fused(implementation, method_key, chunking, hidden_NxH, head_HxV, labels_N,
                       weights_N, prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N)
   return total, jax.lax.stop_gradient(aux)
 
@@ -298,6 +321,7 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
                                   weights_N: Array | None = None, chunk_size: int = 1024,
                                   implementation: str = 'xla',
                                   prior_cache: 'cached_prior_lib.CachedPrior | None' = None,
+                                  head_grad_accumulation: str = 'float32',
                                   **hyperparameters) -> tuple[Array, FusedAux]:
   """:func:`q_cross_entropy_fused`, data-parallel over the mesh axes ``token_axes``.
 
@@ -346,7 +370,8 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
         prior_hidden_NxP=a.get('prior_hidden'),
         prior_head_PxV=None if 'prior_head' not in a else varying(a['prior_head']),
         weights_N=a['weights'], chunk_size=chunk_size, implementation=implementation,
-        prior_cache=a.get('prior_cache'), **a['hyper'], **static)
+        prior_cache=a.get('prior_cache'), head_grad_accumulation=head_grad_accumulation,
+        **a['hyper'], **static)
     return jax.lax.psum(loss, token_axes), aux
 
   aux_specs = FusedAux(*([tokens] * len(FusedAux._fields)))

@@ -84,6 +84,56 @@ def test_equals_dense_bfloat16(method):
     assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
 
 
+@pytest.mark.parametrize('chunk_size', [1, 4, 16])
+def test_head_gradient_accumulated_in_bfloat16_within_its_bound(chunk_size):
+  """'head_dtype' accumulation of a bfloat16 head: the head gradient is within the recursive-
+  summation bound of the docstring against a float64 sum of the same per-chunk products."""
+  hidden, head, prior_hidden, prior_head, labels, weights = _inputs(dtype=jnp.bfloat16)
+  labels = jnp.where(weights > 0, labels, 0)
+
+  def head_grad(accumulation):
+    loss = lambda w: fused.q_cross_entropy_fused(
+        hidden, w, labels, 'target_sft', prior_hidden_NxP=prior_hidden,
+        prior_head_PxV=prior_head, weights_N=weights, chunk_size=chunk_size,
+        head_grad_accumulation=accumulation, eta=0.3)[0]
+    return np.asarray(jax.jit(jax.grad(loss))(head), np.float64)
+
+  narrow, wide = head_grad('head_dtype'), head_grad('float32')
+  # The float64 reference: each chunk's logit gradient as the fused loss rounds it (the same
+  # function on the same chunk), multiplied and summed in float64.
+  partial_sums, total, magnitude = [], np.zeros(head.shape), np.zeros(head.shape)
+  for start in range(0, N, chunk_size):
+    rows = slice(start, start + chunk_size)
+    _, grad_logits, _ = fused._chunk_values(
+        targets.METHODS['target_sft'], hidden[rows], head, labels[rows], weights[rows],
+        prior_hidden[rows], prior_head, None, {'eta': jnp.full(hidden[rows].shape[0], 0.3)}, {})
+    grad_logits = np.asarray(grad_logits.astype(jnp.bfloat16), np.float64)
+    rows_hidden = np.asarray(hidden[rows], np.float64)
+    total = total + rows_hidden.T @ grad_logits
+    magnitude = magnitude + np.abs(rows_hidden).T @ np.abs(grad_logits)
+    partial_sums.append(np.abs(total) + np.abs(rows_hidden.T @ grad_logits))
+  u = 2.0 ** -8
+  bound = u * sum(partial_sums)  # every product and every partial sum rounded once
+  float32_slack = 1e-5 * magnitude + 1e-12  # float32 products and sums within a chunk
+  assert np.all(np.abs(narrow - total) <= bound + float32_slack)
+  assert np.all(np.abs(wide - total) <= u * np.abs(total) + float32_slack)
+  chunks = -(-N // chunk_size)
+  if chunks > 1:  # the accumulator really is narrow: its result is not the float32 one
+    assert np.any(narrow != wide)
+    # and the bound is not vacuous: the largest error uses a visible part of it
+    assert np.max(np.abs(narrow - total) / (bound + 1e-30)) > 0.05
+
+
+def test_head_grad_accumulation_keeps_a_float32_head_exact():
+  args = _inputs()
+  grads = [_grads(functools.partial(_fused_loss, 'target_sft', eta=0.3,
+                                    head_grad_accumulation=a), args)[1][1]
+           for a in ('float32', 'head_dtype')]
+  np.testing.assert_array_equal(grads[0], grads[1])
+  with pytest.raises(ValueError, match="head_grad_accumulation must be one of"):
+    _fused_loss('target_sft', *args, eta=0.3, head_grad_accumulation='bfloat16')
+
+
 @pytest.mark.parametrize('chunk_size', [1, 5, 37, 64])
 def test_chunk_size_does_not_change_the_result(chunk_size):
   args = _inputs()

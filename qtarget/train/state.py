@@ -108,6 +108,10 @@ def create_state(config, student, prior_model=None, mesh=None, rules=None) -> Tr
   sharding_lib.check_batch(config.batch_size, config.accum_steps)
   if config.loss not in ('dense', 'fused'):
     raise ConfigError(f"loss must be 'dense' or 'fused', got {config.loss!r}.")
+  head_grad_accumulation = config.get('loss_head_grad_accumulation', 'float32')
+  if head_grad_accumulation not in ('float32', 'head_dtype'):
+    raise ConfigError("loss_head_grad_accumulation must be 'float32' or 'head_dtype', got "
+                      f'{head_grad_accumulation!r}.')
   if config.loss == 'fused':
     if prior_model is not None and prior_model.config.vocab_size < student.config.vocab_size:
       raise ConfigError('the fused loss needs a prior vocabulary at least as large as the '
@@ -116,6 +120,7 @@ def create_state(config, student, prior_model=None, mesh=None, rules=None) -> Tr
                   vocab_size=student.config.vocab_size, loss=config.loss, tx=tx,
                   schedule=schedule, static_hyperparameters=static,
                   chunk_size=config.loss_chunk_size,
+                  head_grad_accumulation=head_grad_accumulation,
                   skip_nonfinite=config.get('on_nonfinite', 'stop') == 'skip')
   step = jnp.zeros((), jnp.int32)
   if mesh is None:

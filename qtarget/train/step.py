@@ -42,6 +42,8 @@ class StepSpec:
     vocab_size: the student's embedding rows (a prior's padding rows are cut to it).
     loss: 'dense' (logits, target, q_cross_entropy) or 'fused' (q_cross_entropy_fused).
     chunk_size: tokens per chunk of the fused loss.
+    head_grad_accumulation: the fused loss's head-gradient accumulator, 'float32' or
+      'head_dtype' (see :func:`qtarget.fused.q_cross_entropy_fused`).
     skip_nonfinite: keep the parameters and optimizer state when the loss or the gradient is
       not finite (the ``nonfinite`` metric says so); False applies every update and leaves the
       decision to the loop.
@@ -55,6 +57,7 @@ class StepSpec:
   schedule: Any
   static_hyperparameters: tuple = ()
   chunk_size: int = 1024
+  head_grad_accumulation: str = 'float32'
   skip_nonfinite: bool = False
 
 
@@ -183,7 +186,8 @@ def _micro_loss_fused(params, state: TrainState, micro: dict, count):
            for name, value in state.hyperparameters.items()}
   kwargs = dict(prior_hidden_NxP=flat(prior_hidden), prior_head_PxV=prior_head,
                 weights_N=flat(mask).astype(jnp.float32) / count,
-                chunk_size=state.spec.chunk_size, **hyper,
+                chunk_size=state.spec.chunk_size,
+                head_grad_accumulation=state.spec.head_grad_accumulation, **hyper,
                 **dict(state.spec.static_hyperparameters))
   token_axes = _token_axes(mask.size)
   if token_axes is None:
