@@ -220,3 +220,26 @@ def test_loaded_models_get_lora_adapters_at_the_init_scale(tmp_path):
     a, b = np.asarray(dense.lora_a[...]), np.asarray(dense.lora_b[...])
     assert a.shape == (3, fan_in, 8) and not b.any()
     np.testing.assert_allclose(a.std(), 1 / np.sqrt(fan_in), rtol=0.15)
+
+
+def test_fused_head_gradient_accumulation_from_the_config():
+  """The trainer passes loss_head_grad_accumulation to the fused loss: with a bfloat16 model
+  the one-step update differs from the float32 accumulator's by bfloat16 rounding only."""
+  from qtarget import train  # pylint: disable=g-import-not-at-top
+  from tests import test_train_step  # pylint: disable=g-import-not-at-top
+  batch = jax.tree.map(jnp.asarray, test_train_step.make_batch(rows=8))
+  updates = {}
+  for accumulation in ('float32', 'head_dtype'):
+    config = test_train_step.tiny_config(loss='fused', loss_chunk_size=16,
+                                         loss_head_grad_accumulation=accumulation)
+    config.model.compute_dtype = 'bfloat16'
+    state = train.create_state(config, *test_train_step._models(config))
+    assert state.spec.head_grad_accumulation == accumulation
+    new_state, metrics = jax.jit(train.train_step)(state, batch)
+    updates[accumulation] = (float(metrics['loss']), float(metrics['grad_norm']))
+  assert updates['float32'][0] == updates['head_dtype'][0]  # the forward pass is the same
+  assert updates['float32'][1] != updates['head_dtype'][1]  # the head gradient is not
+  np.testing.assert_allclose(updates['head_dtype'][1], updates['float32'][1], rtol=2e-2)
+  config = test_train_step.tiny_config(loss_head_grad_accumulation='bfloat16')
+  with pytest.raises(train.ConfigError, match="loss_head_grad_accumulation must be"):
+    train.create_state(config, *test_train_step._models(config))
