@@ -5,8 +5,9 @@
     python benchmarks/train_step.py --shape smollm2_28 --compile-only \
         --variants sft/dense/xla/loop/none/4,sft/dense/xla/scan/none/4
 
-A variant is ``method/loss/attention/layers/remat/batch``: method 'sft' or 'target_sft'
-(eta 0.5, a prior of the student's shape computed in the same step), loss 'dense' or 'fused',
+A variant is ``method/loss/attention/layers/remat/batch``: method 'sft', 'target_sft'
+(eta 0.5, a prior of the student's shape computed in the same step) or 'target_sft_cached'
+(the same prior's top-k rows, ``--cache-k``, read with the batch), loss 'dense' or 'fused',
 attention a `model.attention` name, layers 'scan' or 'loop', remat 'none'/'full'/'save_dots',
 batch the rows per step. Random weights at the given shape; the prior's weights are held in the
 compute dtype (`frozen_weights`). Prints compile time, median step time, tokens per second, the
@@ -48,6 +49,10 @@ GPU_VARIANTS = ('sft/dense/reference/loop/full/4,sft/dense/cudnn/scan/full/4,'
                 'target_sft/dense/cudnn/scan/full/4,target_sft/fused/cudnn/scan/full/4,'
                 'sft/fused/cudnn/scan/save_dots/8')
 CPU_VARIANTS = 'sft/dense/reference/loop/none/4,sft/dense/xla/scan/none/4'
+# Issue 17: the cached prior against SFT and the online prior (--shape smollm2).
+CACHED_VARIANTS = ('sft/dense/xla/scan/none/4,target_sft/dense/xla/scan/none/4,'
+                   'target_sft_cached/dense/xla/scan/none/4,sft/fused/xla/scan/none/4,'
+                   'target_sft/fused/xla/scan/none/4,target_sft_cached/fused/xla/scan/none/4')
 
 
 def parse_variant(text: str) -> dict:
@@ -64,7 +69,10 @@ def parse_variant(text: str) -> dict:
 def _config(variant, steps=100):
   config = ml_collections.ConfigDict()
   config.method, config.loss, config.loss_chunk_size = variant['method'], variant['loss'], 1024
-  config.hparams = {'eta': 0.5} if variant['method'] == 'target_sft' else {}
+  config.hparams = {'eta': 0.5} if variant['method'] != 'sft' else {}
+  if variant['method'] == 'target_sft_cached':
+    config.method = 'target_sft'
+    config.prior = ml_collections.ConfigDict({'source': 'cached'})
   config.model = ml_collections.ConfigDict({'lora_rank': 0})
   config.batch_size, config.accum_steps, config.steps = variant['batch'], 1, steps
   config.frozen_weights = 'compute_dtype'
@@ -86,21 +94,32 @@ def _batch(batch, length, vocab):
           'positions': positions}
 
 
-def _run(variant, arch, compute_dtype, length, repeats, compile_only):
+def _cache(batch, length, vocab, k):
+  """Cache rows of a random prior: the top k of random logits, as cache_prior stores them."""
+  from qtarget import cached_prior  # pylint: disable=g-import-not-at-top
+  logits = 3 * jax.random.normal(jax.random.key(2), (batch, length, vocab))
+  cached = jax.jit(cached_prior.from_logits, static_argnums=1)(logits, k)
+  return dict(zip(train.CACHED_PRIOR_KEYS, (np.asarray(x) for x in cached)))
+
+
+def _run(variant, arch, compute_dtype, length, repeats, compile_only, cache_k=64):
   model_config = llama.LlamaConfig(**arch, param_dtype='float32', compute_dtype=compute_dtype,
                                    remat=variant['remat'], attention=variant['attention'],
                                    scan_layers=variant['scan_layers'])
   config = _config(variant)
   student = llama.Llama(model_config, rngs=nnx.Rngs(0))
-  prior = (llama.Llama(model_config, rngs=nnx.Rngs(1)) if variant['method'] != 'sft' else None)
+  prior = (llama.Llama(model_config, rngs=nnx.Rngs(1)) if variant['method'] == 'target_sft'
+           else None)
   state = train.create_state(config, student, prior)
   del student, prior
   mesh = train.build_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1}))
   step, shardings = train.jit_train_step(jax.eval_shape(lambda: state), mesh,
                                          {'embed': 'fsdp', 'vocab': None})
   state = train.place(state, shardings)
-  batch = {k: jax.device_put(v, train.batch_sharding(mesh))
-           for k, v in _batch(variant['batch'], length, arch['vocab_size']).items()}
+  arrays = _batch(variant['batch'], length, arch['vocab_size'])
+  if variant['method'] == 'target_sft_cached':
+    arrays.update(_cache(variant['batch'], length, arch['vocab_size'], cache_k))
+  batch = {k: jax.device_put(v, train.batch_sharding(mesh)) for k, v in arrays.items()}
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   row = {'compile_s': time.perf_counter() - start}
@@ -130,6 +149,10 @@ def main():
   parser.add_argument('--variants', default=None, help=__doc__.split('\n\n')[1])
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--compile-only', action='store_true')
+  parser.add_argument('--cache-k', type=int, default=64,
+                      help="top-k of the 'target_sft_cached' variants")
+  parser.add_argument('--cached', action='store_true',
+                      help='the cached-prior variants (CACHED_VARIANTS) unless --variants')
   parser.add_argument('--out', default=None, help='JSON file (default: results/...)')
   args = parser.parse_args()
   shape = args.shape or ('qwen2p5_1p5b' if args.gpu else 'cpu')
@@ -137,7 +160,8 @@ def main():
   compute_dtype = 'bfloat16' if args.gpu else 'float32'
   length = args.length or (2048 if args.gpu else 256)
   variants = [parse_variant(v) for v in
-              (args.variants or (GPU_VARIANTS if args.gpu else CPU_VARIANTS)).split(',')]
+              (args.variants or (CACHED_VARIANTS if args.cached else GPU_VARIANTS if args.gpu
+                                 else CPU_VARIANTS)).split(',')]
   device = f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}'
   n_params = llama.LlamaConfig(**arch).num_parameters()
   on_gpu = jax.default_backend() == 'gpu'
@@ -149,7 +173,8 @@ def main():
   first = None
   for variant in variants:
     try:
-      row = _run(variant, dict(arch), compute_dtype, length, args.repeats, args.compile_only)
+      row = _run(variant, dict(arch), compute_dtype, length, args.repeats, args.compile_only,
+                 args.cache_k)
     except Exception as error:  # pylint: disable=broad-except
       result['rows'][variant['name']] = {'error': f'{type(error).__name__}: {error}'[:2000]}
       print(f"{variant['name']}: failed: {type(error).__name__}: {str(error)[:400]}", flush=True)

@@ -47,6 +47,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.prior.remat = 'none'
   config.prior.attention = 'auto'
   config.prior.scan_layers = True
+  # A cached prior: `python -m qtarget.cache_prior --config ...` stores the prior's top-k rows
+  # once; training with prior.source='cached' reads them with the batch and never loads it.
+  config.prior.cache = ml_collections.ConfigDict()
+  config.prior.cache.source = 'initial'  # the prior it is made from ('initial' or the fields above)
+  config.prior.cache.path = ''  # the cache directory ('': WORKDIR/prior_cache)
+  config.prior.cache.k = 64  # tokens kept per position (the tail is one bucket)
+  config.prior.cache.dtype = 'float32'  # log-probabilities: 'float32', 'bfloat16' or 'float16'
+  config.prior.cache.records_per_shard = 256  # examples per file (the unit of resumption)
+  config.prior.cache.batch_size = 0  # packed rows per forward pass (0: batch_size)
 
   config.data = ml_collections.ConfigDict()
   config.data.kind = 'reasoning_gym'  # 'reasoning_gym' or 'files' (jsonl/parquet)

@@ -124,3 +124,10 @@ def target_error_bound(cached: CachedPrior, student_logits: Array, trust: Array,
   empty = jnp.isneginf(log_t)
   tv_residual = jnp.where(empty, 0.0, jnp.maximum(beta_hat, beta_bound))
   return (1.0 - trust) * tv_residual
+
+
+def bucket_entropy(cached: CachedPrior) -> Array:
+  """``[...]`` entropy of the cached distribution with the tail as one bucket: a lower bound on
+  the prior's entropy (what the trainer logs as ``prior_entropy`` with a cached prior)."""
+  term = lambda log_p: jnp.where(jnp.isneginf(log_p), 0.0, -jnp.exp(log_p) * log_p)
+  return jnp.sum(term(cached.log_probs), axis=-1) + term(cached.tail_log_mass)

@@ -145,8 +145,8 @@ def _architecture(model_config, overrides: dict) -> llama.LlamaConfig:
 def model_configs(config) -> tuple[llama.LlamaConfig, llama.LlamaConfig | None]:
   """The student's and (if the step runs a separate one) the prior's architecture."""
   student = _architecture(config.model, train._model_overrides(config.model))  # pylint: disable=protected-access
-  if not targets.needs_prior(config.method):
-    return student, None
+  if not targets.needs_prior(config.method) or config.prior.source == 'cached':
+    return student, None  # a cached prior's rows come with the batch
   if config.prior.source == 'initial':
     if config.model.lora_rank > 0:
       return student, None  # the student with adapters off
@@ -214,8 +214,15 @@ def abstract_inputs(config, devices, architectures=None):
   batch_sharding = train.batch_sharding(mesh, rules)
   dtypes = {'tokens': jnp.int32, 'targets': jnp.int32, 'loss_mask': jnp.bool_,
             'segment_ids': jnp.int32, 'positions': jnp.int32}
-  batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.data.seq_len), dtype,
-                                     sharding=batch_sharding)
+  shape = (config.batch_size, config.data.seq_len)
+  shapes = dict.fromkeys(dtypes, shape)
+  if abstract.spec.prior == 'cached':
+    k = config.prior.cache.k
+    dtypes.update(prior_token_ids=jnp.int32, prior_log_probs=jnp.float32,
+                  prior_tail_log_mass=jnp.float32)
+    shapes.update(prior_token_ids=shape + (k,), prior_log_probs=shape + (k,),
+                  prior_tail_log_mass=shape)
+  batch = {key: jax.ShapeDtypeStruct(shapes[key], dtype, sharding=batch_sharding)
            for key, dtype in dtypes.items()}
   return step, state_in, batch, mesh
 
@@ -237,7 +244,7 @@ def check(config, topology_name: str | None = None, *, cpu_devices: int | None =
   model_flops = student_factor * student_config.num_parameters() * tokens
   if prior_config is not None:
     model_flops += 2 * prior_config.num_parameters() * tokens
-  elif targets.needs_prior(config.method):
+  elif targets.needs_prior(config.method) and config.prior.source != 'cached':
     model_flops += 2 * student_config.num_parameters() * tokens  # the student without adapters
   common = dict(topology=topology_name or f'{len(devices)} fake CPU devices', device_kind=kind,
                 num_devices=len(devices), mesh=dict(mesh.shape),
@@ -280,8 +287,10 @@ def main(argv) -> None:
   jax.config.update('jax_platforms', 'cpu')
   config = _CONFIG.value
   student, prior = model_configs(config)
-  print(f'[qtarget] student: {student.num_parameters():,} parameters; prior: '
-        f'{"the student without adapters" if prior is None else f"{prior.num_parameters():,} parameters"}'
+  prior_text = ('cached top-k rows in the batch' if config.prior.source == 'cached' else
+                'the student without adapters' if prior is None else
+                f'{prior.num_parameters():,} parameters')
+  print(f'[qtarget] student: {student.num_parameters():,} parameters; prior: {prior_text}'
         f'; batch {config.batch_size} x {config.data.seq_len}; loss {config.loss}', flush=True)
   topology = _TOPOLOGY.value
   if topology is None and not _CPU_DEVICES.value:

@@ -42,7 +42,8 @@ class FusedAux(NamedTuple):
     trust: ``[N]`` the target's mass on the label.
     label_log_prob: ``[N]`` log p(label).
     predicted: ``[N]`` argmax of the student's logits.
-    prior_entropy: ``[N]`` entropy of the prior (zeros without a prior).
+    prior_entropy: ``[N]`` entropy of the prior (zeros without a prior; with a cached prior,
+      :func:`qtarget.cached_prior.bucket_entropy`).
   """
   per_token_loss: Array
   trust: Array
@@ -62,12 +63,14 @@ def _chunk_values(method, hidden_CxH, head_HxV, labels_C, weights_C, prior_hidde
   if method.needs_prior:
     if prior_cache_C is not None:  # the cached top-k prior, its tail spread like the student's
       prior_log_probs = cached_prior_lib.prior_log_probs(prior_cache_C, log_probs)
+      prior_entropy = cached_prior_lib.bucket_entropy(prior_cache_C)
     else:
       prior_logits = jnp.dot(prior_hidden_CxP, prior_head_PxV,
                              preferred_element_type=jnp.float32)
       prior_log_probs = jax.nn.log_softmax(prior_logits, axis=-1)
-    prior_probs = jnp.exp(prior_log_probs)
-    prior_entropy = -jnp.sum(jnp.where(prior_probs > 0, prior_probs * prior_log_probs, 0.0), -1)
+      prior_probs = jnp.exp(prior_log_probs)
+      prior_entropy = -jnp.sum(jnp.where(prior_probs > 0, prior_probs * prior_log_probs, 0.0),
+                               -1)
   hyper_C = {**hyper_C, **static}
   trust = jnp.broadcast_to(method.trust_of(label_log_prob, log_probs, **hyper_C),
                            labels_C.shape)

@@ -274,3 +274,34 @@ def test_a_method_with_a_prior_refuses_the_live_student_as_its_prior():
     train.create_state(config, student, None)
   # A method without a prior needs none.
   assert train.create_state(tiny_config(method='sft', hparams={}), student, None).spec.prior == 'none'
+
+
+@pytest.mark.parametrize('loss', ['dense', 'fused'])
+@pytest.mark.parametrize('method, hparams', [('target_sft', {'eta': 0.5}), ('sft_kl', {'lam': 0.3}),
+                                             ('distill', {})])
+def test_cached_prior_with_k_equal_to_the_vocabulary_is_the_online_prior(loss, method, hparams):
+  """prior.source='cached' with k = V: the step reads the prior's rows from the batch and gives
+  the online prior's loss, metrics (the entropy aside: the cache logs its bucket entropy) and
+  gradients (SGD: the update is the gradient)."""
+  from qtarget import cached_prior  # pylint: disable=g-import-not-at-top
+  batch = make_batch(seed=7)
+  config = tiny_config(**{'loss': loss, 'loss_chunk_size': 24, 'method': method,
+                          'hparams': hparams})
+  student, prior = _models(config)
+  online = _with_sgd(train.create_state(config, student, prior))
+  hidden = prior.hidden(jnp.asarray(batch['tokens']), segment_ids_BxT=jnp.asarray(
+      batch['segment_ids']), positions_BxT=jnp.asarray(batch['positions']))
+  rows = cached_prior.from_logits(prior.logits(hidden), VOCAB)
+  cached_config = tiny_config(**{'loss': loss, 'loss_chunk_size': 24, 'method': method,
+                                 'hparams': hparams, 'prior.source': 'cached'})
+  cached = _with_sgd(train.create_state(cached_config, _models(cached_config)[0]))
+  assert cached.spec.prior == 'cached' and not jax.tree.leaves(cached.prior)
+  with pytest.raises(KeyError):  # the step needs the rows: a batch without them fails loudly
+    _single_device_step(cached, batch)
+  results = [_single_device_step(online, batch),
+             _single_device_step(cached, {**batch, **dict(zip(train.CACHED_PRIOR_KEYS, rows))})]
+  (want, want_metrics), (got, got_metrics) = results
+  for name in ('loss', 'nll', 'trust', 'accuracy', 'grad_norm'):
+    np.testing.assert_allclose(got_metrics[name], want_metrics[name], rtol=1e-6, err_msg=name)
+  for g, w in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)

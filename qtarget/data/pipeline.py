@@ -17,6 +17,7 @@ import grain
 import numpy as np
 
 from qtarget.data import builders
+from qtarget.data import prior_cache
 from qtarget.data import records as records_lib
 
 
@@ -81,25 +82,47 @@ def scan(records: Sequence[dict], tokenizer, *, max_length: int, truncate: bool,
   return ScanReport(len(records), tokens, response, truncated, longest)
 
 
-def _pad(example: dict, length: int) -> dict:
+def _pad(example: dict, length: int, k: int | None = None) -> dict:
   n = len(example['tokens'])
-  pad = lambda x: np.pad(x, (0, length - n))
-  return {'tokens': pad(example['tokens']), 'targets': pad(example['targets']),
-          'loss_mask': pad(example['loss_mask']),
-          'segment_ids': pad(np.ones(n, np.int32)), 'positions': pad(np.arange(n, dtype=np.int32))}
+  pad = lambda x: np.pad(x, [(0, length - n)] + [(0, 0)] * (np.ndim(x) - 1))
+  out = {'tokens': pad(example['tokens']), 'targets': pad(example['targets']),
+         'loss_mask': pad(example['loss_mask']),
+         'segment_ids': pad(np.ones(n, np.int32)), 'positions': pad(np.arange(n, dtype=np.int32))}
+  if k is not None:
+    out = prior_cache.fill_unmasked({**out, **{key: pad(example[key])
+                                               for key in prior_cache.KEYS}}, k)
+  return out
 
 
-def _from_packed(packed: dict) -> dict:
-  return {'tokens': packed['tokens'], 'targets': packed['targets'],
-          'loss_mask': packed['loss_mask'].astype(bool),
-          'segment_ids': packed['tokens_segment_ids'].astype(np.int32),
-          'positions': packed['tokens_positions'].astype(np.int32)}
+def _from_packed(packed: dict, k: int | None = None) -> dict:
+  out = {'tokens': packed['tokens'], 'targets': packed['targets'],
+         'loss_mask': packed['loss_mask'].astype(bool),
+         'segment_ids': packed['tokens_segment_ids'].astype(np.int32),
+         'positions': packed['tokens_positions'].astype(np.int32)}
+  if k is not None:
+    out = prior_cache.fill_unmasked({**out, **{key: packed[key] for key in prior_cache.KEYS}}, k)
+  return out
+
+
+class _WithCache:
+  """A split's records, each with its prior-cache record (the same index)."""
+
+  def __init__(self, source, cache):
+    self._source, self._cache = source, cache
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    return builders.decode(self._source[index]), self._cache[index], index
 
 
 def train_dataset(builder, tokenizer, *, split: str = 'train', seq_len: int,
                   batch_size: int, seed: int, num_epochs: int | None, pack: bool,
                   truncate: bool, process_index: int = 0, process_count: int = 1,
-                  packing_bins: int = 16, prefetch_batches: int = 0) -> grain.IterDataset:
+                  packing_bins: int = 16, prefetch_batches: int = 0,
+                  prior_cache_source: 'prior_cache.CacheSource | None' = None
+                  ) -> grain.IterDataset:
   """This host's rows of each global batch (``batch_size`` rows across all hosts).
 
   Records are read and tokenized by grain's reader threads; with ``prefetch_batches`` > 0,
@@ -110,22 +133,41 @@ def train_dataset(builder, tokenizer, *, split: str = 'train', seq_len: int,
   Every host builds the same global stream (shuffle, packing and batching depend on the seed
   only) and keeps its contiguous block of rows, so the global batch, and so training, is the same
   whatever the number of hosts.
+
+  With ``prior_cache_source`` (:func:`qtarget.data.prior_cache.open_cache`), every example
+  carries its cached prior rows (:data:`qtarget.data.prior_cache.KEYS`, ``[T, k]`` and ``[T]``),
+  packed and batched with it.
   """
   if batch_size % process_count:
     raise DataError(f'batch size {batch_size} is not divisible by {process_count} processes.')
   rows = batch_size // process_count
   source = builder.as_data_source(split)
-  dataset = grain.MapDataset.source(source).shuffle(seed=seed).map(builders.decode)
+  k = None
+  if prior_cache_source is None:
+    dataset = grain.MapDataset.source(source).shuffle(seed=seed).map(builders.decode)
+    to_arrays = lambda r: example_arrays(r, tokenizer, seq_len, truncate)
+  else:
+    k = prior_cache_source.metadata.k
+    if len(prior_cache_source) != len(source):
+      raise prior_cache.PriorCacheError(
+          f'the prior cache holds {len(prior_cache_source)} records, the {split} split '
+          f'{len(source)}: it was made for other data.')
+    dataset = grain.MapDataset.source(_WithCache(source, prior_cache_source)).shuffle(seed=seed)
+    to_arrays = lambda rci: prior_cache.expand(
+        example_arrays(rci[0], tokenizer, seq_len, truncate), rci[1], k,
+        f'{split} record {rci[2]}')
   dataset = dataset.repeat(num_epochs) if num_epochs != 1 else dataset
-  dataset = dataset.map(lambda r: example_arrays(r, tokenizer, seq_len, truncate))
+  dataset = dataset.map(to_arrays)
   iterable = dataset.to_iter_dataset()
   if pack:
     lengths = {'tokens': seq_len, 'targets': seq_len, 'loss_mask': seq_len}
+    if k is not None:
+      lengths.update({key: seq_len for key in prior_cache.KEYS})
     iterable = grain.experimental.FirstFitPackIterDataset(
         iterable, length_struct=lengths, num_packing_bins=packing_bins, seed=seed)
-    iterable = iterable.map(_from_packed)
+    iterable = iterable.map(lambda p: _from_packed(p, k))
   else:
-    iterable = iterable.map(lambda e: _pad(e, seq_len))
+    iterable = iterable.map(lambda e: _pad(e, seq_len, k))
   batches = iterable.batch(batch_size, drop_remainder=True)
   if process_count > 1:
     batches = batches.map(lambda b: {k: v[process_index * rows:(process_index + 1) * rows]

@@ -23,8 +23,9 @@ from qtarget.train.loop import (TrainingDiverged, held_out_records,
 from qtarget.train.sharding import (MESH_AXES, Layout, batch_sharding, build_mesh, check_layout,
                                     jit_train_step, logical_to_spec, state_shardings)
 from qtarget.train.state import create_state, make_optimizer, place
-from qtarget.train.step import (BATCH_KEYS, METRIC_SUMS, StepSpec, TrainState,
-                                strided_micro_batches, student_model, train_step)
+from qtarget.train.step import (BATCH_KEYS, CACHED_PRIOR_KEYS, METRIC_SUMS, StepSpec,
+                                TrainState, batch_keys, strided_micro_batches, student_model,
+                                train_step)
 
 # Names the tests and older scripts reach for.
 _model_overrides = model_overrides

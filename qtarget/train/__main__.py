@@ -5,6 +5,7 @@ import sys
 from absl import app
 from ml_collections import config_flags
 
+from qtarget.data import prior_cache
 from qtarget.train import checks
 from qtarget.train import loop
 from qtarget.train.errors import ConfigError
@@ -48,7 +49,7 @@ def main(argv) -> None:
   del argv
   try:
     loop.run(_CONFIG.value)
-  except (ConfigError, loop.TrainingDiverged) as error:
+  except (ConfigError, loop.TrainingDiverged, prior_cache.PriorCacheError) as error:
     sys.exit(f'[qtarget] {type(error).__name__}: {error}')
 
 

@@ -22,7 +22,7 @@ HARMLESS_PREFIXES = ('workdir', 'log_every', 'progress_bar', 'eval.', 'checkpoin
                      'model.attention', 'model.remat', 'model.scan_layers', 'prior.attention',
                      'prior.remat', 'prior.scan_layers')
 MODEL_SOURCES = ('gguf', 'hf', 'random')
-PRIOR_SOURCES = ('initial',) + MODEL_SOURCES
+PRIOR_SOURCES = ('initial',) + MODEL_SOURCES + ('cached',)
 
 
 def _at_least(config, key, lowest, integer=True):
@@ -113,6 +113,10 @@ def _check_sources(config) -> None:
           f'method {config.method!r} needs a prior, and prior.source={source!r} gives none: set '
           f'--config.prior.source to one of {", ".join(PRIOR_SOURCES)} ("initial": the frozen '
           'student at step 0), or choose a method without a prior.')
+    if source == 'cached':
+      from qtarget.data import prior_cache  # pylint: disable=g-import-not-at-top
+      prior_cache.check_cache_config(config)
+      source = config.prior.cache.source
     if source == 'hf' and not config.prior.path:
       raise ConfigError("prior.path is empty: prior.source='hf' needs the teacher's Hugging Face "
                         'directory (set --config.prior.path=DIR).')

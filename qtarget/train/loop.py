@@ -27,7 +27,7 @@ from qtarget.train import loading
 from qtarget.train import sharding as sharding_lib
 from qtarget.train import state as state_lib
 from qtarget.train.errors import ConfigError
-from qtarget.train.step import BATCH_KEYS, student_model
+from qtarget.train.step import batch_keys, student_model
 
 # The loop.
 
@@ -84,12 +84,20 @@ def _data(config, tokenizer, vocab_size):
   report = pipeline.scan(train_records, tokenizer, max_length=data.seq_len,
                          truncate=data.truncate, vocab_size=vocab_size, name='train')
   eval_records = builders.load_split(builder, eval_split) if eval_split else []
+  cache_source = None
+  if targets.needs_prior(config.method) and config.prior.source == 'cached':
+    from qtarget.data import prior_cache  # pylint: disable=g-import-not-at-top
+    cache_source = prior_cache.open_cache(
+        prior_cache.cache_directory(config),
+        prior_cache.fingerprint(config, tokenizer, train_records), vocab_size=vocab_size,
+        build_command=prior_cache.build_command(config))
+    _log(f'prior: cached top-{cache_source.metadata.k} at {prior_cache.cache_directory(config)}')
   dataset = pipeline.train_dataset(
       builder, tokenizer, seq_len=data.seq_len, batch_size=config.batch_size,
       seed=data.seed * 1_000_003 + config.seed,  # the run seed varies the order, not the data
       num_epochs=None, pack=data.pack, truncate=data.truncate,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      prefetch_batches=data.get('prefetch_batches', 2))
+      prefetch_batches=data.get('prefetch_batches', 2), prior_cache_source=cache_source)
   return dataset, report, eval_records
 
 
@@ -202,8 +210,8 @@ def run(config) -> dict:
 
   student, tokenizer = loading.load_model(config.model, seed=config.seed, **placement)
   prior_model = None
-  if targets.needs_prior(config.method) and (config.prior.source != 'initial'
-                                             or config.model.lora_rank == 0):
+  if targets.needs_prior(config.method) and config.prior.source != 'cached' and (
+      config.prior.source != 'initial' or config.model.lora_rank == 0):
     if config.prior.source == 'initial':
       prior_model, prior_tokenizer = loading.load_model(config.model, seed=config.seed,
                                                         with_lora=False, **placement)
@@ -316,7 +324,7 @@ def run(config) -> dict:
   for step in range(start_step, config.steps):
     local = next(iterator)
     batch = {key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key]))
-             for key in BATCH_KEYS}
+             for key in batch_keys(state.spec)}
     state, metrics = step_fn(state, batch)  # dispatched: runs while the host goes on
     real_tokens = int(np.sum(local['segment_ids'] > 0)) * jax.process_count()
     pending.append((step, metrics, real_tokens))

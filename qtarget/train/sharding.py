@@ -125,7 +125,8 @@ def jit_train_step(abstract_state, mesh: Mesh, rules: dict):
   donated. Returns ``(step_fn, state_shardings)``."""
   the_layout = Layout.create(mesh, rules)
   shardings = state_shardings(abstract_state, mesh, the_layout.rules_dict)
-  batch = {key: batch_sharding(mesh, the_layout.rules_dict) for key in step_lib.BATCH_KEYS}
+  batch = {key: batch_sharding(mesh, the_layout.rules_dict)
+           for key in step_lib.batch_keys(abstract_state.spec)}
   replicated = NamedSharding(mesh, PartitionSpec())
   step = functools.partial(step_lib.train_step, layout=the_layout)
   return jax.jit(step, in_shardings=(shardings, batch), out_shardings=(shardings, replicated),

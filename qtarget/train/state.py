@@ -83,6 +83,11 @@ def create_state(config, student, prior_model=None, mesh=None, rules=None) -> Tr
   hyper, static = hyperparameters(config)
   if not targets.needs_prior(config.method):
     prior_mode = 'none'
+  elif (config.get('prior') or {}).get('source') == 'cached':  # rows come with the batches
+    if prior_model is not None:
+      raise ConfigError("prior.source='cached' reads the prior from its cache: pass no "
+                        'prior_model.')
+    prior_mode = 'cached'
   elif prior_model is None:
     if not student.config.lora_rank:
       raise ConfigError(

@@ -19,12 +19,20 @@ import optax
 from flax import nnx
 from flax import struct
 
+from qtarget import cached_prior
 from qtarget import losses
 from qtarget import targets
 from qtarget.models import layout as layout_lib
 
 Array = jax.Array
 BATCH_KEYS = ('tokens', 'targets', 'loss_mask', 'segment_ids', 'positions')
+# With a cached prior the batch also carries its rows ([B, T, k], [B, T, k], [B, T]).
+CACHED_PRIOR_KEYS = ('prior_token_ids', 'prior_log_probs', 'prior_tail_log_mass')
+
+
+def batch_keys(spec: 'StepSpec') -> tuple:
+  """The arrays a batch of this step holds."""
+  return BATCH_KEYS + (CACHED_PRIOR_KEYS if spec.prior == 'cached' else ())
 METRIC_SUMS = ('loss', 'nll', 'trust', 'accuracy')  # summed over response tokens
 ROWS = ('activation_batch', 'activation_length')
 
@@ -35,8 +43,8 @@ class StepSpec:
 
   Attributes:
     method: a name of :data:`qtarget.targets.METHODS` (built in or registered).
-    prior: 'none' (the method needs none), 'lora_off' (the student without adapters) or
-      'separate' (a second frozen model).
+    prior: 'none' (the method needs none), 'lora_off' (the student without adapters),
+      'separate' (a second frozen model) or 'cached' (its top-k rows come with the batch).
     accum_steps: micro-batches per optimizer step.
     static_hyperparameters: hyperparameters that set shapes (EAFT's k), as (name, value) pairs.
     vocab_size: the student's embedding rows (a prior's padding rows are cut to it).
@@ -101,9 +109,17 @@ def _prior_hidden(state: TrainState, micro: dict):
   return prior, hidden
 
 
-def _prior_logits(state: TrainState, micro: dict) -> Array | None:
+def _cached_prior(micro: dict) -> cached_prior.CachedPrior:
+  return cached_prior.CachedPrior(*(jax.lax.stop_gradient(micro[key])
+                                    for key in CACHED_PRIOR_KEYS))
+
+
+def _prior_logits(state: TrainState, micro: dict):
+  """The prior's logits ``[B, T, V]``, or its :class:`CachedPrior` rows, or None."""
   if state.spec.prior == 'none':
     return None
+  if state.spec.prior == 'cached':
+    return _cached_prior(micro)
   prior, hidden = _prior_hidden(state, micro)
   return _match_vocabulary(jax.lax.stop_gradient(prior.logits(hidden)), state.spec.vocab_size)
 
@@ -147,7 +163,9 @@ def _micro_loss(params, state: TrainState, micro: dict, count):
   label_logit = targets.label_log_probs(sg(logits), jnp.where(mask, labels, 0))
   label_log_prob = label_logit - jax.nn.logsumexp(sg(logits), axis=-1)
   prior_entropy = None
-  if prior_logits is not None:
+  if isinstance(prior_logits, cached_prior.CachedPrior):
+    prior_entropy = cached_prior.bucket_entropy(prior_logits)
+  elif prior_logits is not None:
     finite = jnp.isfinite(prior_logits)  # -inf: padding rows of a larger prior vocabulary
     prior_probs = jax.nn.softmax(prior_logits, axis=-1)
     prior_entropy = (jax.nn.logsumexp(prior_logits, axis=-1)
@@ -179,12 +197,17 @@ def _micro_loss_fused(params, state: TrainState, micro: dict, count):
   model = nnx.merge(state.graphdef, params, state.frozen)
   hidden = model.hidden(micro['tokens'], segment_ids_BxT=micro['segment_ids'],
                         positions_BxT=micro['positions'])
-  prior_hidden, prior_head = _prior_hidden_and_head(state, micro)
   mask, labels = micro['loss_mask'], micro['targets']
   flat = lambda x: None if x is None else x.reshape((-1,) + x.shape[2:])
+  cache = None
+  if state.spec.prior == 'cached':
+    prior_hidden = prior_head = None
+    cache = jax.tree.map(flat, _cached_prior(micro))
+  else:
+    prior_hidden, prior_head = _prior_hidden_and_head(state, micro)
   hyper = {name: jnp.broadcast_to(value, mask.shape).reshape(-1)
            for name, value in state.hyperparameters.items()}
-  kwargs = dict(prior_hidden_NxP=flat(prior_hidden), prior_head_PxV=prior_head,
+  kwargs = dict(prior_hidden_NxP=flat(prior_hidden), prior_head_PxV=prior_head, prior_cache=cache,
                 weights_N=flat(mask).astype(jnp.float32) / count,
                 chunk_size=state.spec.chunk_size,
                 head_grad_accumulation=state.spec.head_grad_accumulation, **hyper,
@@ -201,7 +224,7 @@ def _micro_loss_fused(params, state: TrainState, micro: dict, count):
   unflat = lambda x: layout_lib.constrain(x.reshape(mask.shape), ROWS)
   sums = _metric_sums(mask, unflat(aux.per_token_loss), unflat(aux.label_log_prob),
                       unflat(aux.trust), unflat(aux.predicted) == labels,
-                      unflat(aux.prior_entropy) if prior_hidden is not None else None)
+                      unflat(aux.prior_entropy) if state.spec.prior != 'none' else None)
   return loss, sums
 
 

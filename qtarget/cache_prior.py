@@ -1,0 +1,210 @@
+r"""Build the prior's top-k cache once, so that training never loads the prior.
+
+    python -m qtarget.cache_prior --config configs/NAME.py [--config.prior.cache.k=64]
+
+One forward pass of the prior (``prior.cache.source``: 'initial' for the student's initial
+weights, or the prior's own 'gguf'/'hf'/'random' fields) over the training split, tokenized and
+truncated exactly as the trainer does, examples packed into rows of ``data.seq_len`` (segments
+attend only within themselves, so the result per example does not depend on the packing) and
+run in batches sharded over the config's mesh. For every response token it stores the prior's
+k most likely tokens, their log-probabilities and the log of the tail mass
+(:mod:`qtarget.data.prior_cache`), in shards of ``prior.cache.records_per_shard`` examples.
+Rerun after an interruption: finished shards are kept. Then train with
+``--config.prior.source=cached``.
+"""
+
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qtarget import cached_prior
+from qtarget.data import prior_cache as store
+from qtarget.train.errors import ConfigError
+
+
+def _load_prior(config, mesh, rules):
+  from qtarget.train import loading  # pylint: disable=g-import-not-at-top
+  placement = dict(mesh=mesh, rules=rules)
+  if store.prior_source(config) == 'initial':
+    return loading.load_model(config.model, seed=config.seed, with_lora=False, **placement)
+  prior_config = config.prior.copy_and_resolve_references()
+  with prior_config.unlocked():
+    prior_config.source = store.prior_source(config)
+  return loading.load_model(prior_config, seed=config.seed + 1, with_lora=False, **placement)
+
+
+def _pack(examples: list[dict], seq_len: int) -> list[list[int]]:
+  """Consecutive examples into rows of at most ``seq_len`` tokens (indices per row)."""
+  rows, current, used = [], [], 0
+  for index, example in enumerate(examples):
+    n = len(example['tokens'])
+    if current and used + n > seq_len:
+      rows.append(current)
+      current, used = [], 0
+    current.append(index)
+    used += n
+  if current:
+    rows.append(current)
+  return rows
+
+
+def _row_arrays(examples: list[dict], row: list[int], seq_len: int) -> dict:
+  tokens = np.zeros(seq_len, np.int32)
+  segments = np.zeros(seq_len, np.int32)
+  positions = np.zeros(seq_len, np.int32)
+  start = 0
+  for segment, index in enumerate(row, 1):
+    n = len(examples[index]['tokens'])
+    tokens[start:start + n] = examples[index]['tokens']
+    segments[start:start + n] = segment
+    positions[start:start + n] = np.arange(n)
+    start += n
+  return {'tokens': tokens, 'segment_ids': segments, 'positions': positions}
+
+
+def build(config, *, progress: bool = True, stop_after_shards: int | None = None
+          ) -> store.Metadata:
+  """Builds (or finishes) the cache of ``config``; returns its metadata.
+
+  ``stop_after_shards`` stops after writing that many new shards (to test resumption).
+  """
+  from qtarget.data import builders, pipeline  # pylint: disable=g-import-not-at-top
+  from qtarget.train import loop, sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  store.check_cache_config(config)
+  if jax.process_count() > 1:
+    raise ConfigError('cache_prior runs on one host (its mesh may span that host\'s devices); '
+                      f'this job has {jax.process_count()} processes.')
+  started = time.time()
+  directory = store.cache_directory(config)
+  mesh = sharding_lib.build_mesh(config.mesh)
+  rules = {**dict(config.sharding_rules), **dict(config.get('activation_rules', ()))}
+  prior, tokenizer = _load_prior(config, mesh, rules)
+  vocab_size = prior.config.vocab_size
+  store.check_cache_config(config, vocab_size)
+  builder, _ = loop._builder(config)  # pylint: disable=protected-access
+  source = builder.as_data_source('train')
+  records = [builders.decode(source[i]) for i in range(len(source))]
+  data = config.data
+  pipeline.scan(records, tokenizer, max_length=data.seq_len, truncate=data.truncate,
+                vocab_size=vocab_size, name='train')
+  cache = config.prior.cache
+  metadata = store.Metadata(k=cache.k, vocab_size=vocab_size, value_dtype=cache.dtype,
+                            num_records=len(records), records_per_shard=cache.records_per_shard,
+                            fingerprint=store.fingerprint(config, tokenizer, records))
+  existing = store.read_metadata(directory)
+  if existing is not None:
+    settings = lambda m: (m.k, m.vocab_size, m.value_dtype, m.num_records, m.records_per_shard,
+                          m.format_version)
+    differing = store.differences(metadata.fingerprint, existing.fingerprint)
+    if settings(existing) != settings(metadata):
+      differing.append(f'settings (k, vocabulary, dtype, records, records per shard, format: the '
+                       f'cache: {settings(existing)}; this config: {settings(metadata)})')
+    if differing:
+      raise store.PriorCacheError(
+          f'{directory} holds a cache made from something else: {"; ".join(differing)}. Delete '
+          'it or set --config.prior.cache.path elsewhere.')
+    if existing.complete:
+      _log(f'the cache at {directory} is already complete: {_summary(existing)}')
+      return existing
+    metadata = existing
+  directory.mkdir(parents=True, exist_ok=True)
+  store.write_metadata(directory, metadata)
+
+  graphdef, state = nnx.split(prior)
+  batch_rows = cache.get('batch_size', 0) or config.batch_size
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+
+  @jax.jit
+  def top_k(state, tokens, segment_ids, positions):
+    model = nnx.merge(graphdef, state)
+    hidden = model.hidden(tokens, segment_ids_BxT=segment_ids, positions_BxT=positions,
+                          lora=False, remat=False)
+    return cached_prior.from_logits(model.logits(hidden), metadata.k)
+
+  todo = [s for s in range(metadata.num_shards)
+          if not metadata.shard_path(directory, s).exists()]
+  done_records = metadata.num_records - sum(len(metadata.shard_records(s)) for s in todo)
+  bar = None
+  if progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=metadata.num_records, initial=done_records, desc='cache_prior',
+               unit='example', dynamic_ncols=True, file=sys.stdout)
+  written = 0
+  for shard in todo:
+    indices = list(metadata.shard_records(shard))
+    examples = [pipeline.example_arrays(records[i], tokenizer, data.seq_len, data.truncate)
+                for i in indices]
+    rows = _pack(examples, data.seq_len)
+    encoded = [None] * len(examples)
+    for start in range(0, len(rows), batch_rows):
+      group = rows[start:start + batch_rows]
+      arrays = [_row_arrays(examples, row, data.seq_len) for row in group]
+      arrays += [_row_arrays(examples, [], data.seq_len)] * (batch_rows - len(group))
+      batch = {key: jax.device_put(np.stack([a[key] for a in arrays]), batch_sharding)
+               for key in ('tokens', 'segment_ids', 'positions')}
+      result = jax.device_get(top_k(state, batch['tokens'], batch['segment_ids'],
+                                    batch['positions']))
+      for r, row in enumerate(group):
+        offset = 0
+        for index in row:
+          example = examples[index]
+          n = len(example['tokens'])
+          where = offset + np.flatnonzero(example['loss_mask'])
+          encoded[index] = store.encode_row(
+              example['targets'][example['loss_mask']], result.token_ids[r, where],
+              result.log_probs[r, where], result.tail_log_mass[r, where], metadata)
+          metadata.response_tokens += len(where)
+          offset += n
+      if bar is not None:
+        bar.update(sum(len(row) for row in group))
+    store.write_shard(directory, metadata, shard, encoded)
+    metadata.shard_bytes = sum(p.stat().st_size for p in directory.glob('*.array_record'))
+    store.write_metadata(directory, metadata)
+    written += 1
+    if bar is not None:
+      bar.set_postfix(bytes_per_token=f'{metadata.bytes_per_token():.0f}')
+    if stop_after_shards is not None and written >= stop_after_shards:
+      break
+  if bar is not None:
+    bar.close()
+  metadata.build_seconds += time.time() - started
+  if all(metadata.shard_path(directory, s).exists() for s in range(metadata.num_shards)):
+    metadata.complete = True
+  store.write_metadata(directory, metadata)
+  _log(f'{"wrote" if metadata.complete else "partly wrote"} {directory}: {_summary(metadata)}')
+  return metadata
+
+
+def _summary(metadata: store.Metadata) -> str:
+  return (f'{metadata.num_records} examples, {metadata.response_tokens} response tokens '
+          f'(tokens of shards written this run and before), k={metadata.k}, '
+          f'{metadata.value_dtype}: {metadata.bytes_per_token():.0f} bytes per token, '
+          f'{metadata.shard_bytes / 2**20:.1f} MiB on disk, {metadata.build_seconds:.0f} s')
+
+
+def _log(message: str) -> None:
+  print(f'[qtarget.cache_prior] {message}', flush=True)
+
+
+def main(argv) -> None:
+  del argv
+  from qtarget.train import checks  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  try:
+    checks.check_config(config)
+    build(config, progress=config.progress_bar)
+  except (ConfigError, store.PriorCacheError) as error:
+    sys.exit(f'[qtarget.cache_prior] {type(error).__name__}: {error}')
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file',
+                                            lock_config=True)
+  app.run(main)
