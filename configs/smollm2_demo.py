@@ -104,6 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 25  # steps between checkpoints (and one at the end)
   config.checkpoint.keep = 2  # most recent checkpoints kept
+  # Written in the background while training goes on (the arrays are copied to the host first;
+  # the first checkpoint of a run is waited for); False: every save blocks.
+  config.checkpoint.asynchronous = True
 
   config.eval = ml_collections.ConfigDict()
   config.eval.before = True  # accuracy of the initial model
@@ -116,6 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.temperature = 0.0  # 0: greedy
   config.eval.top_p = 1.0  # nucleus sampling mass
   config.eval.seed = 0  # sampling keys
+  config.eval.greedy_after = False  # with num_samples > 1: also a greedy pass after training
+  config.eval.validation_problems = 0  # greedy on this many validation-split problems after
+  # training (predictions_validation.jsonl), for choosing hyperparameters without the test split
 
   config.on_nonfinite = 'stop'  # a NaN/inf loss or gradient: 'stop' the run, or 'skip' the update
   config.start_over = False  # a workdir with results but no checkpoint: move them aside, restart

@@ -168,6 +168,9 @@ def build(config, *, progress: bool = True, stop_after_shards: int | None = None
     written += 1
     if bar is not None:
       bar.set_postfix(bytes_per_token=f'{metadata.bytes_per_token():.0f}')
+    else:  # progress in the log instead
+      _log(f'shard {shard + 1} of {metadata.num_shards} written ({metadata.response_tokens} '
+           f'response tokens so far, {time.time() - started:.0f} s)')
     if stop_after_shards is not None and written >= stop_after_shards:
       break
   if bar is not None:
@@ -181,8 +184,8 @@ def build(config, *, progress: bool = True, stop_after_shards: int | None = None
 
 
 def _summary(metadata: store.Metadata) -> str:
-  return (f'{metadata.num_records} examples, {metadata.response_tokens} response tokens '
-          f'(tokens of shards written this run and before), k={metadata.k}, '
+  return (f'{metadata.num_records} examples, {metadata.response_tokens} response tokens in the '
+          f'shards written, k={metadata.k}, '
           f'{metadata.value_dtype}: {metadata.bytes_per_token():.0f} bytes per token, '
           f'{metadata.shard_bytes / 2**20:.1f} MiB on disk, {metadata.build_seconds:.0f} s')
 

@@ -247,3 +247,23 @@ def test_evaluation_at_intervals_and_after_an_interruption(tmp_path):
   assert (workdir / 'predictions_step4.jsonl').exists()
   lines = [json.loads(line) for line in _metric_lines(workdir)]
   assert [l['step'] for l in lines if 'eval_accuracy' in l] == [2, 4]
+
+
+def test_greedy_and_validation_evaluations_after_training(tmp_path):
+  """eval.greedy_after adds a greedy pass beside the sampled one; eval.validation_problems
+  scores the validation split (for choosing hyperparameters), never the test problems."""
+  workdir = tmp_path / 'validation'
+  flags = ['--config.steps=2', '--config.eval.after=True', '--config.eval.num_problems=2',
+           '--config.eval.num_samples=2', '--config.eval.temperature=0.7',
+           '--config.eval.greedy_after=True', '--config.eval.validation_problems=3',
+           '--config.export_hf=False']
+  subprocess.run(_command(workdir, *flags), env=_env(), check=True, capture_output=True)
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['eval_after']['k'] == 2 and summary['eval_after_greedy']['k'] == 1
+  assert summary['eval_validation']['k'] == 1 and summary['eval_validation']['problems'] == 3
+  read = lambda name: [json.loads(line) for line in
+                       (workdir / f'predictions_{name}.jsonl').read_text().splitlines()]
+  test_questions = {p['question'] for p in read('after')}
+  assert {p['question'] for p in read('after_greedy')} == test_questions
+  validation_questions = {p['question'] for p in read('validation')}
+  assert len(validation_questions) == 3 and not validation_questions & test_questions

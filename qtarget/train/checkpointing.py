@@ -77,14 +77,23 @@ class RunCheckpoints:
     self.first_checkpoint = min(config.checkpoint.every, config.steps)
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.checkpoint.keep, enable_async_checkpointing=False))
+            max_to_keep=config.checkpoint.keep,
+            enable_async_checkpointing=bool(config.checkpoint.get('asynchronous', True))))
 
   def save(self, step: int, tree, iterator) -> None:
+    """Saves ``tree`` and the data position. Asynchronous saves copy the arrays to the host
+    before returning and write them in the background (orbax renames a checkpoint into place
+    only when it is whole, so a kill mid-write leaves the previous one). The first checkpoint
+    of a run is waited for: results written past it must always have a checkpoint to resume
+    from (:func:`earlier_results`)."""
     import grain  # pylint: disable=g-import-not-at-top
     ocp = self._ocp
+    first = self.manager.latest_step() is None
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree), data=grain.checkpoint.CheckpointSave(iterator),
         config=ocp.args.JsonSave(self.config)), force=True)
+    if first:
+      self.manager.wait_until_finished()
 
   def latest_step(self):
     return self.manager.latest_step()

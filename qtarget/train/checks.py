@@ -20,7 +20,13 @@ HARMLESS_PREFIXES = ('workdir', 'log_every', 'progress_bar', 'eval.', 'checkpoin
                      'checkpoint.keep', 'export_hf', 'distributed.', 'start_over',
                      'on_nonfinite', 'mesh.', 'data.data_dir', 'data.prefetch_batches',
                      'model.attention', 'model.remat', 'model.scan_layers', 'prior.attention',
-                     'prior.remat', 'prior.scan_layers')
+                     'prior.remat', 'prior.scan_layers', 'checkpoint.asynchronous',
+                     'prior.cache.path', 'prior.cache.records_per_shard',
+                     'prior.cache.batch_size')
+# Fields added after checkpoints were written, at the values that give the behaviour those runs
+# had: absent from a saved config and at this value now, they are no difference.
+ADDED_WITH_DEFAULTS = {'loss_head_grad_accumulation': 'float32', 'prior.cache.source': 'initial',
+                       'prior.cache.k': 64, 'prior.cache.dtype': 'float32'}
 MODEL_SOURCES = ('gguf', 'hf', 'random')
 PRIOR_SOURCES = ('initial',) + MODEL_SOURCES + ('cached',)
 
@@ -75,7 +81,7 @@ def check_config(config) -> None:
               'eval.max_new_tokens', 'eval.num_samples'):
     _at_least(config, key, 1)
   for key in ('optimizer.warmup_steps', 'eval.num_problems', 'eval.every', 'data.eval_size',
-              'model.lora_rank'):
+              'eval.validation_problems', 'model.lora_rank'):
     _at_least(config, key, 0)
   _at_least(config, 'data.seq_len', 2)
   lr = config.optimizer.learning_rate
@@ -153,7 +159,7 @@ def config_differences(saved: dict, current: dict) -> tuple[list, list]:
   defining, harmless = [], []
   for key in sorted(set(saved) | set(current)):
     old, new = saved.get(key, '<absent>'), current.get(key, '<absent>')
-    if old == new:
+    if old == new or (old == '<absent>' and ADDED_WITH_DEFAULTS.get(key, old) == new):
       continue
     line = f'{key}: {old!r} -> {new!r}'
     (harmless if key.startswith(HARMLESS_PREFIXES) else defining).append(line)

@@ -101,6 +101,22 @@ def _data(config, tokenizer, vocab_size):
   return dataset, report, eval_records
 
 
+def _validation_records(config) -> list[dict]:
+  """The validation split's problems when ``eval.validation_problems`` asks for them."""
+  if not config.eval.get('validation_problems', 0):
+    return []
+  if config.data.kind != 'reasoning_gym':
+    raise ConfigError(f'eval.validation_problems={config.eval.validation_problems}: '
+                      f"data.kind={config.data.kind!r} has no validation split.")
+  from qtarget.data import builders  # pylint: disable=g-import-not-at-top
+  builder, _ = _builder(config)
+  records = builders.load_split(builder, 'validation')
+  if len(records) < config.eval.validation_problems:
+    raise ConfigError(f'eval.validation_problems={config.eval.validation_problems}: the '
+                      f'validation split holds {len(records)} (data.eval_size).')
+  return records
+
+
 class TrainingDiverged(RuntimeError):
   """The loss or the gradient stopped being usable; the run stops without saving or exporting."""
 
@@ -161,10 +177,13 @@ class _MetricsLog:
       self.writer.close()
 
 
-def _evaluate(label, state, tokenizer, eval_records, config, workdir, step):
-  """Held-out Average@k and pass@k; predictions to ``workdir/predictions_{label}.jsonl``."""
+def _evaluate(label, state, tokenizer, eval_records, config, workdir, step, *,
+              greedy: bool = False, num_problems: int | None = None):
+  """Held-out Average@k and pass@k (``greedy``: one greedy answer each) on the first
+  ``num_problems`` (default ``eval.num_problems``); predictions to
+  ``workdir/predictions_{label}.jsonl``."""
   from qtarget import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  records = eval_records[:config.eval.num_problems]
+  records = eval_records[:config.eval.num_problems if num_problems is None else num_problems]
   if not records:
     return None
   if jax.process_count() > 1:
@@ -172,11 +191,12 @@ def _evaluate(label, state, tokenizer, eval_records, config, workdir, step):
          'evaluate the exported model instead.')
     return None
   _log(f'evaluating {label} on {len(records)} held-out problems...')
-  k = config.eval.num_samples
+  k = 1 if greedy else config.eval.num_samples
   result = evaluate_lib.evaluate(student_model(state), tokenizer, records,
                                  max_new_tokens=config.eval.max_new_tokens,
                                  batch_size=config.eval.batch_size, num_samples=k,
-                                 temperature=config.eval.temperature, top_p=config.eval.top_p,
+                                 temperature=0.0 if greedy else config.eval.temperature,
+                                 top_p=1.0 if greedy else config.eval.top_p,
                                  seed=config.eval.seed)
   _log(f'{label}: accuracy {result.accuracy:.3f}' + (
       f' (Average@{k}; pass@{k} {result.pass_at_k:.3f})' if k > 1 else '') +
@@ -222,6 +242,7 @@ def run(config) -> dict:
   sharding_lib.check_layout(mesh, batch_size=config.batch_size, accum_steps=config.accum_steps,
                             model_configs=(student.config, getattr(prior_model, 'config', None)))
   dataset, report, eval_records = _data(config, tokenizer, student.config.vocab_size)
+  validation_records = _validation_records(config)
   _log(f'train data: {report}')
 
   state = state_lib.create_state(config, student, prior_model, **placement)
@@ -295,6 +316,7 @@ def run(config) -> dict:
       elif problem:
         log.write(step + 1, metrics)
         log.close()
+        run_checkpoints.wait()  # a good checkpoint in flight is finished, not cut off
         latest = run_checkpoints.latest_step()
         kept = (f'the last good checkpoint is step {latest} in {run_checkpoints.directory}'
                 if latest else 'no checkpoint was written before it')
@@ -341,6 +363,7 @@ def run(config) -> dict:
       interval_start = time.time()  # step times exclude the checkpoint and the evaluation
   if progress is not None:
     progress.close()
+  run_checkpoints.wait()  # an asynchronous save in flight finishes before anything reads it
   if run_checkpoints.latest_step() != config.steps:
     save(config.steps)  # resumed at the end: make sure the final state is on disk
   run_checkpoints.wait()
@@ -352,6 +375,15 @@ def run(config) -> dict:
     summary['eval_after'] = _evaluate('after', state, tokenizer, eval_records, config, workdir,
                                       config.steps)
     summary['accuracy_after'] = (summary['eval_after'] or {}).get('accuracy')
+    if config.eval.get('greedy_after', False) and config.eval.num_samples > 1:
+      summary['eval_after_greedy'] = _evaluate('after_greedy', state, tokenizer, eval_records,
+                                               config, workdir, config.steps, greedy=True)
+      summary['accuracy_after_greedy'] = (summary['eval_after_greedy'] or {}).get('accuracy')
+  if validation_records:  # for choosing hyperparameters: never the test split
+    summary['eval_validation'] = _evaluate(
+        'validation', state, tokenizer, validation_records, config, workdir, config.steps,
+        greedy=True, num_problems=config.eval.validation_problems)
+    summary['accuracy_validation'] = (summary['eval_validation'] or {}).get('accuracy')
   if config.export_hf:
     from qtarget import checkpoints  # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
