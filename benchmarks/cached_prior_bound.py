@@ -41,9 +41,9 @@ def main(argv):
     student = checkpoints.load_hf(_STUDENT.value)
   builder, _ = train.loop._builder(config)  # pylint: disable=protected-access
   records = builders.load_split(builder, 'train')
-  source = prior_cache.open_cache(
-      prior_cache.cache_directory(config), prior_cache.fingerprint(config, tokenizer, records),
-      vocab_size=student.config.vocab_size, build_command=prior_cache.build_command(config))
+  report = pipeline.scan(records, tokenizer, max_length=config.data.seq_len,
+                         truncate=config.data.truncate, vocab_size=student.config.vocab_size)
+  source = prior_cache.open_for_training(config, tokenizer, report, student.config.vocab_size)
   method = targets.METHODS[config.method]
   hyper = dict(config.hparams)
   model_power, prior_power = method.residual_powers(**hyper)

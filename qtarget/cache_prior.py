@@ -28,14 +28,22 @@ from qtarget.train.errors import ConfigError
 
 
 def _load_prior(config, mesh, rules):
+  """``(prior, student tokenizer)``: the prior as the trainer would build it, and the tokenizer
+  the trainer tokenizes the data with (the student's)."""
   from qtarget.train import loading  # pylint: disable=g-import-not-at-top
   placement = dict(mesh=mesh, rules=rules)
   if store.prior_source(config) == 'initial':
-    return loading.load_model(config.model, seed=config.seed, with_lora=False, **placement)
+    # Loaded as the trainer loads the student (a random model's LoRA adapters are drawn between
+    # its base weights); the forward runs with the adapters off.
+    return loading.load_model(config.model, seed=config.seed, **placement)
   prior_config = config.prior.copy_and_resolve_references()
   with prior_config.unlocked():
     prior_config.source = store.prior_source(config)
-  return loading.load_model(prior_config, seed=config.seed + 1, with_lora=False, **placement)
+  prior, prior_tokenizer = loading.load_model(prior_config, seed=config.seed + 1,
+                                              with_lora=False, **placement)
+  tokenizer = loading.load_tokenizer(config.model)
+  loading.check_same_vocabulary(tokenizer, prior_tokenizer)
+  return prior, tokenizer
 
 
 def _pack(examples: list[dict], seq_len: int) -> list[list[int]]:
@@ -74,7 +82,9 @@ def build(config, *, progress: bool = True, stop_after_shards: int | None = None
   ``stop_after_shards`` stops after writing that many new shards (to test resumption).
   """
   from qtarget.data import builders, pipeline  # pylint: disable=g-import-not-at-top
+  from qtarget import compile_check  # pylint: disable=g-import-not-at-top
   from qtarget.train import loop, sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from qtarget.train import step as step_lib  # pylint: disable=g-import-not-at-top
   store.check_cache_config(config)
   if jax.process_count() > 1:
     raise ConfigError('cache_prior runs on one host (its mesh may span that host\'s devices); '
@@ -84,18 +94,21 @@ def build(config, *, progress: bool = True, stop_after_shards: int | None = None
   mesh = sharding_lib.build_mesh(config.mesh)
   rules = {**dict(config.sharding_rules), **dict(config.get('activation_rules', ()))}
   prior, tokenizer = _load_prior(config, mesh, rules)
-  vocab_size = prior.config.vocab_size
+  # The student's embedding rows, read from its config (not its weights): a prior whose
+  # vocabulary is padded differently (Qwen2.5 1.5B and 7B) is cut or padded with -inf to it,
+  # as the trainer does with an online prior.
+  vocab_size = compile_check.student_vocab_size(config)
   store.check_cache_config(config, vocab_size)
   builder, _ = loop._builder(config)  # pylint: disable=protected-access
   source = builder.as_data_source('train')
   records = [builders.decode(source[i]) for i in range(len(source))]
   data = config.data
-  pipeline.scan(records, tokenizer, max_length=data.seq_len, truncate=data.truncate,
-                vocab_size=vocab_size, name='train')
+  report = pipeline.scan(records, tokenizer, max_length=data.seq_len, truncate=data.truncate,
+                         vocab_size=vocab_size, name='train')
   cache = config.prior.cache
   metadata = store.Metadata(k=cache.k, vocab_size=vocab_size, value_dtype=cache.dtype,
                             num_records=len(records), records_per_shard=cache.records_per_shard,
-                            fingerprint=store.fingerprint(config, tokenizer, records))
+                            fingerprint=store.fingerprint(config, tokenizer, report))
   existing = store.read_metadata(directory)
   if existing is not None:
     settings = lambda m: (m.k, m.vocab_size, m.value_dtype, m.num_records, m.records_per_shard,
@@ -112,6 +125,10 @@ def build(config, *, progress: bool = True, stop_after_shards: int | None = None
       _log(f'the cache at {directory} is already complete: {_summary(existing)}')
       return existing
     metadata = existing
+  elif directory.exists() and any(directory.glob('prior-*')):
+    raise store.PriorCacheError(
+        f'{directory} holds cache shards but no {store.METADATA}: they cannot be trusted as part '
+        'of this cache. Delete them or set --config.prior.cache.path elsewhere.')
   directory.mkdir(parents=True, exist_ok=True)
   store.write_metadata(directory, metadata)
 
@@ -124,7 +141,8 @@ def build(config, *, progress: bool = True, stop_after_shards: int | None = None
     model = nnx.merge(graphdef, state)
     hidden = model.hidden(tokens, segment_ids_BxT=segment_ids, positions_BxT=positions,
                           lora=False, remat=False)
-    return cached_prior.from_logits(model.logits(hidden), metadata.k)
+    logits = step_lib._match_vocabulary(model.logits(hidden), vocab_size)  # pylint: disable=protected-access
+    return cached_prior.from_logits(logits, metadata.k)
 
   todo = [s for s in range(metadata.num_shards)
           if not metadata.shard_path(directory, s).exists()]
@@ -177,6 +195,12 @@ def build(config, *, progress: bool = True, stop_after_shards: int | None = None
     bar.close()
   metadata.build_seconds += time.time() - started
   if all(metadata.shard_path(directory, s).exists() for s in range(metadata.num_shards)):
+    # Counted from the shards (a crash between a shard's rename and the metadata's update
+    # would leave the running count short).
+    metadata.response_tokens = sum(
+        len(store.decode_row(row, metadata, str(path))['targets'])
+        for path in sorted(directory.glob('prior-*.array_record'))
+        for row in store.read_shard(path))
     metadata.complete = True
   store.write_metadata(directory, metadata)
   _log(f'{"wrote" if metadata.complete else "partly wrote"} {directory}: {_summary(metadata)}')

@@ -142,6 +142,11 @@ def _architecture(model_config, overrides: dict) -> llama.LlamaConfig:
       '--config.model.architecture (or prior.architecture) to the LlamaConfig fields.')
 
 
+def student_vocab_size(config) -> int:
+  """The student's embedding rows, from its config file or fields (no weights are read)."""
+  return _architecture(config.model, {}).vocab_size
+
+
 def model_configs(config) -> tuple[llama.LlamaConfig, llama.LlamaConfig | None]:
   """The student's and (if the step runs a separate one) the prior's architecture."""
   student = _architecture(config.model, train._model_overrides(config.model))  # pylint: disable=protected-access

@@ -245,7 +245,10 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
       elementwise and to first order in u,
       ``|G_computed - G| <= u * sum_{j=1..c} (|G_j| + |G_1 + ... + G_j|) <= 2 c u sum_j |G_j|``
       (recursive summation with rounded summands; 'float32' has u |G|, its final rounding;
-      tested against a float64 reference in tests/test_fused.py).
+      tested against a float64 reference in tests/test_fused.py). In
+      :func:`q_cross_entropy_fused_sharded` each device's sum is bounded so, and the devices'
+      sums are added in float32 and rounded once more (u |G|); that sum's float32 H x V
+      cotangent is a temporary of the sharded version.
     implementation: 'xla' (token chunks, any backend); after ``import
       qtarget.experimental.fused_pallas``, 'pallas' (its GPU kernels: vocabulary blocks;
       correct but slow on an H100) or 'pallas_interpret' (the same, interpreted on CPU).
@@ -293,6 +296,10 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
   if head_grad_accumulation not in HEAD_GRAD_ACCUMULATIONS:
     raise ValueError(f'head_grad_accumulation must be one of {HEAD_GRAD_ACCUMULATIONS}, got '
                      f'{head_grad_accumulation!r}.')
+  if head_grad_accumulation != 'float32' and implementation != 'xla':
+    raise ValueError(f"head_grad_accumulation={head_grad_accumulation!r} is an option of "
+                     f"implementation='xla'; the {implementation!r} kernels accumulate their own "
+                     'way.')
   n = labels_N.shape[0]
   spec.check_hyperparameters(hyperparameters, (n,), head_HxV.shape[1])
   if implementation != 'xla' and (spec.static_hyperparameters or spec.trust_reads_distribution):

@@ -39,17 +39,24 @@ def built(tmp_path_factory, data_dir):
   return config, metadata
 
 
-def _open(config, **changes):
-  from qtarget.data import builders  # pylint: disable=g-import-not-at-top
+def _scan(config):
+  from qtarget.data import builders, pipeline  # pylint: disable=g-import-not-at-top
   from qtarget.train import loop  # pylint: disable=g-import-not-at-top
   builder, _ = loop._builder(config)  # pylint: disable=protected-access
   records = builders.load_split(builder, 'train')
-  _, tokenizer = train.load_model(config.model, seed=0)
-  expected = prior_cache.fingerprint(config, tokenizer, records)
+  tokenizer = train.loading.load_tokenizer(config.model)
+  return records, tokenizer, pipeline.scan(records, tokenizer, max_length=config.data.seq_len,
+                                           truncate=config.data.truncate, vocab_size=VOCAB)
+
+
+def _open(config, k=None, **changes):
+  _, tokenizer, report = _scan(config)
+  expected = prior_cache.fingerprint(config, tokenizer, report)
   for name, value in changes.items():
     expected[name] = value
   return prior_cache.open_cache(prior_cache.cache_directory(config), expected,
-                                vocab_size=VOCAB, build_command='BUILD')
+                                vocab_size=VOCAB, k=k or config.prior.cache.k,
+                                value_dtype=config.prior.cache.dtype, build_command='BUILD')
 
 
 def test_the_cache_holds_the_priors_top_k_at_every_response_token(built):
@@ -73,13 +80,15 @@ def test_an_interrupted_build_is_refused_then_resumes_to_the_same_cache(built, t
   assert not first.complete
   with pytest.raises(prior_cache.PriorCacheError, match=r'incomplete \(1 of 2 shards\)'):
     _open(partial)
-  # A crash mid-shard leaves only a temporary file, which the next build replaces.
-  (tmp_path / 'partial' / 'prior-00001-of-00002.tmp').write_bytes(b'half a shard')
   second = cache_prior.build(partial, progress=False)
   assert second.complete and second.response_tokens == built[1].response_tokens
   whole = prior_cache.cache_directory(config)
   for name in ('prior-00000-of-00002.array_record', 'prior-00001-of-00002.array_record'):
     assert (tmp_path / 'partial' / name).read_bytes() == (whole / name).read_bytes()
+  # Shards without metadata are never adopted by a new build.
+  (tmp_path / 'partial' / prior_cache.METADATA).unlink()
+  with pytest.raises(prior_cache.PriorCacheError, match='holds cache shards but no metadata.json'):
+    cache_prior.build(partial, progress=False)
 
 
 @pytest.mark.parametrize('component, override, message', [
@@ -101,14 +110,36 @@ def test_a_cache_made_from_something_else_is_refused(built, data_dir, component,
     cache_prior.build(other, progress=False)
 
 
-def test_another_tokenizer_is_refused(built):
+def test_another_tokenizer_or_other_contents_are_refused(built):
   config, _ = built
+  records, tokenizer, report = _scan(config)
   vocab = {'a': 0, 'b': 1}
-  tokenizer = types.SimpleNamespace(backend=types.SimpleNamespace(get_vocab=lambda: vocab))
-  other = prior_cache.fingerprint(config, tokenizer, [])['tokenizer']
+  other = types.SimpleNamespace(backend=types.SimpleNamespace(get_vocab=lambda: vocab),
+                                chat_template=tokenizer.chat_template)
   with pytest.raises(prior_cache.PriorCacheError, match=r'something else: tokenizer \(the cache: '
                      r"\{'tokens': 49152"):
-    _open(config, tokenizer=other)
+    _open(config, tokenizer=prior_cache.fingerprint(config, other, report)['tokenizer'])
+  # Same vocabulary, another chat template: the tokenizer part differs too.
+  templated = types.SimpleNamespace(backend=tokenizer.backend, chat_template='{{ messages }}')
+  with pytest.raises(prior_cache.PriorCacheError, match='something else: tokenizer'):
+    _open(config, tokenizer=prior_cache.fingerprint(config, templated, report)['tokenizer'])
+  # Same records count and sizes, one prompt's text changed: the data digest (token ids of
+  # every example) differs.
+  from qtarget.data import pipeline  # pylint: disable=g-import-not-at-top
+  edited = [dict(r) for r in records]
+  edited[0]['prompt'] = edited[0]['prompt'].replace('?', '!', 1) + ' '
+  changed = pipeline.scan(edited, tokenizer, max_length=config.data.seq_len,
+                          truncate=config.data.truncate, vocab_size=VOCAB)
+  assert changed.examples == report.examples and changed.digest != report.digest
+  with pytest.raises(prior_cache.PriorCacheError, match=r'something else: data \(the cache'):
+    _open(config, data=prior_cache.fingerprint(config, tokenizer, changed)['data'])
+
+
+def test_another_k_is_refused(built):
+  config, _ = built
+  with pytest.raises(prior_cache.PriorCacheError, match=r'keeps k=4 in float32; this config asks '
+                     r'for k=8 in float32'):
+    _open(config, k=8)
 
 
 def test_missing_truncated_and_damaged_caches_are_refused(built, tmp_path):
@@ -178,7 +209,7 @@ def test_the_batches_carry_the_priors_top_k_for_their_own_tokens(built):
   from qtarget.train import loop  # pylint: disable=g-import-not-at-top
   config, _ = built
   builder, _ = loop._builder(config)  # pylint: disable=protected-access
-  prior, tokenizer = train.load_model(config.model, seed=config.seed, with_lora=False)
+  prior, tokenizer = train.load_model(config.model, seed=config.seed)
   dataset = pipeline.train_dataset(
       builder, tokenizer, seq_len=config.data.seq_len, batch_size=4, seed=5, num_epochs=None,
       pack=True, truncate=True, prior_cache_source=_open(config))

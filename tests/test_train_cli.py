@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -249,21 +250,24 @@ def test_evaluation_at_intervals_and_after_an_interruption(tmp_path):
   assert [l['step'] for l in lines if 'eval_accuracy' in l] == [2, 4]
 
 
-def test_greedy_and_validation_evaluations_after_training(tmp_path):
-  """eval.greedy_after adds a greedy pass beside the sampled one; eval.validation_problems
-  scores the validation split (for choosing hyperparameters), never the test problems."""
-  workdir = tmp_path / 'validation'
+def test_greedy_evaluation_after_training_and_a_validation_split_that_overlaps_test(tmp_path):
+  """eval.greedy_after adds a greedy pass beside the sampled one. eval.validation_problems is
+  refused while the validation split shares problems with the test split (data builder 1.0.0:
+  reasoning-gym's neighbouring seeds give shifted copies of one problem sequence)."""
+  workdir = tmp_path / 'greedy'
   flags = ['--config.steps=2', '--config.eval.after=True', '--config.eval.num_problems=2',
            '--config.eval.num_samples=2', '--config.eval.temperature=0.7',
-           '--config.eval.greedy_after=True', '--config.eval.validation_problems=3',
-           '--config.export_hf=False']
+           '--config.eval.greedy_after=True', '--config.export_hf=False']
   subprocess.run(_command(workdir, *flags), env=_env(), check=True, capture_output=True)
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['eval_after']['k'] == 2 and summary['eval_after_greedy']['k'] == 1
-  assert summary['eval_validation']['k'] == 1 and summary['eval_validation']['problems'] == 3
   read = lambda name: [json.loads(line) for line in
                        (workdir / f'predictions_{name}.jsonl').read_text().splitlines()]
-  test_questions = {p['question'] for p in read('after')}
-  assert {p['question'] for p in read('after_greedy')} == test_questions
-  validation_questions = {p['question'] for p in read('validation')}
-  assert len(validation_questions) == 3 and not validation_questions & test_questions
+  assert len(read('after')) == 4 and len(read('after_greedy')) == 2  # 2 samples vs 1 answer
+  assert {p['question'] for p in read('after_greedy')} == {p['question'] for p in read('after')}
+  refused = subprocess.run(_command(tmp_path / 'validation', '--config.steps=2',
+                                    '--config.eval.validation_problems=3'),
+                           env=_env(), capture_output=True, text=True)
+  assert refused.returncode != 0
+  assert re.search(r'the validation split shares \d+ of its \d+ problems with the test split',
+                   refused.stderr + refused.stdout), refused.stderr[-2000:]

@@ -305,3 +305,31 @@ def test_cached_prior_with_k_equal_to_the_vocabulary_is_the_online_prior(loss, m
     np.testing.assert_allclose(got_metrics[name], want_metrics[name], rtol=1e-6, err_msg=name)
   for g, w in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params), strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('loss', ['dense', 'fused'])
+def test_cached_prior_padding_rows_change_nothing(loss):
+  """Outside the response the batch carries padding rows (what the pipeline puts where packing
+  pads with zeros): the step is finite and equal to one with the prior's real rows there."""
+  from qtarget import cached_prior  # pylint: disable=g-import-not-at-top
+  from qtarget.data import prior_cache  # pylint: disable=g-import-not-at-top
+  batch = make_batch(seed=9)
+  config = tiny_config(**{'loss': loss, 'loss_chunk_size': 24, 'prior.source': 'cached',
+                          'prior.cache.k': 8})
+  _, prior = _models(tiny_config())
+  hidden = prior.hidden(jnp.asarray(batch['tokens']), segment_ids_BxT=jnp.asarray(
+      batch['segment_ids']), positions_BxT=jnp.asarray(batch['positions']))
+  real = dict(zip(train.CACHED_PRIOR_KEYS, (np.asarray(x) for x in cached_prior.from_logits(
+      prior.logits(hidden), 8))))
+  mask = batch['loss_mask']
+  zeros = {key: np.where(mask.reshape(mask.shape + (1,) * (value.ndim - 2)), value, 0)
+           for key, value in real.items()}  # packing's zero padding outside the response
+  padded = prior_cache.fill_unmasked({**batch, **zeros}, 8)
+  state = _with_sgd(train.create_state(config, _models(config)[0]))
+  (want, want_metrics), (got, got_metrics) = (
+      _single_device_step(state, {**batch, **real}), _single_device_step(state, padded))
+  assert np.isfinite(float(got_metrics['loss'])) and np.isfinite(float(got_metrics['grad_norm']))
+  for name in ('loss', 'nll', 'trust', 'grad_norm', 'prior_entropy'):
+    np.testing.assert_allclose(got_metrics[name], want_metrics[name], rtol=1e-6, err_msg=name)
+  for g, w in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)

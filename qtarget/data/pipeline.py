@@ -11,6 +11,7 @@ example, 0 for padding) and ``positions`` (restarting at each segment).
 """
 
 import dataclasses
+import hashlib
 from typing import Sequence
 
 import grain
@@ -33,6 +34,9 @@ class ScanReport:
   response_tokens: int
   truncated: int
   longest: int
+  # sha256 of every example's token ids and response mask, in order: what a cache of
+  # per-example prior rows must have been made from (chat template and system prompts included)
+  digest: str = ''
 
   def __str__(self):
     return (f'{self.examples} examples, {self.tokens} tokens ({self.response_tokens} in '
@@ -60,6 +64,7 @@ def scan(records: Sequence[dict], tokenizer, *, max_length: int, truncate: bool,
   if len(records) == 0:
     raise DataError(f'{name}: the data set is empty.')
   tokens = response = truncated = longest = 0
+  hasher = hashlib.sha256()
   for index, record in enumerate(records):
     where = f'{name} record {index} ({record.get("metadata", "")[:80]}...)'
     if not record.get('response'):
@@ -79,7 +84,9 @@ def scan(records: Sequence[dict], tokenizer, *, max_length: int, truncate: bool,
     longest = max(longest, len(full.token_ids) - 1)
     tokens += len(arrays['tokens'])
     response += int(arrays['loss_mask'].sum())
-  return ScanReport(len(records), tokens, response, truncated, longest)
+    hasher.update(np.int64(len(arrays['tokens'])).tobytes() + arrays['tokens'].tobytes()
+                  + arrays['targets'].tobytes() + np.asarray(arrays['loss_mask'], bool).tobytes())
+  return ScanReport(len(records), tokens, response, truncated, longest, hasher.hexdigest()[:16])
 
 
 def _pad(example: dict, length: int, k: int | None = None) -> dict:

@@ -136,8 +136,8 @@ def prior_source(config) -> str:
 
 
 def build_command(config) -> str:
-  return (f'python -m qtarget.cache_prior --config CONFIG --config.prior.cache.path='
-          f'{cache_directory(config)} --config.prior.cache.k={config.prior.cache.k}')
+  del config
+  return 'python -m qtarget.cache_prior --config <the same config and --config.* flags>'
 
 
 def check_cache_config(config, vocab_size: int | None = None) -> None:
@@ -189,34 +189,42 @@ def prior_identity(config) -> dict:
   weights = config.model if source == 'initial' else config.prior
   kind = weights.source if source == 'initial' else source
   seed = config.seed
-  identity = {'source': source, 'kind': kind, 'compute_dtype': weights.compute_dtype}
+  identity = {'source': source, 'kind': kind, 'compute_dtype': weights.compute_dtype,
+              'param_dtype': weights.param_dtype}
   if kind == 'gguf':
     path = weights.path or checkpoints.smollm2_gguf_path()
     identity['weights'] = file_digest(path)
   elif kind == 'hf':
-    files = sorted(pathlib.Path(weights.path).glob('*.safetensors'))
+    directory = pathlib.Path(weights.path)
+    files = sorted(directory.glob('*.safetensors'))
     if not files:
       raise PriorCacheError(f'no *.safetensors under {weights.path!r} (the prior).')
+    files += [directory / 'config.json'] if (directory / 'config.json').exists() else []
     identity['weights'] = _digest([(f.name, file_digest(f)) for f in files])
   elif kind == 'random':
     identity['weights'] = _digest({'architecture': dict(weights.architecture),
-                                   'param_dtype': weights.param_dtype,
-                                   # the trainer's seeds: the student's for 'initial'
-                                   'seed': seed if source == 'initial' else seed + 1})
+                                   # the trainer's seeds: the student's for 'initial', whose
+                                   # LoRA adapters are drawn between its base weights
+                                   'seed': seed if source == 'initial' else seed + 1,
+                                   'lora_rank': weights.lora_rank if source == 'initial' else 0})
   else:
     raise PriorCacheError(f'cannot cache a prior of source {kind!r}.')
   return identity
 
 
-def fingerprint(config, tokenizer, train_records) -> dict:
-  """``{'prior', 'tokenizer', 'data', 'sequences'}``: each a short digest with its inputs."""
+def fingerprint(config, tokenizer, scan_report) -> dict:
+  """``{'prior', 'tokenizer', 'data', 'sequences'}``: each a short digest with its inputs.
+
+  ``scan_report``: :func:`qtarget.data.pipeline.scan` of the training split with the student's
+  tokenizer, whose digest covers every example's token ids and response mask (so the chat
+  template, system prompts and truncation are in it, not only the records' text).
+  """
   vocab = sorted(tokenizer.backend.get_vocab().items())
   data = config.data
   return {
       'prior': prior_identity(config),
-      'tokenizer': {'tokens': len(vocab), 'digest': _digest(vocab)},
-      'data': {'records': len(train_records), 'digest': _digest(
-          [(r.get('prompt'), r.get('response'), r.get('system', '')) for r in train_records])},
+      'tokenizer': {'tokens': len(vocab), 'digest': _digest([vocab, tokenizer.chat_template])},
+      'data': {'records': scan_report.examples, 'digest': scan_report.digest},
       'sequences': {'seq_len': int(data.seq_len), 'truncate': bool(data.truncate)},
   }
 
@@ -261,6 +269,15 @@ def write_shard(directory, metadata: Metadata, shard: int, rows: list[bytes]) ->
   os.replace(temporary, path)
 
 
+def read_shard(path) -> list[bytes]:
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  reader = array_record_module.ArrayRecordReader(str(path))
+  try:
+    return reader.read_all()
+  finally:
+    reader.close()
+
+
 def shard_count(path) -> int:
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   reader = array_record_module.ArrayRecordReader(str(path))
@@ -270,8 +287,8 @@ def shard_count(path) -> int:
     reader.close()
 
 
-def open_cache(directory, expected_fingerprint: dict, *, vocab_size: int,
-               build_command: str) -> 'CacheSource':
+def open_cache(directory, expected_fingerprint: dict, *, vocab_size: int, k: int,
+               value_dtype: str, build_command: str) -> 'CacheSource':
   """The cache at ``directory`` for training, after every check: it exists, is complete, was
   made from what ``expected_fingerprint`` describes, and every shard holds its records."""
   directory = pathlib.Path(directory)
@@ -287,6 +304,10 @@ def open_cache(directory, expected_fingerprint: dict, *, vocab_size: int,
     raise PriorCacheError(f'the prior cache at {directory} was made from something else: '
                           + '; '.join(differing) + '. Rebuild it or point prior.cache.path '
                           'elsewhere.')
+  if (metadata.k, metadata.value_dtype) != (k, value_dtype):
+    raise PriorCacheError(f'the prior cache at {directory} keeps k={metadata.k} in '
+                          f'{metadata.value_dtype}; this config asks for k={k} in {value_dtype} '
+                          '(prior.cache.k, prior.cache.dtype): rebuild it or change the config.')
   if metadata.vocab_size != vocab_size:
     raise PriorCacheError(f'{directory}: cache for a vocabulary of {metadata.vocab_size}, the '
                           f'model has {vocab_size}.')
@@ -310,6 +331,14 @@ def open_cache(directory, expected_fingerprint: dict, *, vocab_size: int,
       raise PriorCacheError(f'{path} holds {have} records, expected {want} (truncated).')
     paths.append(str(path))
   return CacheSource(paths, metadata)
+
+
+def open_for_training(config, tokenizer, scan_report, vocab_size: int) -> 'CacheSource':
+  """:func:`open_cache` with what a run of ``config`` expects (its scan of the training split
+  with the student's tokenizer, its k and dtype)."""
+  return open_cache(cache_directory(config), fingerprint(config, tokenizer, scan_report),
+                    vocab_size=vocab_size, k=config.prior.cache.k,
+                    value_dtype=config.prior.cache.dtype, build_command=build_command(config))
 
 
 class CacheSource:

@@ -162,7 +162,9 @@ def config_differences(saved: dict, current: dict) -> tuple[list, list]:
     if old == new or (old == '<absent>' and ADDED_WITH_DEFAULTS.get(key, old) == new):
       continue
     line = f'{key}: {old!r} -> {new!r}'
-    (harmless if key.startswith(HARMLESS_PREFIXES) else defining).append(line)
+    unused_cache = key.startswith('prior.cache.') and 'cached' not in (
+        saved.get('prior.source'), current.get('prior.source'))
+    (harmless if key.startswith(HARMLESS_PREFIXES) or unused_cache else defining).append(line)
   return defining, harmless
 
 

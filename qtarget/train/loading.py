@@ -67,6 +67,24 @@ def load_model(model_config, *, seed: int, with_lora: bool = True, mesh=None, ru
   raise ConfigError(f"model.source must be 'gguf', 'hf' or 'random', got {source!r}.")
 
 
+def load_tokenizer(model_config):
+  """The tokenizer ``load_model`` would return for ``model_config``, without the weights."""
+  from qtarget import checkpoints  # pylint: disable=g-import-not-at-top
+  from qtarget import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  source, path = model_config.source, model_config.path
+  if source == 'hf':
+    return tokenizer_lib.Tokenizer.from_directory(path)
+  if source == 'random':
+    path = model_config.tokenizer_path
+    if path and pathlib.Path(path).is_dir():
+      return tokenizer_lib.Tokenizer.from_directory(path)
+  elif source != 'gguf':
+    raise ConfigError(f"model.source must be 'gguf', 'hf' or 'random', got {source!r}.")
+  import gguf  # pylint: disable=g-import-not-at-top
+  return tokenizer_lib.Tokenizer.from_gguf(
+      gguf.GGUFReader(str(path or checkpoints.smollm2_gguf_path())))
+
+
 def check_same_vocabulary(student_tokenizer, prior_tokenizer):
   """The prior must share the student's tokenizer; embedding sizes may differ by padding rows
   (Qwen2.5 pads 1.5B and 7B differently), which the step cuts or pads with -inf."""

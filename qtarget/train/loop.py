@@ -87,10 +87,7 @@ def _data(config, tokenizer, vocab_size):
   cache_source = None
   if targets.needs_prior(config.method) and config.prior.source == 'cached':
     from qtarget.data import prior_cache  # pylint: disable=g-import-not-at-top
-    cache_source = prior_cache.open_cache(
-        prior_cache.cache_directory(config),
-        prior_cache.fingerprint(config, tokenizer, train_records), vocab_size=vocab_size,
-        build_command=prior_cache.build_command(config))
+    cache_source = prior_cache.open_for_training(config, tokenizer, report, vocab_size)
     _log(f'prior: cached top-{cache_source.metadata.k} at {prior_cache.cache_directory(config)}')
   dataset = pipeline.train_dataset(
       builder, tokenizer, seq_len=data.seq_len, batch_size=config.batch_size,
@@ -109,8 +106,17 @@ def _validation_records(config) -> list[dict]:
     raise ConfigError(f'eval.validation_problems={config.eval.validation_problems}: '
                       f"data.kind={config.data.kind!r} has no validation split.")
   from qtarget.data import builders  # pylint: disable=g-import-not-at-top
-  builder, _ = _builder(config)
+  builder, eval_split = _builder(config)
   records = builders.load_split(builder, 'validation')
+  test = {r['prompt'] for r in builders.load_split(builder, eval_split)}
+  shared = sum(r['prompt'] in test for r in records)
+  if shared:
+    # reasoning-gym draws problem i of seed s with seed s + i: the builder's validation seed
+    # (test's minus one) gives test's sequence shifted by one problem. Choosing on it would be
+    # choosing on test; a builder drawing validation elsewhere changes every train split.
+    raise ConfigError(f'eval.validation_problems={config.eval.validation_problems}: the '
+                      f'validation split shares {shared} of its {len(records)} problems with the '
+                      'test split (data builder 1.0.0); it cannot choose hyperparameters.')
   if len(records) < config.eval.validation_problems:
     raise ConfigError(f'eval.validation_problems={config.eval.validation_problems}: the '
                       f'validation split holds {len(records)} (data.eval_size).')
@@ -290,6 +296,9 @@ def run(config) -> dict:
       return
     if (workdir / f'predictions_step{step}.jsonl').exists():
       return  # done before an interruption (its metrics line survived the rewind)
+    # The step's checkpoint is on disk before its evaluation is: a kill mid-evaluation then
+    # resumes at this step and evaluates it again (not past a half-written checkpoint).
+    run_checkpoints.wait()
     result = _evaluate(f'step{step}', state, tokenizer, eval_records, config, workdir, step)
     if result is not None:
       log.write(step, {'eval_accuracy': result['accuracy']})
