@@ -35,7 +35,7 @@ part() {  # part NAME SECONDS COMMAND...: one timed part, its output in $OUT/NAM
 }
 # Parts: attention and train_step by default (about 7 minutes); name others as arguments (e.g.
 # `bash benchmarks/gpu_session.sh tests loss`): tests, loss, loss_pallas, train_step,
-# loss_small_chunks, attention.
+# train_step_cached, loss_small_chunks, attention.
 tests() {  # the Pallas kernels compiled with Triton, against the dense loss at small shapes (the
   # same tests run interpreted on CPU in the default suite; conftest defaults JAX to the CPU).
   # float32 dots at full precision: XLA's default on a GPU lets cuBLAS use TF32 for the dense
@@ -59,6 +59,12 @@ train_step() {  # Qwen2.5-1.5B shape, 4 x 2048: the old path (einsum attention, 
   # SFT and Target-SFT, batch 8 (benchmarks/train_step.py GPU_VARIANTS)
   part train_step 330 $PYTHON benchmarks/train_step.py --gpu --out "$OUT/train_step_gpu.json"
 }
+train_step_cached() {  # the cached prior (top-64 rows in the batch) against SFT and the online
+  # prior at the Qwen2.5-1.5B shape, save_dots, dense and fused
+  part train_step_cached 300 $PYTHON benchmarks/train_step.py --gpu --variants \
+    sft/fused/cudnn/scan/save_dots/4,target_sft/fused/cudnn/scan/save_dots/4,target_sft_cached/fused/cudnn/scan/save_dots/4,sft/dense/cudnn/scan/save_dots/4,target_sft/dense/cudnn/scan/save_dots/4,target_sft_cached/dense/cudnn/scan/save_dots/4 \
+    --out "$OUT/train_step_gpu_cached.json"
+}
 attention() {  # one layer's attention at the Qwen shape: reference, xla, cudnn (packed segments)
   part attention 90 $PYTHON benchmarks/attention.py --gpu --out "$OUT/attention_gpu.json"
 }
@@ -71,9 +77,10 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(attention train_step)
 for name in "${parts[@]}"; do
   case $name in
-    tests | loss | loss_pallas | train_step | loss_small_chunks | attention) $name ;;
+    tests | loss | loss_pallas | train_step | train_step_cached | loss_small_chunks | attention)
+      $name ;;
     *) echo "unknown part '$name': choose from tests, loss, loss_pallas, train_step," \
-         "loss_small_chunks, attention" >&2
+         "train_step_cached, loss_small_chunks, attention" >&2
        exit 2 ;;
   esac
 done

@@ -97,9 +97,13 @@ def _batch(batch, length, vocab):
 def _cache(batch, length, vocab, k):
   """Cache rows of a random prior: the top k of random logits, as cache_prior stores them."""
   from qtarget import cached_prior  # pylint: disable=g-import-not-at-top
-  logits = 3 * jax.random.normal(jax.random.key(2), (batch, length, vocab))
-  cached = jax.jit(cached_prior.from_logits, static_argnums=1)(logits, k)
-  return dict(zip(train.CACHED_PRIOR_KEYS, (np.asarray(x) for x in cached)))
+  # 256 positions at a time: the whole [B, T, V] would need tens of GiB at Qwen's vocabulary.
+  rows = jax.jit(lambda key: cached_prior.from_logits(
+      3 * jax.random.normal(key, (256, vocab)), k))
+  keys = jax.random.split(jax.random.key(2), batch * length // 256)
+  parts = [jax.device_get(rows(key)) for key in keys]
+  return {name: np.concatenate([p[i] for p in parts]).reshape((batch, length) + parts[0][i].shape[1:])
+          for i, name in enumerate(train.CACHED_PRIOR_KEYS)}
 
 
 def _run(variant, arch, compute_dtype, length, repeats, compile_only, cache_k=64):
