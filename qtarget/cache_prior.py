@@ -100,8 +100,7 @@ def build(config, *, progress: bool = True, stop_after_shards: int | None = None
   vocab_size = compile_check.student_vocab_size(config)
   store.check_cache_config(config, vocab_size)
   builder, _ = loop._builder(config)  # pylint: disable=protected-access
-  source = builder.as_data_source('train')
-  records = [builders.decode(source[i]) for i in range(len(source))]
+  records = builders.load_split(builder, 'train')
   data = config.data
   report = pipeline.scan(records, tokenizer, max_length=data.seq_len, truncate=data.truncate,
                          vocab_size=vocab_size, name='train')

@@ -98,17 +98,18 @@ def _data(config, tokenizer, vocab_size):
   return dataset, report, eval_records
 
 
-def _validation_records(config) -> list[dict]:
-  """The validation split's problems when ``eval.validation_problems`` asks for them."""
+def _validation_records(config, test_records: list[dict]) -> list[dict]:
+  """The validation split's problems when ``eval.validation_problems`` asks for them
+  (``test_records``: the held-out split the run is scored on, which they must not share)."""
   if not config.eval.get('validation_problems', 0):
     return []
   if config.data.kind != 'reasoning_gym':
     raise ConfigError(f'eval.validation_problems={config.eval.validation_problems}: '
                       f"data.kind={config.data.kind!r} has no validation split.")
   from qtarget.data import builders  # pylint: disable=g-import-not-at-top
-  builder, eval_split = _builder(config)
+  builder, _ = _builder(config)
   records = builders.load_split(builder, 'validation')
-  test = {r['prompt'] for r in builders.load_split(builder, eval_split)}
+  test = {r['prompt'] for r in test_records}
   shared = sum(r['prompt'] in test for r in records)
   if shared:
     # reasoning-gym draws problem i of seed s with seed s + i: the builder's validation seed
@@ -248,7 +249,7 @@ def run(config) -> dict:
   sharding_lib.check_layout(mesh, batch_size=config.batch_size, accum_steps=config.accum_steps,
                             model_configs=(student.config, getattr(prior_model, 'config', None)))
   dataset, report, eval_records = _data(config, tokenizer, student.config.vocab_size)
-  validation_records = _validation_records(config)
+  validation_records = _validation_records(config, eval_records)
   _log(f'train data: {report}')
 
   state = state_lib.create_state(config, student, prior_model, **placement)
