@@ -6,6 +6,12 @@ A grid is defined by a config module (``configs/compare_smollm2.py`` on CPU, or
 trains its teacher first (``get_config('teacher')``). Every run is one
 ``python -m qtarget.train --config MODULE:NAME`` process.
 
+A module with ``run_plan(records)`` (``configs/compare2_smollm2.py``) gives the order itself,
+from what is recorded so far (runs that wait for a hyperparameter selection appear once it is
+made), may have several teachers (``teacher/NAME``), and with ``MEASURE`` each trained model
+and Base are measured by ``experiments/measure.py`` in a second process; every file it scores
+is recorded and re-scored.
+
   python experiments/compare.py run      [--config configs/compare_smollm2.py] [--only GLOB ...]
   python experiments/compare.py report   # experiments/RESULTS.md tables and plots
   python experiments/compare.py rescore  # re-score every saved prediction, compare with the table
@@ -47,8 +53,27 @@ def load_grid(config_path: str):
   return module
 
 
-def run_names(grid) -> list[str]:
-  """Base, then the grid seed by seed (so a partial table covers every cell a little)."""
+def is_teacher(name: str) -> bool:
+  return name == 'teacher' or name.startswith('teacher/')
+
+
+def _teacher_config(grid, name: str):
+  return grid.teacher_config() if name == 'teacher' else grid.get_config(name)
+
+
+def code_version() -> dict:
+  """The commit the code runs at, and whether tracked files differ from it."""
+  def git(*args):
+    return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True).stdout
+  return {'commit': git('rev-parse', 'HEAD').strip() or None,
+          'dirty': bool(git('status', '--porcelain', '--untracked-files=no').strip())}
+
+
+def run_names(grid, records: dict | None = None) -> list[str]:
+  """The grid's own plan, or Base then the grid seed by seed (so a partial table covers every
+  cell a little)."""
+  if hasattr(grid, 'run_plan'):
+    return grid.run_plan(records or {})
   names = []
   for seed in grid.SEEDS:
     names.append(f'base/{seed}')
@@ -73,8 +98,9 @@ class Registry:
     with self.path.open('a') as f:
       f.write(json.dumps(record) + '\n')
 
-  def predictions_path(self, name: str) -> pathlib.Path:
-    return self.dir / 'predictions' / (name.replace('/', '__') + '.jsonl')
+  def predictions_path(self, name: str, label: str = '') -> pathlib.Path:
+    stem = name.replace('/', '__') + (f'__{label}' if label else '')
+    return self.dir / 'predictions' / (stem + '.jsonl')
 
 
 def _relative(path: pathlib.Path) -> str:
@@ -109,31 +135,69 @@ def _annotate_predictions(source: pathlib.Path, target: pathlib.Path, **fields) 
   return rows
 
 
+def _measure(config_path: str, name: str, model: str, workdir: pathlib.Path,
+             registry: Registry) -> dict:
+  """experiments/measure.py on a model; its prediction files copied into the registry."""
+  out = workdir / 'measure'
+  command = [sys.executable, str(pathlib.Path(__file__).resolve().parent / 'measure.py'),
+             '--config', config_path, '--name', name, '--model', model, '--out', str(out)]
+  _subprocess(command, workdir / 'log.txt')
+  result = json.loads((out / 'measure.json').read_text())
+  for label, scored in result['scored'].items():
+    target = registry.predictions_path(name, label)
+    _annotate_predictions(pathlib.Path(scored['predictions']), target, run=name)
+    scored['predictions'] = _relative(target)
+  return result
+
+
+def _measured_record(name: str, result: dict) -> dict:
+  return {'accuracy': result['accuracy'], 'predictions': result['scored']['test_greedy'][
+      'predictions'], 'scored': result['scored'], 'calibration': result['calibration'],
+          'fit': result['fit'], 'measure_seconds': result['seconds']}
+
+
 def train_run(grid, config_path: str, name: str, registry: Registry) -> dict:
   """One training run (resuming from its checkpoint), recorded with its predictions."""
-  config = grid.get_config(name)
+  config = _teacher_config(grid, name) if is_teacher(name) else grid.get_config(name)
   workdir = ROOT / config.workdir
-  started = time.time()
-  _subprocess(_train_command(config_path, name), workdir / 'log.txt')
-  summary = json.loads((workdir / 'summary.json').read_text())
-  if name == 'teacher':
+  started, version = time.time(), code_version()
+  summary_path = workdir / 'summary.json'
+  measured = hasattr(grid, 'MEASURE')
+  exported = (summary_path.exists() and (workdir / 'hf' / 'config.json').exists()
+              and json.loads(summary_path.read_text()).get('steps') == config.steps)
+  if not (measured and exported):  # trained and exported before an interruption: measure only
+    _subprocess(_train_command(config_path, name), workdir / 'log.txt')
+  summary = json.loads(summary_path.read_text())
+  if is_teacher(name):
     setting, method, seed = None, 'teacher', config.seed
   else:
     setting, method, seed = name.split('/')
-  predictions = registry.predictions_path(name)
-  _annotate_predictions(workdir / 'predictions_after.jsonl', predictions, run=name,
-                        setting=setting, method_name=method)
   record = {
       'name': name, 'setting': setting, 'method': method, 'seed': int(seed),
       'command': ' '.join(['python', '-m', 'qtarget.train', f'--config={config_path}:{name}']),
-      'config': json.loads(config.to_json_best_effort()),
-      'eval': summary.get('eval_after'), 'accuracy': summary.get('accuracy_after'),
+      'config': json.loads(config.to_json_best_effort()), 'code': version,
       'final_metrics': summary.get('final_metrics'), 'train_data': summary.get('train_data'),
       'mean_step_seconds': summary.get('mean_step_seconds'),
-      'wall_seconds': round(time.time() - started, 1),
+      'mean_step_cpu_seconds': summary.get('mean_step_cpu_seconds'),
       'run_wall_seconds': summary.get('wall_seconds'),
-      'predictions': _relative(predictions), 'finished': time.strftime('%Y-%m-%d %H:%M'),
   }
+  if measured:
+    record.update(_measured_record(name, _measure(config_path, name, str(workdir / 'hf'),
+                                                  workdir, registry)))
+    record.update(wall_seconds=round(time.time() - started, 1),
+                  finished=time.strftime('%Y-%m-%d %H:%M'))
+    if not is_teacher(name):  # a teacher's export is the students' prior: keep it
+      shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)
+      shutil.rmtree(workdir / 'hf', ignore_errors=True)
+    return record
+  predictions = registry.predictions_path(name)
+  _annotate_predictions(workdir / 'predictions_after.jsonl', predictions, run=name,
+                        setting=setting, method_name=method)
+  record.update({
+      'eval': summary.get('eval_after'), 'accuracy': summary.get('accuracy_after'),
+      'wall_seconds': round(time.time() - started, 1),
+      'predictions': _relative(predictions), 'finished': time.strftime('%Y-%m-%d %H:%M'),
+  })
   if name != 'teacher':  # the teacher's export is the students' prior: keep it
     shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)  # ~1.6 GB each; the run is done
   return record
@@ -141,9 +205,17 @@ def train_run(grid, config_path: str, name: str, registry: Registry) -> dict:
 
 def base_run(grid, config_path: str, name: str, registry: Registry) -> dict:
   """The untouched model's held-out score, with the runs' evaluation settings."""
+  started, version = time.time(), code_version()
+  if hasattr(grid, 'MEASURE'):  # base/TASK: measured like the runs
+    config = grid.get_config(name)
+    result = _measure(config_path, name, 'initial', ROOT / config.workdir, registry)
+    return {'name': name, 'setting': None, 'method': 'base', 'seed': config.seed,
+            'command': f'python experiments/measure.py --config {config_path} --name {name} '
+                       '--model initial --out DIR', 'config': None, 'code': version,
+            **_measured_record(name, result), 'wall_seconds': round(time.time() - started, 1),
+            'finished': time.strftime('%Y-%m-%d %H:%M')}
   seed = int(name.split('/')[1])
   workdir = registry.dir.parent / 'runs' / 'base' / f'seed{seed}'
-  started = time.time()
   command = [sys.executable, str(pathlib.Path(__file__).resolve()), '_base', '--config',
              config_path, '--seed', str(seed), '--workdir', str(workdir)]
   _subprocess(command, workdir / 'log.txt')
@@ -153,7 +225,7 @@ def base_run(grid, config_path: str, name: str, registry: Registry) -> dict:
                         method_name='base')
   return {'name': name, 'setting': None, 'method': 'base', 'seed': seed,
           'command': f'python experiments/compare.py _base --config {config_path} --seed {seed}',
-          'config': None, 'eval': result, 'accuracy': result['accuracy'],
+          'config': None, 'code': version, 'eval': result, 'accuracy': result['accuracy'],
           'wall_seconds': round(time.time() - started, 1),
           'predictions': _relative(predictions),
           'finished': time.strftime('%Y-%m-%d %H:%M')}
@@ -185,40 +257,51 @@ def _base_eval(args) -> None:
   print(f'base seed {args.seed}: accuracy {result.accuracy:.3f}', flush=True)
 
 
+def _todo(grid, done: dict, patterns) -> tuple[list[str], list[str]]:
+  """The plan's names (filtered by ``--only`` patterns) and those not yet recorded."""
+  names = run_names(grid, done)
+  if patterns:
+    names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
+  todo = [n for n in names if n not in done]
+  if 'teacher' in todo:  # a grid with teacher_config(): every student may need it
+    todo = ['teacher'] + [n for n in todo if n != 'teacher']
+  return names, todo
+
+
 def run(args) -> None:
   grid = load_grid(args.config)
   registry = Registry(ROOT / args.results_dir)
-  names = run_names(grid)
-  if args.only:
-    names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in args.only)]
-    if not names:
-      raise SystemExit(f'--only {" ".join(args.only)} matches no run of {args.config}; run '
-                       'names look like SETTING/METHOD/SEED (list them with --dry_run).')
   done = registry.records()
-  if 'teacher' in done and not (ROOT / grid.teacher_config().workdir / 'hf').exists():
-    # The export is the students' prior and lives outside git (0.5 GB): a fresh checkout
-    # retrains it with the same config and seed before any run that needs it.
-    _log('the recorded teacher has no export here; training it again')
-    del done['teacher']
-  todo = [n for n in names if n not in done]
-  _log(f'{len(names) - len(todo)} of {len(names)} runs recorded; {len(todo)} to go')
-  if hasattr(grid, 'teacher_config') and 'teacher' not in done:
-    todo = ['teacher'] + [n for n in todo if n != 'teacher']  # every student may need it
-  started = time.time()
-  for count, name in enumerate(todo[:args.max_runs] if args.max_runs else todo, start=1):
-    if args.dry_run:
+  for name in [n for n in done if is_teacher(n)]:
+    if not (ROOT / _teacher_config(grid, name).workdir / 'hf').exists():
+      # The export is the students' prior and lives outside git (0.5 GB): a fresh checkout
+      # retrains it with the same config and seed before any run that needs it.
+      _log(f'the recorded {name} has no export here; training it again')
+      del done[name]
+  names, todo = _todo(grid, done, args.only)
+  if args.only and not names:
+    raise SystemExit(f'--only {" ".join(args.only)} matches no run of {args.config}; run '
+                     'names look like SETTING/METHOD/SEED (list them with --dry_run).')
+  _log(f'{len(names) - len(todo)} of {len(names)} runs recorded; {len(todo)} to go' + (
+      ' (more appear as hyperparameters are selected)' if hasattr(grid, 'run_plan') else ''))
+  if args.dry_run:
+    for name in todo[:args.max_runs] if args.max_runs else todo:
       print(' '.join(_train_command(args.config, name)) if not name.startswith('base/')
             else f'(base evaluation) {name}')
-      continue
-    _log(f'[{count}/{len(todo)}] {name} ...')
+    return
+  started, count = time.time(), 0
+  while todo and not (args.max_runs and count >= args.max_runs):
+    name, count = todo[0], count + 1
+    _log(f'[{count}/{count + len(todo) - 1}] {name} ...')
     body = base_run if name.startswith('base/') else train_run
     record = body(grid, args.config, name, registry)
     registry.add(record)
     done[name] = record
+    names, todo = _todo(grid, done, args.only)  # a selection may have added runs
     elapsed = time.time() - started
     _log(f'{name}: accuracy {record["accuracy"]:.3f} in {record["wall_seconds"]:.0f} s '
          f'(session so far {elapsed / 60:.1f} min; about '
-         f'{elapsed / count * (len(todo) - count) / 60:.0f} min left at this pace)')
+         f'{elapsed / count * len(todo) / 60:.0f} min left for the {len(todo)} runs planned)')
 
 
 # Statistics and the report.
@@ -242,11 +325,14 @@ def rescore(args) -> int:
   registry = Registry(ROOT / args.results_dir)
   mismatches = 0
   for name, record in sorted(registry.records().items()):
-    again = rescore_file(ROOT / record['predictions'])
-    ok = abs(again - record['accuracy']) < 1e-9
-    mismatches += not ok
-    print(f'{name:45s} recorded {record["accuracy"]:.4f} re-scored {again:.4f} '
-          f'{"ok" if ok else "MISMATCH"}')
+    scored = record.get('scored') or {'': {'accuracy': record['accuracy'],
+                                           'predictions': record['predictions']}}
+    for label, entry in scored.items():
+      again = rescore_file(ROOT / entry['predictions'])
+      ok = abs(again - entry['accuracy']) < 1e-9
+      mismatches += not ok
+      print(f'{name + (" " + label if label else ""):60s} recorded {entry["accuracy"]:.4f} '
+            f're-scored {again:.4f} {"ok" if ok else "MISMATCH"}')
   print(f'{mismatches} mismatches')
   return 1 if mismatches else 0
 
@@ -257,7 +343,8 @@ def main():
   for command in ('run', 'report', 'rescore', '_base'):
     p = sub.add_parser(command)
     p.add_argument('--config', default=DEFAULT_CONFIG, help='a grid config module')
-    p.add_argument('--results_dir', default=DEFAULT_RESULTS)
+    p.add_argument('--results_dir', default=None,
+                   help=f"default: the grid's RESULTS_DIR, else {DEFAULT_RESULTS}")
     if command == 'run':
       p.add_argument('--only', nargs='*', help='glob patterns of run names (SETTING/METHOD/SEED)')
       p.add_argument('--max_runs', type=int, default=0, help='stop after this many runs')
@@ -268,6 +355,8 @@ def main():
       p.add_argument('--seed', type=int, required=True)
       p.add_argument('--workdir', required=True)
   args = parser.parse_args()
+  if args.results_dir is None:
+    args.results_dir = getattr(load_grid(args.config), 'RESULTS_DIR', DEFAULT_RESULTS)
   if args.command == 'run':
     run(args)
   elif args.command == 'rescore':

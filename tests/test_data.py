@@ -116,6 +116,8 @@ def test_reasoning_gym_builder_splits_are_disjoint(tmp_path):
   train_prompts = {r['prompt'] for r in splits['train']}
   held_out = {r['prompt'] for r in splits['test'] + splits['validation']}
   assert not train_prompts & held_out
+  # Validation is not test shifted (builder 1.0.0 drew it one seed below test) nor a copy of it.
+  assert not {r['prompt'] for r in splits['validation']} & {r['prompt'] for r in splits['test']}
   assert 0 < len(splits['train']) < 300  # held-out questions were removed from train
   again = builders.load_split(builders.prepare(config, str(tmp_path)), 'test')
   assert again == splits['test']

@@ -1,8 +1,8 @@
 """tensorflow-datasets builders that write array_record files (no TensorFlow) for grain.
 
 Two builders, each configured at run time: :class:`ReasoningGym` (a task, sizes, difficulty
-and seed; train, validation and test drawn from disjoint seeds, with held-out questions removed
-from train) and :class:`LocalFiles` (jsonl/parquet files with prompt/response fields or chat
+and seed; train, validation and test drawn from seeds whose problem sequences do not overlap,
+test questions removed from validation and both removed from train) and :class:`LocalFiles` (jsonl/parquet files with prompt/response fields or chat
 messages). Both store text records (see :mod:`qtarget.data.records`); tokenization happens in
 the input pipeline, so one prepared dataset serves any tokenizer.
 """
@@ -20,6 +20,10 @@ from qtarget.data import rationales
 from qtarget.data import records
 
 _FEATURES = {name: tfds.features.Text() for name in records.RECORD_FIELDS}
+# Validation's first seed sits this far from train's and test's (see ReasoningGymConfig), and
+# draws up to this many times eval_size problems to find eval_size that are not test questions.
+_VALIDATION_OFFSET = 1_000_000_000
+_VALIDATION_DRAWS = 4
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'qtarget', 'tfds')
 
 
@@ -58,28 +62,56 @@ class ReasoningGymConfig(tfds.core.BuilderConfig):
     payload = [task, train_size, eval_size, seed, self.difficulty]
     if self.rationale['style']:  # names of datasets prepared before rationales stay the same
       payload.append(self.rationale)
-    super().__init__(name=f'{task}-{_digest(payload)}', version='1.0.0',
+    super().__init__(name=f'{task}-{_digest(payload)}', version=ReasoningGym.VERSION,
                      description=f'{task}: {train_size} train, {eval_size} validation and test '
                      f'problems, seed {seed}, {self.difficulty}, demonstrations {self.rationale}')
 
   def split_seed(self, split: str) -> int:
-    """Disjoint seeds per split (reasoning-gym problems are a function of the seed)."""
-    return self.seed * 1000 + {'train': 0, 'validation': 1, 'test': 2}[split]
+    """The reasoning-gym seed of a split's first problem.
+
+    reasoning-gym draws problem i of seed s with seed s + i, so neighbouring seeds give shifted
+    copies of one sequence: train (s) and test (s + 2) share it (train drops test's problems),
+    and validation starts a billion seeds away so that it is not test shifted by one problem
+    (builder 1.0.0 used s + 1).
+    """
+    base = self.seed * 1000
+    return {'train': base, 'validation': _VALIDATION_OFFSET + base, 'test': base + 2}[split]
 
 
 class ReasoningGym(tfds.core.GeneratorBasedBuilder):
   """Problems of one reasoning-gym task with their rationale (where the task has one)."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.1.0': 'validation drawn far from the train/test sequence, without copies of test '
+               'questions; train drops validation and test questions.',
+      '1.0.0': 'validation seeded one below test: test shifted by one problem.',
+  }
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(_FEATURES))
 
   def _records(self, split):
     config = self.builder_config
-    size = config.train_size if split == 'train' else config.eval_size
-    return records.reasoning_gym_records(config.task, size, config.split_seed(split),
-                                         config.difficulty)
+    if split == 'train':
+      return records.reasoning_gym_records(config.task, config.train_size,
+                                           config.split_seed(split), config.difficulty)
+    if split == 'test':
+      return list(records.reasoning_gym_records(config.task, config.eval_size,
+                                                config.split_seed(split), config.difficulty))
+    # Validation: the first eval_size problems of its own sequence that are not test questions
+    # (small tasks repeat questions), so choosing on validation never reads a test problem.
+    test = {r['prompt'] for r in self._records('test')}
+    candidates = records.reasoning_gym_records(
+        config.task, _VALIDATION_DRAWS * config.eval_size, config.split_seed(split),
+        config.difficulty)
+    chosen = [r for r in candidates if r['prompt'] not in test][:config.eval_size]
+    if len(chosen) < config.eval_size:
+      raise ValueError(
+          f'{config.task}: only {len(chosen)} of {_VALIDATION_DRAWS * config.eval_size} drawn '
+          f'validation problems are not test questions; eval_size={config.eval_size} needs '
+          'a task with more distinct problems.')
+    return chosen
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -88,7 +120,7 @@ class ReasoningGym(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split):
     recs = self._records(split)
     if split == 'train':
-      # Small tasks repeat questions across seeds: drop train copies of held-out ones.
+      # Train starts test's sequence and small tasks repeat questions: drop held-out ones.
       held_out = {r['prompt'] for s in ('validation', 'test') for r in self._records(s)}
       recs = (r for r in recs if r['prompt'] not in held_out)
       if self.builder_config.rationale['style'] == 'steps':

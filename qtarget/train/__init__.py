@@ -18,7 +18,7 @@ Where to look:
 
 from qtarget.train.errors import ConfigError
 from qtarget.train.loading import check_same_vocabulary, load_model, model_overrides
-from qtarget.train.loop import (TrainingDiverged, held_out_records,
+from qtarget.train.loop import (TrainingDiverged, dataset_builder, held_out_records,
                                 maybe_initialize_distributed, run)
 from qtarget.train.sharding import (MESH_AXES, Layout, batch_sharding, build_mesh, check_layout,
                                     jit_train_step, logical_to_spec, state_shardings)

@@ -69,6 +69,11 @@ def _builder(config):
   return builders.prepare(builder_config, data.data_dir or None), eval_split
 
 
+def dataset_builder(config):
+  """The prepared tfds builder of a config's data (its train, validation and test splits)."""
+  return _builder(config)[0]
+
+
 def held_out_records(config) -> list[dict]:
   """The held-out problems a run with ``config`` evaluates on (the training split is not read)."""
   from qtarget.data import builders  # pylint: disable=g-import-not-at-top
@@ -111,13 +116,10 @@ def _validation_records(config, test_records: list[dict]) -> list[dict]:
   records = builders.load_split(builder, 'validation')
   test = {r['prompt'] for r in test_records}
   shared = sum(r['prompt'] in test for r in records)
-  if shared:
-    # reasoning-gym draws problem i of seed s with seed s + i: the builder's validation seed
-    # (test's minus one) gives test's sequence shifted by one problem. Choosing on it would be
-    # choosing on test; a builder drawing validation elsewhere changes every train split.
+  if shared:  # the builder draws validation without test questions: a stale or foreign split
     raise ConfigError(f'eval.validation_problems={config.eval.validation_problems}: the '
                       f'validation split shares {shared} of its {len(records)} problems with the '
-                      'test split (data builder 1.0.0); it cannot choose hyperparameters.')
+                      'test split; it cannot choose hyperparameters.')
   if len(records) < config.eval.validation_problems:
     raise ConfigError(f'eval.validation_problems={config.eval.validation_problems}: the '
                       f'validation split holds {len(records)} (data.eval_size).')
@@ -305,19 +307,23 @@ def run(config) -> dict:
       log.write(step, {'eval_accuracy': result['accuracy']})
 
   interval_eval(start_step)  # killed during an evaluation right after its checkpoint
-  train_seconds, tokens_seen, last, skipped = 0.0, 0, {}, 0
+  train_seconds, train_cpu_seconds, tokens_seen, last, skipped = 0.0, 0.0, 0, {}, 0
   # Steps run whose metrics are still on the device: fetched together once per log interval
   # (and before any checkpoint or evaluation), so the host never waits on the device in between
   # and the next batch is prepared while the step runs.
   pending = []
-  interval_start = time.time()
+  # CPU time of the whole process (every thread) beside wall time: on a shared machine the
+  # wall clock counts other jobs' work, the CPU clock (nearly) only this run's.
+  interval_start, interval_cpu_start = time.time(), time.process_time()
 
   def flush():
-    nonlocal train_seconds, tokens_seen, last, skipped, interval_start
+    nonlocal train_seconds, train_cpu_seconds, tokens_seen, last, skipped
+    nonlocal interval_start, interval_cpu_start
     if not pending:
       return
     fetched = fetch_metrics([device_metrics for _, device_metrics, _ in pending])
     seconds = (time.time() - interval_start) / len(pending)  # the interval's mean step
+    cpu_seconds = (time.process_time() - interval_cpu_start) / len(pending)
     for (step, _, real_tokens), values in zip(pending, fetched):
       metrics = {name: float(value) for name, value in values.items()}
       problem = _divergence(metrics)
@@ -339,8 +345,10 @@ def run(config) -> dict:
       metrics['skipped_updates'] = skipped
       metrics['tokens_per_second'] = real_tokens / seconds
       metrics['step_seconds'] = seconds
+      metrics['step_cpu_seconds'] = cpu_seconds
       if step > start_step:  # the first step of a process includes compilation
         train_seconds += seconds
+        train_cpu_seconds += cpu_seconds
         tokens_seen += real_tokens
       last = metrics
       if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
@@ -350,7 +358,7 @@ def run(config) -> dict:
       progress.set_postfix(loss=f"{last['loss']:.3f}", nll=f"{last['nll']:.3f}",
                            acc=f"{last['accuracy']:.2f}")
     pending.clear()
-    interval_start = time.time()
+    interval_start, interval_cpu_start = time.time(), time.process_time()
 
   eval_every = config.eval.get('every', 0)
   for step in range(start_step, config.steps):
@@ -370,7 +378,8 @@ def run(config) -> dict:
       save(done)
     interval_eval(done)
     if checkpoint_due or eval_due:
-      interval_start = time.time()  # step times exclude the checkpoint and the evaluation
+      # step times exclude the checkpoint and the evaluation
+      interval_start, interval_cpu_start = time.time(), time.process_time()
   if progress is not None:
     progress.close()
   run_checkpoints.wait()  # an asynchronous save in flight finishes before anything reads it
@@ -407,6 +416,7 @@ def run(config) -> dict:
       method=config.method, hyperparameters=dict(config.hparams), steps=config.steps,
       final_metrics=last, train_data=str(report), wall_seconds=round(time.time() - started, 1),
       mean_step_seconds=round(train_seconds / max(config.steps - start_step - 1, 1), 3),
+      mean_step_cpu_seconds=round(train_cpu_seconds / max(config.steps - start_step - 1, 1), 3),
       tokens_per_second=round(tokens_seen / train_seconds, 1) if train_seconds else None)
   if jax.process_index() == 0:
     summary_path.write_text(json.dumps(summary, indent=2))

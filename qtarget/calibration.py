@@ -1,0 +1,95 @@
+"""How well a model's token probabilities match its accuracy, teacher-forced on given responses.
+
+:func:`response_token_scores` runs a model over prompt/response pairs (the chat template as in
+training) and returns, per response token, the log-probability of the given token, the model's
+top probability and whether its top token is the given one. From those,
+:func:`expected_calibration_error` (equal-width bins of the top probability) measures
+calibration, the mean negative log-probability measures fit, and the mean probability of a
+generated answer's own tokens is that answer's confidence.
+"""
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_BUCKET = 32  # sequence lengths are padded up to a multiple of this, to limit recompiles
+
+
+class TokenScores(NamedTuple):
+  """Per response token of one example."""
+  log_prob: np.ndarray  # log-probability of the given token
+  top_prob: np.ndarray  # probability of the model's most likely token
+  top_correct: np.ndarray  # whether the most likely token is the given one
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef',))
+def _scores(graphdef, state, tokens_BxT, targets_BxT, segment_ids_BxT):
+  model = nnx.merge(graphdef, state)
+  positions = jnp.maximum(jnp.cumsum(segment_ids_BxT > 0, axis=1) - 1, 0)
+  log_probs = jax.nn.log_softmax(
+      model(tokens_BxT, positions_BxT=positions, segment_ids_BxT=segment_ids_BxT), axis=-1)
+  target_log_prob = jnp.take_along_axis(log_probs, targets_BxT[..., None], axis=-1)[..., 0]
+  top = jnp.argmax(log_probs, axis=-1)
+  return target_log_prob, jnp.exp(jnp.max(log_probs, axis=-1)), top == targets_BxT
+
+
+def response_token_scores(model, tokenizer, examples: Sequence[tuple[str, str, str | None]], *,
+                          batch_size: int = 32) -> list[TokenScores]:
+  """Teacher-forced scores of each ``(prompt, response, system)``'s response tokens (the
+  response and the end-of-turn tokens, as the training loss mask covers them)."""
+  encoded = [tokenizer.encode_example(prompt, response, system=system)
+             for prompt, response, system in examples]
+  graphdef, state = nnx.split(model)
+  out = []
+  for start in range(0, len(encoded), batch_size):
+    chunk = encoded[start:start + batch_size]
+    length = max(len(e.token_ids) - 1 for e in chunk)
+    length = -(-length // _BUCKET) * _BUCKET
+    rows = batch_size if len(encoded) > batch_size else len(chunk)  # one shape for every batch
+    tokens = np.zeros((rows, length), np.int32)
+    targets = np.zeros((rows, length), np.int32)
+    segments = np.zeros((rows, length), np.int32)
+    for row, example in enumerate(chunk):
+      n = len(example.token_ids) - 1
+      tokens[row, :n], targets[row, :n] = example.token_ids[:-1], example.token_ids[1:]
+      segments[row, :n] = 1
+    log_prob, top_prob, top_correct = map(
+        np.asarray, _scores(graphdef, state, tokens, targets, segments))
+    for row, example in enumerate(chunk):
+      mask = np.asarray(example.loss_mask[1:], bool)
+      n = len(mask)
+      out.append(TokenScores(log_prob[row, :n][mask], top_prob[row, :n][mask],
+                             top_correct[row, :n][mask]))
+  return out
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
+                               num_bins: int = 15) -> tuple[float, list[dict]]:
+  """ECE over equal-width confidence bins: sum over bins of (share of tokens) x
+  |accuracy - mean confidence|. Returns it and the bins (lower edge, count, mean confidence,
+  accuracy; empty bins have count 0 and no means)."""
+  confidence = np.asarray(confidence, np.float64).ravel()
+  correct = np.asarray(correct, np.float64).ravel()
+  if confidence.shape != correct.shape or not confidence.size:
+    raise ValueError(f'confidence {confidence.shape} and correct {correct.shape} must be the '
+                     'same non-empty shape.')
+  if np.any((confidence < 0) | (confidence > 1)) or np.any(~np.isfinite(confidence)):
+    raise ValueError('confidences must be probabilities in [0, 1].')
+  # Bin b holds (b/n, (b+1)/n]; a confidence of exactly 0 goes to the first bin.
+  index = np.clip(np.ceil(confidence * num_bins).astype(int) - 1, 0, num_bins - 1)
+  ece, bins = 0.0, []
+  for b in range(num_bins):
+    members = index == b
+    count = int(members.sum())
+    if not count:
+      bins.append({'lower': b / num_bins, 'count': 0})
+      continue
+    mean_confidence, accuracy = confidence[members].mean(), correct[members].mean()
+    ece += count / confidence.size * abs(accuracy - mean_confidence)
+    bins.append({'lower': b / num_bins, 'count': count,
+                 'mean_confidence': float(mean_confidence), 'accuracy': float(accuracy)})
+  return float(ece), bins
