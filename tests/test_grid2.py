@@ -1,0 +1,147 @@
+"""The second grid (configs/compare2_smollm2.py): the pre-registered order, the selection rule
+on validation (frozen, never reading test), and experiments/measure.py end to end with a tiny
+random model."""
+
+import json
+import pathlib
+import sys
+import types
+
+import pytest
+
+import availability
+from qtarget import config_files
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def grid(tmp_path):
+  module = config_files.load_module(ROOT / 'configs' / 'compare2_smollm2.py')
+  module.selection_file = tmp_path / 'selection.json'
+  return module
+
+
+def _record(validation, test):
+  return {'accuracy': test, 'scored': {'validation': {'accuracy': validation},
+                                       'test_greedy': {'accuracy': test}}}
+
+
+def test_plan_starts_with_teachers_and_base_then_primaries_seed_by_seed(grid):
+  plan = grid.run_plan({})
+  assert plan[:4] == ['teacher/chain3', 'teacher/products2', 'base/chain3', 'base/products2']
+  primaries = [n for n in plan if n.split('/')[0] in grid.MAIN_SETTINGS and n.split('/')[1] in (
+      *grid.PRIMARY_FIXED, *grid.TUNED['target_sft'])]
+  seeds = [int(n.split('/')[2]) for n in primaries]
+  assert seeds == sorted(seeds)  # seed by seed, every setting within a seed
+  early = [n for n in primaries if int(n.split('/')[2]) in (0, 1)]
+  late = [n for n in primaries if int(n.split('/')[2]) >= 2]
+  assert len(early) == 2 * 6 * 6  # three fixed methods and three etas, six settings
+  assert len(late) == 3 * 6 * 3 and not any('target_sft' in n for n in late)  # no selection yet
+  assert plan.index(primaries[-1]) < plan.index('chain3_clean/label_smoothing_lam0.05/0')
+  assert plan[-6:] == ['teacher/chain3_weak'] + [f'chain3_noisy_weak/distill/{s}'
+                                                  for s in range(5)]
+  assert len(plan) == len(set(plan))
+  for name in plan:  # every planned name is a config
+    assert grid.get_config(name).workdir
+
+
+def test_selection_reads_validation_only_breaks_ties_to_the_first_and_is_frozen(grid):
+  records = {}
+  etas = grid.TUNED['target_sft']
+  # Validation favours eta 1; test (reversed) would favour eta 0.25.
+  for index, method in enumerate(etas):
+    for seed in (0, 1):
+      records[f'chain3_noisy/{method}/{seed}'] = _record(0.1 * index + 0.01 * seed,
+                                                         0.9 - 0.1 * index)
+  assert grid.select({k: v for k, v in records.items() if not k.endswith('/1')},
+                     'chain3_noisy', 'target_sft') is None  # seed 1 missing: nothing yet
+  chosen = grid.select(records, 'chain3_noisy', 'target_sft')
+  assert chosen['selected'] == 'target_sft_eta1'
+  assert chosen['validation_accuracy']['target_sft_eta1'] == pytest.approx([0.2, 0.21])
+  plan = grid.run_plan(records)
+  assert 'chain3_noisy/target_sft_eta1/2' in plan
+  assert not any(n.startswith('chain3_noisy/target_sft_eta0.') and n.endswith(('/2', '/3'))
+                 for n in plan)
+  assert 'chain3_noisy_weak/target_sft_eta1/4' in plan  # the weak prior reuses its eta
+  # Frozen: later records do not move it.
+  records['chain3_noisy/target_sft_eta0.25/0'] = _record(1.0, 0.0)
+  assert grid.select(records, 'chain3_noisy', 'target_sft')['selected'] == 'target_sft_eta1'
+  assert json.loads(grid.selection_file.read_text())['chain3_noisy/target_sft'][
+      'selected'] == 'target_sft_eta1'
+  # A tie goes to the value listed first.
+  tied = {f'chain3_clean/{m}/{s}': _record(0.5, 0.5) for m in etas for s in (0, 1)}
+  assert grid.select(tied, 'chain3_clean', 'target_sft')['selected'] == etas[0]
+
+
+def test_measured_runs_and_what_they_get(grid):
+  assert grid.measurements('chain3_clean/sft/0') == {
+      'validation': False, 'variants': True, 'sampled': True}
+  assert grid.measurements('chain3_clean/target_sft_eta0.5/3')['validation']
+  assert not grid.measurements('chain3_clean/target_sft_eta0.5/3')['variants']
+  config = grid.get_config('products2_multi/distill/1')
+  assert config.data.rationale.variants == 2 and config.prior.source == 'hf'
+  assert config.prior.path.endswith('teacher/products2/hf')
+  assert grid.get_config('chain3_noisy_weak/distill/0').prior.path.endswith(
+      'teacher/chain3_weak/hf')
+  assert grid.get_config('teacher/chain3_weak').steps == 10
+  with pytest.raises(ValueError, match='config string must be'):
+    grid.get_config('teacher/unknown')
+
+
+@availability.needs_smollm2("the tiny model uses SmolLM2's tokenizer")
+def test_measure_end_to_end_with_a_tiny_model(grid, tmp_path):
+  sys.path.insert(0, str(ROOT / 'experiments'))
+  try:
+    import measure  # pylint: disable=g-import-not-at-top
+    import compare  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+
+  def get_config(name):
+    config = grid.get_config(name)
+    config.model.source = 'random'
+    config.model.architecture = dict(vocab_size=49152, hidden_size=32, intermediate_size=64,
+                                     num_layers=1, num_heads=2, num_kv_heads=1,
+                                     tie_word_embeddings=True)
+    config.data.train_size, config.data.eval_size = 60, 6
+    config.data.data_dir = str(tmp_path / 'tfds')
+    return config
+
+  tasks = {family: dict(spec, max_new_tokens=4,
+                        harder=(*spec['harder'][:2], 4), easier=(*spec['easier'][:2], 4))
+           for family, spec in grid.TASKS.items()}
+  tiny_grid = types.SimpleNamespace(
+      get_config=get_config, TASKS=tasks, task_family_of=grid.task_family_of,
+      measurements=grid.measurements,
+      MEASURE=dict(grid.MEASURE, test_problems=6, sampled_problems=2, num_samples=2,
+                   validation_problems=5, variant_problems=3, calibration_examples=4,
+                   fit_examples=5, batch_size=4))
+  out = tmp_path / 'out'
+  out.mkdir()
+  result = measure.measure(tiny_grid, 'base/chain3', 'initial', out)
+  scored = result['scored']
+  assert set(scored) == {'test_greedy', 'test_sampled', 'validation', 'harder', 'easier'}
+  read = lambda label: [json.loads(line) for line in
+                        pathlib.Path(scored[label]['predictions']).read_text().splitlines()]
+  for label, entry in scored.items():  # every recorded number re-scores from its predictions
+    assert compare.rescore_file(pathlib.Path(entry['predictions'])) == pytest.approx(
+        entry['accuracy'], abs=1e-12)
+  assert len(read('test_greedy')) == 6 and len(read('test_sampled')) == 4
+  config = get_config('base/chain3')
+  from qtarget import train  # pylint: disable=g-import-not-at-top
+  from qtarget.data import builders  # pylint: disable=g-import-not-at-top
+  builder = train.dataset_builder(config)
+  test = {r['prompt'] for r in builders.load_split(builder, 'test')}
+  seen = test | {r['prompt'] for r in builders.load_split(builder, 'train')}
+  assert not {p['question'] for p in read('validation')} & test
+  for label in ('harder', 'easier'):
+    assert len(read(label)) == 3 and not {p['question'] for p in read(label)} & seen
+  assert '+' in read('harder')[0]['question']
+  confidences = [p['confidence'] for p in read('test_greedy') if p['confidence'] is not None]
+  assert all(0 < c <= 1 for c in confidences)
+  calibration = result['calibration']
+  assert sum(b['count'] for b in calibration['bins']) == calibration['tokens'] > 0
+  assert 0 <= calibration['ece'] <= 1 and calibration['held_out_nll'] > 0
+  assert result['fit']['train_nll'] > 0 and result['fit']['examples'] == 5
+  assert json.loads((out / 'measure.json').read_text())['accuracy'] == result['accuracy']
