@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.lora_rank = 0  # 0: full fine-tuning; >0: LoRA adapters are the trainable part
   config.model.lora_alpha = 16.0  # LoRA scale alpha / rank
   config.model.remat = 'none'  # backward recomputation: 'none', 'full' or 'save_dots'
-  config.model.attention = 'auto'  # 'auto', 'xla', 'cudnn' or 'reference' (the einsum)
+  config.model.attention = 'auto'  # 'auto', 'xla', 'cudnn', 'splash' (TPU) or 'reference'
   config.model.scan_layers = True  # one compiled block scanned over the layers
 
   config.prior = ml_collections.ConfigDict()

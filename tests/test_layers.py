@@ -61,6 +61,101 @@ def test_attention_equals_the_reference(implementation):
   assert not np.allclose(out[0, 3:5], want[0][0, 3:5], atol=1e-3)
 
 
+# Splash attention works on blocks of 128: the same four kinds of row, 128 long.
+SEGMENTS_128 = np.array([[1] * 40 + [2] * 56 + [3] * 32,
+                         [0] * 48 + [1] * 80,
+                         [1] * 72 + [2] * 24 + [0] * 32,
+                         [1] * 128], np.int32)
+
+
+def test_splash_attention_equals_the_reference():
+  """Pallas splash attention (interpreted on the CPU): values and gradients, packed segments,
+  left and right padding, grouped-query heads."""
+  keys = jax.random.split(jax.random.key(1), 4)
+  b, t = SEGMENTS_128.shape
+  q = jax.random.normal(keys[0], (b, t, 4, 16))
+  k, v = (jax.random.normal(key, (b, t, 2, 16)) for key in keys[1:3])
+  cotangent = jax.random.normal(keys[3], q.shape) * (SEGMENTS_128 > 0)[..., None, None]
+  segments = jnp.asarray(SEGMENTS_128)
+
+  def run(name, mask):
+    out, pullback = jax.vjp(lambda q, k, v: attention.attention(q, k, v, mask, name), q, k, v)
+    return (out,) + pullback(cotangent)
+
+  want = run('reference', attention.causal_segment_mask(segments))
+  got = run('splash_interpret', attention.Segments(segments))
+  real = SEGMENTS_128 > 0
+  for label, g, w in zip(('out', 'dq', 'dk', 'dv'), got, want):
+    g, w = np.asarray(g), np.asarray(w)
+    if label == 'out':
+      g, w = g[real], w[real]
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=label)
+  with pytest.raises(ValueError, match='takes Segments'):
+    attention.attention(q, k, v, attention.causal_segment_mask(segments), 'splash_interpret')
+
+
+def test_splash_attention_runs_per_device_on_a_mesh():
+  """Under a step's layout the kernel runs inside shard_map on each device's rows and KV heads:
+  the compiled program moves no activation between devices, and the values are the same."""
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  from qtarget import hlo  # pylint: disable=g-import-not-at-top
+  from qtarget.models import layout  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2, 2), ('fsdp', 'tensor'), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)  # as build_mesh makes it
+  rules = dict(layout.DEFAULT_ACTIVATION_RULES)
+  keys = jax.random.split(jax.random.key(2), 3)
+  b, t = SEGMENTS_128.shape
+  q = jax.random.normal(keys[0], (b, t, 4, 16))
+  k, v = (jax.random.normal(key, (b, t, 2, 16)) for key in keys[1:])
+  segments = jnp.asarray(SEGMENTS_128)
+  heads = NamedSharding(mesh, PartitionSpec('fsdp', None, 'tensor', None))
+  rows = NamedSharding(mesh, PartitionSpec('fsdp', None))
+
+  def sharded(q, k, v, segments):
+    with layout.activation_layout(mesh, rules):
+      return attention.attention(q, k, v, attention.Segments(segments), 'splash_interpret')
+
+  step = jax.jit(sharded, in_shardings=(heads, heads, heads, rows), out_shardings=heads)
+  compiled = step.lower(q, k, v, segments).compile()
+  assert not hlo.collective_summary(compiled.as_text()), hlo.collective_summary(
+      compiled.as_text())
+  out = step(jax.device_put(q, heads), jax.device_put(k, heads), jax.device_put(v, heads),
+             jax.device_put(segments, rows))
+  want = attention.attention(q, k, v, attention.causal_segment_mask(segments), 'reference')
+  real = SEGMENTS_128 > 0
+  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(want)[real], atol=1e-5)
+
+
+def test_a_model_with_splash_attention_equals_the_reference_model():
+  """The scanned decoder with splash attention (no [B, T, T] mask built) against the reference:
+  logits on real tokens and every parameter's gradient."""
+  splash = test_models._model(attention='splash_interpret')
+  reference = test_models._model(attention='reference')
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, SEGMENTS_128.shape), jnp.int32)
+  kwargs = dict(segment_ids_BxT=jnp.asarray(SEGMENTS_128),
+                positions_BxT=jnp.asarray(_positions(SEGMENTS_128)))
+  real = SEGMENTS_128 > 0
+
+  def loss(model):
+    logits = model(tokens, **kwargs)
+    return jnp.sum(jax.nn.logsumexp(logits, axis=-1) * real) / real.sum(), logits
+
+  (value, logits), grads = nnx.value_and_grad(loss, has_aux=True)(splash)
+  (want_value, want_logits), want_grads = nnx.value_and_grad(loss, has_aux=True)(reference)
+  np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(want_logits)[real],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_splash_needs_its_block_length_and_a_tpu():
+  with pytest.raises(ValueError, match='multiple of 128, got 100'):
+    attention.resolve('splash_interpret', jnp.float32, 16, 100)
+  with pytest.raises(ValueError, match="'splash' is a TPU kernel"):
+    attention.resolve('splash', jnp.bfloat16, 128, 256)
+
+
 def test_unknown_attention_is_refused():
   with pytest.raises(ValueError, match="attention must be one of"):
     llama.LlamaConfig(**{**test_models.TINY.__dict__, 'attention': 'flash'})
@@ -205,7 +300,9 @@ def test_auto_attention_resolves_by_backend_dtype_and_head_size(monkeypatch):
   assert attention.resolve('auto', jnp.bfloat16, 256) == 'xla'
   assert attention.resolve('reference', jnp.bfloat16, 128) == 'reference'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
-  assert attention.resolve('auto', jnp.bfloat16, 128) == 'xla'  # splash is not wired in
+  assert attention.resolve('auto', jnp.bfloat16, 128, 2048) == 'splash'
+  assert attention.resolve('auto', jnp.bfloat16, 128, 100) == 'xla'  # splash: blocks of 128
+  assert attention.resolve('splash', jnp.bfloat16, 128, 2048) == 'splash'
 
 
 def test_loaded_models_get_lora_adapters_at_the_init_scale(tmp_path):

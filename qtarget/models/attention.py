@@ -14,16 +14,34 @@ queries and padding positions carry no loss), so implementations may differ ther
   faster than the reference with 15x fewer temporaries, `benchmarks/RESULTS.md`). cuDNN's
   ragged layout (per-segment lengths and offsets, no mask at all) gave wrong values or
   allocated 190 GiB in jax 0.11.2, so it is not used.
-- ``'auto'``: ``'cudnn'`` on a GPU when the dtype and head size allow it, else ``'xla'``.
+- ``'splash'``: Pallas splash attention (TPU): causal with segment ids, no mask array at all
+  (:class:`Segments` replaces it); grouped-query heads run as a multi-query kernel per KV head;
+  inside a step's layout it runs per device under ``shard_map`` (batch over the data axes, KV
+  heads over ``tensor`` when they divide). Sequence lengths must be multiples of 128.
+  ``'splash_interpret'`` runs the same kernel in Pallas' interpreter on any backend (slow; for
+  tests on CPU).
+- ``'auto'``: ``'cudnn'`` on a GPU when the dtype and head size allow it, ``'splash'`` on a TPU
+  when the length is a multiple of 128, else ``'xla'``.
 """
 
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jax.sharding import PartitionSpec
 
-IMPLEMENTATIONS = ('auto', 'reference', 'xla', 'cudnn')
+from qtarget.models import layout
+
+IMPLEMENTATIONS = ('auto', 'reference', 'xla', 'cudnn', 'splash', 'splash_interpret')
+_SPLASH_BLOCK = 512  # largest query/key block; halved until it divides the length (>= 128)
+
+
+class Segments(NamedTuple):
+  """What splash attention takes instead of a mask: the segment ids ``[B, T]``."""
+  ids_BxT: Array
 
 
 def causal_segment_mask(segment_ids_BxT: Array) -> Array:
@@ -38,16 +56,95 @@ def causal_segment_mask(segment_ids_BxT: Array) -> Array:
   return (causal & same & real_key) | jnp.eye(t, dtype=bool)
 
 
-def resolve(implementation: str, dtype, head_dim: int) -> str:
-  """The concrete implementation for ``'auto'``; a clear error for an unknown name."""
+def _platform() -> str:
+  """The platform the program is for: the active mesh's devices (an ahead-of-time TPU
+  compile runs on a CPU host), else the default backend."""
+  mesh = layout.active_mesh()
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+def resolve(implementation: str, dtype, head_dim: int, length: int | None = None) -> str:
+  """The concrete implementation for ``'auto'``; a clear error for an unknown name or a
+  length splash attention cannot take."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'unknown attention implementation {implementation!r}; choose from '
                      f'{IMPLEMENTATIONS}.')
+  if implementation.startswith('splash') and length is not None and length % 128:
+    raise ValueError(f'attention {implementation!r} needs a sequence length that is a multiple '
+                     f'of 128, got {length}; pad the rows (data.seq_len) or choose another.')
+  backend = _platform()
+  if implementation == 'splash' and backend != 'tpu':
+    raise ValueError(f"attention 'splash' is a TPU kernel (this program is for {backend!r}); "
+                     "'splash_interpret' runs it interpreted.")
   if implementation != 'auto':
     return implementation
-  cudnn_ok = (jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  cudnn_ok = (backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
               and head_dim <= 128 and head_dim % 8 == 0)
-  return 'cudnn' if cudnn_ok else 'xla'
+  if cudnn_ok:
+    return 'cudnn'
+  if backend == 'tpu' and length is not None and length % 128 == 0:
+    return 'splash'
+  return 'xla'
+
+
+def uses_segments(implementation: str, dtype, head_dim: int, length: int) -> bool:
+  """Whether the implementation takes :class:`Segments` rather than a mask."""
+  return resolve(implementation, dtype, head_dim, length).startswith('splash')
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(length: int, group: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_kernel as splash, splash_attention_mask as masks)
+  block = _SPLASH_BLOCK
+  while length % block:
+    block //= 2
+  sizes = {name: block for name in ('block_q', 'block_kv', 'block_kv_compute', 'block_q_dkv',
+                                    'block_kv_dkv', 'block_kv_dkv_compute', 'block_q_dq',
+                                    'block_kv_dq')}
+  mask = masks.MultiHeadMask([masks.CausalMask((length, length))] * group)
+  with jax.ensure_compile_time_eval():  # concrete block tables: the cached kernel holds no tracer
+    return splash.make_splash_mqa_single_device(
+        mask=mask, block_sizes=splash.BlockSizes(**sizes), interpret=interpret)
+
+
+def _splash_local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, interpret):
+  """Splash attention on one device's rows: a multi-query kernel per KV head and row."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_kernel as splash)
+  b, t, n, d = q_BxTxNxD.shape
+  kv_heads = k_BxTxKxD.shape[2]
+  group = n // kv_heads
+  kernel = _splash_kernel(t, group, interpret)
+  q = (q_BxTxNxD / math.sqrt(d)).astype(q_BxTxNxD.dtype)  # splash does not scale the scores
+  q = q.reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+  k, v = k_BxTxKxD.transpose(0, 2, 1, 3), v_BxTxKxD.transpose(0, 2, 1, 3)  # [B, K, T, D]
+
+  def one(q_GxTxD, k_TxD, v_TxD, segment_ids_T):
+    ids = splash.SegmentIds(q=segment_ids_T, kv=segment_ids_T)
+    return kernel(q_GxTxD, k_TxD, v_TxD, segment_ids=ids)
+
+  out = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(q, k, v, segment_ids_BxT)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
+
+
+def splash_attention(q_BxTxNxD: Array, k_BxTxKxD: Array, v_BxTxKxD: Array,
+                     segment_ids_BxT: Array, interpret: bool = False) -> Array:
+  """Splash attention, per device under ``shard_map`` inside a step's layout (a Pallas call
+  is not partitioned by the compiler: unwrapped, every device would run the whole batch)."""
+  local = functools.partial(_splash_local, interpret=interpret)
+  mesh = layout.active_mesh()
+  if mesh is None:
+    return local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
+  rules = layout.active_rules()
+  batch = layout.fit_spec(segment_ids_BxT.shape, layout.logical_to_spec(
+      ('activation_batch', None), rules), mesh)[0]
+  heads = layout.fit_spec(k_BxTxKxD.shape, layout.logical_to_spec(
+      (None, None, 'activation_kv', None), rules), mesh)[2]
+  qkv = PartitionSpec(batch, None, heads, None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, PartitionSpec(batch, None)),
+                       out_specs=qkv, check_vma=False)(
+                           q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
 
 
 def masked_attention(q_BxTxNxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array,
@@ -64,11 +161,20 @@ def masked_attention(q_BxTxNxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array,
   return jnp.einsum('bkgts,bskd->btkgd', weights, v_BxSxKxD).reshape(b, t, n, d)
 
 
-def attention(q_BxTxNxD: Array, k_BxTxKxD: Array, v_BxTxKxD: Array, mask_BxTxT: Array,
-              implementation: str = 'auto') -> Array:
+def attention(q_BxTxNxD: Array, k_BxTxKxD: Array, v_BxTxKxD: Array,
+              mask_BxTxT: 'Array | Segments', implementation: str = 'auto') -> Array:
   """Causal grouped-query attention within packed segments, ``[B, T, N, D]``; ``mask_BxTxT``
-  is :func:`causal_segment_mask` of the segment ids (built once per forward, not per layer)."""
-  implementation = resolve(implementation, q_BxTxNxD.dtype, q_BxTxNxD.shape[-1])
+  is :func:`causal_segment_mask` of the segment ids (built once per forward, not per layer),
+  or for splash attention the :class:`Segments` themselves."""
+  implementation = resolve(implementation, q_BxTxNxD.dtype, q_BxTxNxD.shape[-1],
+                           q_BxTxNxD.shape[1])
+  if implementation.startswith('splash'):
+    if not isinstance(mask_BxTxT, Segments):
+      raise ValueError('splash attention takes Segments (the segment ids), not a mask.')
+    return splash_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT.ids_BxT,
+                            interpret=implementation == 'splash_interpret')
+  if isinstance(mask_BxTxT, Segments):
+    mask_BxTxT = causal_segment_mask(mask_BxTxT.ids_BxT)
   mask = mask_BxTxT
   if implementation == 'reference':
     return masked_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, mask)

@@ -232,7 +232,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxH, positions_BxT, mask_BxTxS, kv=None, lora=True):
     """Without ``kv``: causal attention within packed segments (``mask_BxTxS`` is their
-    :func:`causal_segment_mask`) by ``config.attention``. ``kv``: ``(keys, values,
+    :func:`causal_segment_mask`, or for splash attention their ``attention.Segments``) by
+    ``config.attention``. ``kv``: ``(keys, values,
     write_slots_BxT)`` of a cache to update and attend to under ``mask_BxTxS`` (the reference
     implementation: a cache mask is not a segment mask)."""
     b, t, _ = x_BxTxH.shape
@@ -404,8 +405,12 @@ class Llama(nnx.Module):
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
     remat = self.config.remat if remat is None else remat_name(remat)
-    mask = layout.constrain(causal_segment_mask(segment_ids_BxT),
-                            ('activation_batch', None, None))
+    c = self.config
+    if attention_lib.uses_segments(c.attention, c.compute_dtype, c.dim_per_head, t):
+      mask = attention_lib.Segments(segment_ids_BxT)  # splash: no [B, T, T] mask at all
+    else:
+      mask = layout.constrain(causal_segment_mask(segment_ids_BxT),
+                              ('activation_batch', None, None))
     x = self._layers(self._embed(tokens_BxT), positions_BxT, mask, lora, remat)
     return layout.constrain(self.final_norm(x), BTH)
 
