@@ -26,6 +26,7 @@ smollm2_demo = config_files.sibling(__file__, 'smollm2_demo')
 
 RUNS_DIR = 'experiments/runs2'
 RESULTS_DIR = 'experiments/results2'
+REPORT = 'experiments/RESULTS.md'
 
 _DIFFICULTY = {
     'chain3': {'min_terms': 3, 'max_terms': 3, 'min_digits': 1, 'max_digits': 1},

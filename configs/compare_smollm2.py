@@ -16,6 +16,8 @@ from qtarget import config_files
 smollm2_demo = config_files.sibling(__file__, 'smollm2_demo')
 
 RUNS_DIR = 'experiments/runs'
+RESULTS_DIR = 'experiments/results'
+REPORT = 'experiments/RESULTS_exploratory.md'  # the pre-registered grid's is RESULTS.md
 TEACHER_DIR = f'{RUNS_DIR}/teacher'
 
 # Task: chain_sum with 3 one-digit terms (+ and -), two steps per rationale. Base greedy accuracy

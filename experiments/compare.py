@@ -36,7 +36,7 @@ import time
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 ROOT = stats.ROOT
-DEFAULT_CONFIG = 'configs/compare_smollm2.py'
+DEFAULT_CONFIG = 'configs/compare2_smollm2.py'
 DEFAULT_RESULTS = 'experiments/results'
 
 
@@ -350,7 +350,8 @@ def main():
       p.add_argument('--max_runs', type=int, default=0, help='stop after this many runs')
       p.add_argument('--dry_run', action='store_true', help='print the commands only')
     if command == 'report':
-      p.add_argument('--output', default='experiments/RESULTS.md')
+      p.add_argument('--output', default=None,
+                     help="default: the grid's REPORT, else experiments/RESULTS.md")
     if command == '_base':
       p.add_argument('--seed', type=int, required=True)
       p.add_argument('--workdir', required=True)
@@ -362,10 +363,15 @@ def main():
   elif args.command == 'rescore':
     sys.exit(rescore(args))
   elif args.command == 'report':
-    import report  # pylint: disable=g-import-not-at-top  (experiments/report.py)
     grid = load_grid(args.config)
-    report.write(grid, Registry(ROOT / args.results_dir), ROOT / args.output, args,
-                 run_names(grid))
+    output = ROOT / (args.output or getattr(grid, 'REPORT', 'experiments/RESULTS.md'))
+    registry = Registry(ROOT / args.results_dir)
+    if hasattr(grid, 'run_plan'):  # the pre-registered grid
+      import report2  # pylint: disable=g-import-not-at-top  (experiments/report2.py)
+      report2.write(grid, registry, output, args, run_names(grid, registry.records()))
+    else:
+      import report  # pylint: disable=g-import-not-at-top  (experiments/report.py)
+      report.write(grid, registry, output, args, run_names(grid))
   else:
     _base_eval(args)
 

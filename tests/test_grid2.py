@@ -145,3 +145,57 @@ def test_measure_end_to_end_with_a_tiny_model(grid, tmp_path):
   assert 0 <= calibration['ece'] <= 1 and calibration['held_out_nll'] > 0
   assert result['fit']['train_nll'] > 0 and result['fit']['examples'] == 5
   assert json.loads((out / 'measure.json').read_text())['accuracy'] == result['accuracy']
+
+
+def _experiments_module(name):
+  sys.path.insert(0, str(ROOT / 'experiments'))
+  try:
+    return __import__(name)
+  finally:
+    sys.path.pop(0)
+
+
+def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
+  report2 = _experiments_module('report2')
+  compare = _experiments_module('compare')
+  questions = [f'q{i}' for i in range(20)]
+  records = {}
+
+  def add(name, right, step=1.0):
+    path = tmp_path / (name.replace('/', '__') + '.jsonl')
+    path.write_text(''.join(json.dumps({'question': q, 'score': float(i < right),
+                                        'confidence': 0.9 if i < right else 0.5}) + '\n'
+                            for i, q in enumerate(questions)))
+    setting, method, seed = name.split('/')
+    records[name] = {
+        'name': name, 'setting': setting, 'method': method, 'seed': int(seed),
+        'accuracy': right / 20, 'wall_seconds': 100.0, 'command': 'x',
+        'mean_step_seconds': step, 'mean_step_cpu_seconds': 2 * step,
+        'scored': {'test_greedy': {'accuracy': right / 20, 'predictions': str(path)},
+                   'validation': {'accuracy': 0.5, 'predictions': str(path)}},
+        'calibration': {'ece': 0.1, 'held_out_nll': 1.0}, 'fit': {'train_nll': 0.5}}
+
+  for seed in range(5):
+    add(f'chain3_clean/target_sft_eta0.5/{seed}', 15 + seed % 2, step=1.3)
+    add(f'chain3_clean/sft/{seed}', 8 + seed % 3)  # clearly behind: a win for Target-SFT
+    add(f'chain3_clean/dft/{seed}', 15 + (seed + 1) % 2)  # level: a tie
+  win = report2.paired(records, 'chain3_clean', 'target_sft_eta0.5', 'sft')
+  assert win['verdict'] == 'win' and win['seeds'] == [0, 1, 2, 3, 4]
+  want = sum((15 + s % 2) - (8 + s % 3) for s in range(5)) / 5 / 20
+  assert win['mean'] == pytest.approx(want)
+  low, high = win['bootstrap']
+  assert low < want < high and low > 0
+  tie = report2.paired(records, 'chain3_clean', 'target_sft_eta0.5', 'dft')
+  assert tie['verdict'] == 'tie' and tie['bootstrap'][0] < 0 < tie['bootstrap'][1]
+  assert report2.paired(records, 'chain3_clean', 'target_sft_eta0.5', 'distill') is None
+
+  grid.selection_file.write_text(json.dumps({'chain3_clean/target_sft': {
+      'selected': 'target_sft_eta0.5'}}))
+  registry = types.SimpleNamespace(records=lambda: records)
+  output = tmp_path / 'RESULTS.md'
+  args = types.SimpleNamespace(config='configs/compare2_smollm2.py', results_dir='results2')
+  report2.write(grid, registry, output, args, list(records))
+  text = output.read_text()
+  assert '| chain3_clean | 0.5 | **win** +' in text and '**tie**' in text
+  assert '| target_sft_eta0.5 | 1.30 / 1.30 |' in text  # step time relative to SFT
+  assert compare.is_teacher('teacher/chain3') and not compare.is_teacher('chain3/sft/0')
