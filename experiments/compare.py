@@ -44,12 +44,15 @@ def _log(message: str) -> None:
   print(f'[compare {time.strftime("%H:%M:%S")}] {message}', flush=True)
 
 
-def load_grid(config_path: str):
+def load_grid(config_path: str, results_dir: str | None = None):
+  """The grid module; one that freezes selections keeps them beside ``results_dir``'s runs."""
   from qtarget import config_files  # pylint: disable=g-import-not-at-top
   module = config_files.load_module(ROOT / config_path)
   for name in ('SETTINGS', 'METHODS', 'SEEDS', 'get_config'):
     if not hasattr(module, name):
       raise SystemExit(f'{config_path} defines no {name}: not a comparison grid.')
+  if results_dir is not None and hasattr(module, 'selection_file'):
+    module.selection_file = ROOT / results_dir / 'selection.json'
   return module
 
 
@@ -163,10 +166,16 @@ def train_run(grid, config_path: str, name: str, registry: Registry) -> dict:
   started, version = time.time(), code_version()
   summary_path = workdir / 'summary.json'
   measured = hasattr(grid, 'MEASURE')
-  exported = (summary_path.exists() and (workdir / 'hf' / 'config.json').exists()
+  # summary.json is written after the export: with it, the weights are whole.
+  exported = (summary_path.exists() and (workdir / 'hf' / 'model.safetensors').exists()
               and json.loads(summary_path.read_text()).get('steps') == config.steps)
+  version_path = workdir / 'code.json'  # the version that trained it (a resume keeps it)
   if not (measured and exported):  # trained and exported before an interruption: measure only
+    if not version_path.exists():
+      workdir.mkdir(parents=True, exist_ok=True)
+      version_path.write_text(json.dumps(version))
     _subprocess(_train_command(config_path, name), workdir / 'log.txt')
+  trained_by = json.loads(version_path.read_text()) if version_path.exists() else version
   summary = json.loads(summary_path.read_text())
   if is_teacher(name):
     setting, method, seed = None, 'teacher', config.seed
@@ -175,7 +184,8 @@ def train_run(grid, config_path: str, name: str, registry: Registry) -> dict:
   record = {
       'name': name, 'setting': setting, 'method': method, 'seed': int(seed),
       'command': ' '.join(['python', '-m', 'qtarget.train', f'--config={config_path}:{name}']),
-      'config': json.loads(config.to_json_best_effort()), 'code': version,
+      'config': json.loads(config.to_json_best_effort()), 'code': trained_by,
+      'measure_code': version if measured else None,
       'final_metrics': summary.get('final_metrics'), 'train_data': summary.get('train_data'),
       'mean_step_seconds': summary.get('mean_step_seconds'),
       'mean_step_cpu_seconds': summary.get('mean_step_cpu_seconds'),
@@ -186,9 +196,6 @@ def train_run(grid, config_path: str, name: str, registry: Registry) -> dict:
                                                   workdir, registry)))
     record.update(wall_seconds=round(time.time() - started, 1),
                   finished=time.strftime('%Y-%m-%d %H:%M'))
-    if not is_teacher(name):  # a teacher's export is the students' prior: keep it
-      shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)
-      shutil.rmtree(workdir / 'hf', ignore_errors=True)
     return record
   predictions = registry.predictions_path(name)
   _annotate_predictions(workdir / 'predictions_after.jsonl', predictions, run=name,
@@ -198,9 +205,18 @@ def train_run(grid, config_path: str, name: str, registry: Registry) -> dict:
       'wall_seconds': round(time.time() - started, 1),
       'predictions': _relative(predictions), 'finished': time.strftime('%Y-%m-%d %H:%M'),
   })
-  if name != 'teacher':  # the teacher's export is the students' prior: keep it
-    shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)  # ~1.6 GB each; the run is done
   return record
+
+
+def clean_up(grid, name: str) -> None:
+  """A recorded training run's checkpoints (~1.6 GB) and export go; a teacher's export is the
+  students' prior and stays. Called only after the run is recorded."""
+  if is_teacher(name) or name.startswith('base/'):
+    return
+  workdir = ROOT / grid.get_config(name).workdir
+  shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)
+  if hasattr(grid, 'MEASURE'):  # measured: the export was only for measure.py
+    shutil.rmtree(workdir / 'hf', ignore_errors=True)
 
 
 def base_run(grid, config_path: str, name: str, registry: Registry) -> dict:
@@ -269,7 +285,7 @@ def _todo(grid, done: dict, patterns) -> tuple[list[str], list[str]]:
 
 
 def run(args) -> None:
-  grid = load_grid(args.config)
+  grid = load_grid(args.config, args.results_dir)
   registry = Registry(ROOT / args.results_dir)
   done = registry.records()
   for name in [n for n in done if is_teacher(n)]:
@@ -296,6 +312,7 @@ def run(args) -> None:
     body = base_run if name.startswith('base/') else train_run
     record = body(grid, args.config, name, registry)
     registry.add(record)
+    clean_up(grid, name)  # after the record: a kill in between leaves files, not a hole
     done[name] = record
     names, todo = _todo(grid, done, args.only)  # a selection may have added runs
     elapsed = time.time() - started
@@ -363,7 +380,7 @@ def main():
   elif args.command == 'rescore':
     sys.exit(rescore(args))
   elif args.command == 'report':
-    grid = load_grid(args.config)
+    grid = load_grid(args.config, args.results_dir)
     output = ROOT / (args.output or getattr(grid, 'REPORT', 'experiments/RESULTS.md'))
     registry = Registry(ROOT / args.results_dir)
     if hasattr(grid, 'run_plan'):  # the pre-registered grid

@@ -92,11 +92,14 @@ def measure(grid, name: str, model_path: str, out: pathlib.Path) -> dict:
   greedy, scored['test_greedy'] = _greedy(
       model, tokenizer, test[:settings['test_problems']], spec['max_new_tokens'], batch,
       'test_greedy', out, fields)
-  # Answer-level confidence: mean probability of the answer's own tokens (empty answers: none).
+  # Answer-level confidence: mean probability of the answer's own tokens and its end of turn
+  # (empty answers: none; an answer cut at max_new_tokens is scored as if it ended there).
   answered = [i for i, p in enumerate(greedy.predictions) if p['output'].strip()]
+  greedy_records = test[:settings['test_problems']]
   token_scores = calibration.response_token_scores(
-      model, tokenizer, [(greedy.predictions[i]['question'], greedy.predictions[i]['output'],
-                          None) for i in answered], batch_size=batch)
+      model, tokenizer, [(greedy_records[i]['prompt'], greedy.predictions[i]['output'],
+                          records_lib.system_prompt(greedy_records[i])) for i in answered],
+      batch_size=batch)
   confidence = dict(zip(answered, (float(np.exp(s.log_prob).mean()) for s in token_scores)))
   rows = [{**p, **fields, 'confidence': confidence.get(i)}
           for i, p in enumerate(greedy.predictions)]

@@ -16,11 +16,12 @@ BASELINES = ('sft', 'dft', 'distill', 'label_smoothing', 'sft_kl', 'asft')
 BOOTSTRAP_RESAMPLES = 10_000
 
 
-def _scores(record, label='test_greedy') -> dict[str, float]:
-  """question -> score of a run's predictions file (greedy: one answer per question)."""
+def _scores(record, label='test_greedy') -> tuple[list[str], np.ndarray]:
+  """The questions and scores of a run's greedy predictions, row by row (the test split's
+  order; a question that occurs twice in the split counts twice, as in the accuracy)."""
   path = stats.ROOT / record['scored'][label]['predictions']
   rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-  return {r['question']: r['score'] for r in rows}
+  return [r['question'] for r in rows], np.array([r['score'] for r in rows], np.float64)
 
 
 def selected_method(grid, setting: str, family: str) -> str | None:
@@ -34,18 +35,23 @@ def selected_method(grid, setting: str, family: str) -> str | None:
   return entry['selected'] if entry else None
 
 
-def paired(records: dict, setting: str, method: str, baseline: str) -> dict | None:
+def paired(records: dict, setting: str, method: str, baseline: str,
+           seeds_allowed=None) -> dict | None:
   """Target-SFT's (``method``) greedy test accuracy minus ``baseline``'s, seed by seed (the
-  Student-t interval over seeds) and by a bootstrap over seeds and problems together."""
+  Student-t interval over seeds) and by a bootstrap over seeds and problems together; only
+  ``seeds_allowed`` when given."""
   seeds = sorted(int(n.split('/')[2]) for n in records
                  if n.startswith(f'{setting}/{method}/') and
-                 f'{setting}/{baseline}/{n.split("/")[2]}' in records)
+                 f'{setting}/{baseline}/{n.split("/")[2]}' in records and
+                 (seeds_allowed is None or int(n.split('/')[2]) in seeds_allowed))
   if not seeds:
     return None
-  a = [_scores(records[f'{setting}/{method}/{s}']) for s in seeds]
-  b = [_scores(records[f'{setting}/{baseline}/{s}']) for s in seeds]
-  questions = sorted(set.intersection(*(set(x) for x in a + b)))
-  diff = np.array([[x[q] - y[q] for q in questions] for x, y in zip(a, b)])  # [seeds, problems]
+  runs = [_scores(records[f'{setting}/{m}/{s}']) for s in seeds for m in (method, baseline)]
+  questions = runs[0][0]
+  if any(q != questions for q, _ in runs):
+    raise ValueError(f'{setting}: {method} and {baseline} were not scored on the same problems '
+                     'in the same order.')
+  diff = np.array([runs[2 * i][1] - runs[2 * i + 1][1] for i in range(len(seeds))])
   per_seed = diff.mean(axis=1)
   mean, half = stats.mean_and_interval(list(per_seed))
   rng = np.random.default_rng(0)
@@ -107,6 +113,7 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
   lines += _verdicts(grid, records)
   lines += _accuracy(grid, records)
   lines += _eta(grid, records)
+  lines += _sweep(grid, records)
   lines += _cost(grid, records)
   lines += _calibration_and_fit(grid, records)
   lines += _run_table(records)
@@ -136,15 +143,11 @@ def _status(grid, records, planned):
   return lines
 
 
-def _verdicts(grid, records):
-  lines = ['## Verdict: Target-SFT (eta selected on validation) against each baseline', '',
-           'Per setting, greedy test accuracy of Target-SFT minus the baseline, paired by seed '
-           '(same data order and corruptions), in points: mean ± 95% Student-t half-width over '
-           'seeds, [bootstrap 95% interval over seeds and problems together], and the verdict '
-           '(win / loss when the seed-level interval excludes 0, else tie; n/a with one seed). '
-           "Tuned baselines are at their own selected value; '-' means not run yet.", '',
-           '| setting | eta | ' + ' | '.join(BASELINES) + ' |',
+def _verdict_table(grid, records, seeds_allowed=None):
+  """The verdict rows and the number of comparisons with at least two paired seeds."""
+  lines = ['| setting | eta | ' + ' | '.join(BASELINES) + ' |',
            '|---|---|' + '---|' * len(BASELINES)]
+  compared = 0
   for setting in grid.SETTINGS:
     method = selected_method(grid, setting, 'target_sft')
     if method is None:
@@ -153,44 +156,97 @@ def _verdicts(grid, records):
     cells = []
     for family in BASELINES:
       baseline = selected_method(grid, setting, family)
-      result = paired(records, setting, method, baseline) if baseline else None
+      result = (paired(records, setting, method, baseline, seeds_allowed) if baseline
+                else None)
       if result is None:
         cells.append('-')
         continue
+      compared += len(result['seeds']) > 1
       half = '' if math.isnan(result['half']) else f' ± {100 * result["half"]:.1f}'
       low, high = result['bootstrap']
       cells.append(f'**{result["verdict"]}** {100 * result["mean"]:+.1f}{half} '
                    f'[{100 * low:+.1f}, {100 * high:+.1f}] ({len(result["seeds"])})')
     lines.append(f'| {setting} | {method.split("eta")[-1]} | ' + ' | '.join(cells) + ' |')
-  return lines + ['']
+  return lines, compared
+
+
+def _verdicts(grid, records):
+  table, compared = _verdict_table(grid, records)
+  lines = ['## Verdict: Target-SFT (eta selected on validation) against each baseline', '',
+           'Per setting, greedy test accuracy of Target-SFT minus the baseline, paired by seed '
+           '(same data order and corruptions), in points: mean ± 95% Student-t half-width over '
+           'seeds, [bootstrap 95% interval over seeds and problems together], (n) seeds, and the '
+           'verdict (win / loss when the seed-level interval excludes 0, else tie; n/a with one '
+           "seed). Tuned baselines are at their own selected value; '-' means not run yet.", '',
+           *table, '',
+           f'{compared} comparisons have two or more seeds. Each is at 95% without correction '
+           f'for multiplicity: were every method equal, about {0.05 * compared:.1f} of them '
+           'would still read win or loss by chance.', '']
+  added = tuple(s for s in grid.PRIMARY_SEEDS if s not in grid.SELECTION_SEEDS)
+  table, compared = _verdict_table(grid, records, added)
+  lines += [f'### The same on seeds {", ".join(map(str, added))} only', '',
+            f'Seeds {", ".join(map(str, grid.SELECTION_SEEDS))} of a tuned value are the runs '
+            'its selection was made on: their test scores share the luck that won the '
+            'selection, which favours the tuned method (pre-registered, so kept above). The '
+            'added seeds were trained after the selection and carry no such bias.', '',
+            *table, '']
+  return lines
 
 
 def _accuracy(grid, records):
-  methods = list(grid.METHODS)
   lines = ['## Accuracy', '', 'Greedy test accuracy in percent (mean ± 95% Student-t half-width '
-           'over seeds, (n) seeds); Average@4 and pass@4 on the first '
-           f'{grid.MEASURE["sampled_problems"]} test problems below it. Every value tried is '
-           'listed: the tuned rows beyond the selected one are the sweep, not results.', '',
+           'over seeds, (n) seeds), each tuned method at its selected value (the values it was '
+           'not selected at are in the sweep table further down); then Average@4 and pass@4 on '
+           f'the first {grid.MEASURE["sampled_problems"]} test problems.', '',
            '| method | ' + ' | '.join(grid.SETTINGS) + ' |', '|---|' + '---|' * len(grid.SETTINGS)]
   base = {t: r for n, r in records.items() if n.startswith('base/') for t in [n.split('/')[1]]}
   lines.append('| base (no training) | ' + ' | '.join(
       _cell([base[grid.SETTINGS[s][0]]['accuracy']]) if grid.SETTINGS[s][0] in base else '-'
       for s in grid.SETTINGS) + ' |')
-  for method in methods:
-    row = [_cell([r['accuracy'] for r in _runs(records, s, method)]) for s in grid.SETTINGS]
+  families = list(grid.PRIMARY_FIXED) + list(grid.TUNED)
+  chosen = lambda s, f: selected_method(grid, s, f)
+  for family in families:
+    row = [_cell([r['accuracy'] for r in _runs(records, s, chosen(s, f))]) if chosen(s, f)
+           else '-' for s in grid.SETTINGS for f in [family]]
     if any(c != '-' for c in row):
-      lines.append(f'| {method} | ' + ' | '.join(row) + ' |')
+      lines.append(f'| {family} (selected) | ' + ' | '.join(row) + ' |' if family in grid.TUNED
+                   else f'| {family} | ' + ' | '.join(row) + ' |')
   lines += ['', '| method (Average@4 / pass@4) | ' + ' | '.join(grid.SETTINGS) + ' |',
             '|---|' + '---|' * len(grid.SETTINGS)]
-  for method in methods:
+  for family in families:
     row = []
     for s in grid.SETTINGS:
-      runs = [r for r in _runs(records, s, method) if _value(r, 'test_sampled') is not None]
+      method = chosen(s, family)
+      runs = [r for r in _runs(records, s, method) if _value(r, 'test_sampled') is not None
+              ] if method else []
       row.append('-' if not runs else
                  f"{_cell([_value(r, 'test_sampled') for r in runs])} / "
                  f"{_cell([_value(r, 'test_sampled', 'pass_at_4') for r in runs])}")
     if any(c != '-' for c in row):
-      lines.append(f'| {method} | ' + ' | '.join(row) + ' |')
+      lines.append(f'| {family} | ' + ' | '.join(row) + ' |')
+  return lines + ['']
+
+
+def _sweep(grid, records):
+  lines = ['## The full sweep of every tuned family (seeds 0-1; labelled, not results)', '',
+           'Greedy accuracy in percent on validation (what selects) / test, mean over the '
+           'selection seeds; the selected value in bold.', '',
+           '| setting | ' + ' | '.join(m for values in grid.TUNED.values() if values != grid.TUNED[
+               'target_sft'] for m in values) + ' |',
+           '|---|' + '---|' * sum(len(v) for f, v in grid.TUNED.items() if f != 'target_sft')]
+  for setting in grid.SETTINGS:
+    cells = []
+    for family, values in grid.TUNED.items():
+      if family == 'target_sft':
+        continue
+      for method in values:
+        runs = [r for r in _runs(records, setting, method) if r['seed'] in grid.SELECTION_SEEDS]
+        valid = [_value(r, 'validation') for r in runs if _value(r, 'validation') is not None]
+        text = (f'{100 * np.mean(valid):.1f} / {100 * np.mean([r["accuracy"] for r in runs]):.1f}'
+                if valid else '-')
+        cells.append(f'**{text}**' if method == selected_method(grid, setting, family) else text)
+    if any(c != '-' for c in cells):
+      lines.append(f'| {setting} | ' + ' | '.join(cells) + ' |')
   return lines + ['']
 
 
@@ -216,8 +272,9 @@ def _eta(grid, records):
 def _cost(grid, records):
   lines = ['## Cost: step time relative to SFT', '',
            'Mean step time of each method over all its runs divided by SFT\'s in the same '
-           'setting (wall and process CPU seconds; the CPU time is the fair one when other work '
-           'shared the machine).', '',
+           'setting, in wall seconds / process CPU seconds (all threads, background checkpoint '
+           'writes included). Wall time counts whatever else ran on the machine; CPU time '
+           'counts it much less, but XLA\'s thread pool and cache contention still move it.', '',
            '| method | ' + ' | '.join(grid.SETTINGS) + ' |', '|---|' + '---|' * len(grid.SETTINGS)]
   for method in grid.METHODS:
     row = []

@@ -77,7 +77,8 @@ def test_selection_reads_validation_only_breaks_ties_to_the_first_and_is_frozen(
 def test_measured_runs_and_what_they_get(grid):
   assert grid.measurements('chain3_clean/sft/0') == {
       'validation': False, 'variants': True, 'sampled': True}
-  assert grid.measurements('chain3_clean/target_sft_eta0.5/3')['validation']
+  assert grid.measurements('chain3_clean/target_sft_eta0.5/1')['validation']
+  assert not grid.measurements('chain3_clean/target_sft_eta0.5/3')['validation']  # selected
   assert not grid.measurements('chain3_clean/target_sft_eta0.5/3')['variants']
   config = grid.get_config('products2_multi/distill/1')
   assert config.data.rationale.variants == 2 and config.prior.source == 'hf'
@@ -139,7 +140,7 @@ def test_measure_end_to_end_with_a_tiny_model(grid, tmp_path):
     assert len(read(label)) == 3 and not {p['question'] for p in read(label)} & seen
   assert '+' in read('harder')[0]['question']
   confidences = [p['confidence'] for p in read('test_greedy') if p['confidence'] is not None]
-  assert all(0 < c <= 1 for c in confidences)
+  assert confidences and all(0 < c <= 1 for c in confidences)
   calibration = result['calibration']
   assert sum(b['count'] for b in calibration['bins']) == calibration['tokens'] > 0
   assert 0 <= calibration['ece'] <= 1 and calibration['held_out_nll'] > 0

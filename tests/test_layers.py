@@ -94,8 +94,9 @@ def test_splash_attention_equals_the_reference():
     attention.attention(q, k, v, attention.causal_segment_mask(segments), 'splash_interpret')
 
 
-def test_splash_attention_runs_per_device_on_a_mesh():
-  """Under a step's layout the kernel runs inside shard_map on each device's rows and KV heads:
+@pytest.mark.parametrize('kv_heads', [2, 1])  # 1: fewer KV heads than the tensor axis
+def test_splash_attention_runs_per_device_on_a_mesh(kv_heads):
+  """Under a step's layout the kernel runs inside shard_map on each device's rows and heads:
   the compiled program moves no activation between devices, and the values are the same."""
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   from qtarget import hlo  # pylint: disable=g-import-not-at-top
@@ -106,21 +107,23 @@ def test_splash_attention_runs_per_device_on_a_mesh():
   keys = jax.random.split(jax.random.key(2), 3)
   b, t = SEGMENTS_128.shape
   q = jax.random.normal(keys[0], (b, t, 4, 16))
-  k, v = (jax.random.normal(key, (b, t, 2, 16)) for key in keys[1:])
+  k, v = (jax.random.normal(key, (b, t, kv_heads, 16)) for key in keys[1:])
   segments = jnp.asarray(SEGMENTS_128)
   heads = NamedSharding(mesh, PartitionSpec('fsdp', None, 'tensor', None))
+  kv_sharding = heads if kv_heads % 2 == 0 else NamedSharding(mesh, PartitionSpec('fsdp'))
   rows = NamedSharding(mesh, PartitionSpec('fsdp', None))
 
   def sharded(q, k, v, segments):
     with layout.activation_layout(mesh, rules):
       return attention.attention(q, k, v, attention.Segments(segments), 'splash_interpret')
 
-  step = jax.jit(sharded, in_shardings=(heads, heads, heads, rows), out_shardings=heads)
+  step = jax.jit(sharded, in_shardings=(heads, kv_sharding, kv_sharding, rows),
+                 out_shardings=heads)
   compiled = step.lower(q, k, v, segments).compile()
   assert not hlo.collective_summary(compiled.as_text()), hlo.collective_summary(
       compiled.as_text())
-  out = step(jax.device_put(q, heads), jax.device_put(k, heads), jax.device_put(v, heads),
-             jax.device_put(segments, rows))
+  out = step(jax.device_put(q, heads), jax.device_put(k, kv_sharding),
+             jax.device_put(v, kv_sharding), jax.device_put(segments, rows))
   want = attention.attention(q, k, v, attention.causal_segment_mask(segments), 'reference')
   real = SEGMENTS_128 > 0
   np.testing.assert_allclose(np.asarray(out)[real], np.asarray(want)[real], atol=1e-5)

@@ -271,10 +271,11 @@ def test_an_unknown_config_key_is_named_in_a_few_lines(tmp_path):
   assert 'optimizer.learning_rate' in result.stderr
 
 
-def test_compare_only_matching_nothing_exits_non_zero():
+def test_compare_only_matching_nothing_exits_non_zero(tmp_path):
   result = subprocess.run(
       [sys.executable, 'experiments/compare.py', 'run', '--only', 'no_such_setting/*',
-       '--dry_run'], capture_output=True, text=True, timeout=120, cwd=ROOT)
+       '--dry_run', '--results_dir', str(tmp_path / 'results')], capture_output=True,
+      text=True, timeout=120, cwd=ROOT)
   assert result.returncode != 0 and 'matches no run' in result.stderr
   assert 'teacher' not in result.stdout
 

@@ -139,8 +139,15 @@ def splash_attention(q_BxTxNxD: Array, k_BxTxKxD: Array, v_BxTxKxD: Array,
   rules = layout.active_rules()
   batch = layout.fit_spec(segment_ids_BxT.shape, layout.logical_to_spec(
       ('activation_batch', None), rules), mesh)[0]
-  heads = layout.fit_spec(k_BxTxKxD.shape, layout.logical_to_spec(
+  heads_spec = lambda x: layout.fit_spec(x.shape, layout.logical_to_spec(
       (None, None, 'activation_kv', None), rules), mesh)[2]
+  heads = heads_spec(k_BxTxKxD)
+  if heads is None and heads_spec(q_BxTxNxD) is not None:
+    # The KV heads do not divide the tensor axis but the query heads do: give every query head
+    # its own copy of its KV head (multi-head layout), rather than every device running all.
+    group = q_BxTxNxD.shape[2] // k_BxTxKxD.shape[2]
+    k_BxTxKxD, v_BxTxKxD = (jnp.repeat(x, group, axis=2) for x in (k_BxTxKxD, v_BxTxKxD))
+    heads = heads_spec(q_BxTxNxD)
   qkv = PartitionSpec(batch, None, heads, None)
   return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, PartitionSpec(batch, None)),
                        out_specs=qkv, check_vma=False)(
