@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import tempfile
 
 import pytest
 
@@ -9,6 +10,12 @@ import pytest
 # only describes TPUs). Eight CPU devices for the sharding tests; set before JAX initializes.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 _DEVICES_FLAG = '--xla_force_host_platform_device_count=8'
+# Many tests (and the CLI processes they start, which inherit the variables) compile the same
+# small programs: one compilation cache for the session turns the repeats into loads. A fresh
+# directory each session, so nothing is carried from another version of the code.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='qtarget-jax-cache-')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _DEVICES_FLAG).strip()
 

@@ -65,3 +65,18 @@ def test_tpu_plan_reduce_scatters_gradients_and_gathers_only_weights():
   # Every gathered array is a weight: no dimension is the 128-token sequence or 4 x 128 tokens.
   assert gathered and not [dims for dims in gathered if 128 * 4 in dims or
                            any(dims[i:i + 2] == (4, 128) for i in range(len(dims) - 1))]
+
+
+def test_auto_attention_on_a_tpu_slice_is_the_splash_kernel():
+  """For a TPU mesh 'auto' picks splash attention (from the mesh's devices, though the host is a
+  CPU), and the TPU compiler builds its Mosaic kernels: the forward and the two backward
+  kernels of the student, and the prior's forward."""
+  overrides = {'model.architecture.vocab_size': 49152, 'batch_size': 4, 'data.seq_len': 256,
+               'model.architecture.hidden_size': 256, 'model.architecture.num_heads': 2,
+               'model.architecture.num_kv_heads': 1}
+  splash = compile_check.check(test_train_step.tiny_config(**overrides), 'v5e:2x2')
+  assert splash.hlo_text.count('tpu_custom_call') >= 4
+  assert splash.fits
+  config = test_train_step.tiny_config(**overrides, **{'model.attention': 'xla',
+                                                      'prior.attention': 'xla'})
+  assert 'tpu_custom_call' not in compile_check.check(config, 'v5e:2x2').hlo_text

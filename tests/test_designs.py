@@ -105,6 +105,7 @@ def test_compile_check_takes_the_design_object():
 
 
 @availability.needs_smollm2('the tiny config uses SmolLM2 tokenizer')
+@pytest.mark.slow  # two CLI runs; fused = dense for designs is tested at the loss level
 def test_the_design_trains_through_the_cli_dense_equal_to_fused(tmp_path):
   config_file = tmp_path / 'design_config.py'
   tiny = pathlib.Path(test_train_cli.ROOT) / 'configs' / 'tiny.py'

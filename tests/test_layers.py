@@ -322,6 +322,7 @@ def test_loaded_models_get_lora_adapters_at_the_init_scale(tmp_path):
     np.testing.assert_allclose(a.std(), 1 / np.sqrt(fan_in), rtol=0.15)
 
 
+@pytest.mark.slow  # a trainer-level repeat of test_fused's bound
 def test_fused_head_gradient_accumulation_from_the_config():
   """The trainer passes loss_head_grad_accumulation to the fused loss: with a bfloat16 model
   the one-step update differs from the float32 accumulator's by bfloat16 rounding only."""

@@ -10,7 +10,9 @@ import pytest
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / 'notebooks'
 
 
-@pytest.mark.parametrize('name', ['induced_targets.ipynb', 'finetune_smollm2.ipynb'])
+@pytest.mark.parametrize('name', [
+    'induced_targets.ipynb',
+    pytest.param('finetune_smollm2.ipynb', marks=pytest.mark.slow)])  # trains SmolLM2: minutes
 def test_notebook_runs(name, tmp_path, monkeypatch):
   # The fine-tuning notebook trains the tiny random model here (SmolLM2 on Colab).
   monkeypatch.setenv('QTARGET_NOTEBOOK_CONFIG', 'tiny')

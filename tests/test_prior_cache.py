@@ -72,6 +72,7 @@ def test_the_cache_holds_the_priors_top_k_at_every_response_token(built):
   assert metadata.bytes_per_token() == 4 + 4 * (2 + 4) + 4  # target, uint16 ids, f32 values
 
 
+@pytest.mark.slow  # a build killed mid-way (two builds; the refusal of incomplete caches stays in the default run)
 def test_an_interrupted_build_is_refused_then_resumes_to_the_same_cache(built, tmp_path):
   config, _ = built
   partial = config.copy_and_resolve_references()
@@ -110,6 +111,7 @@ def test_a_cache_made_from_something_else_is_refused(built, data_dir, component,
     cache_prior.build(other, progress=False)
 
 
+@pytest.mark.slow  # two more builds; the other fingerprint refusals stay in the default run
 def test_another_tokenizer_or_other_contents_are_refused(built):
   config, _ = built
   records, tokenizer, report = _scan(config)
@@ -182,6 +184,7 @@ def test_bad_cache_settings_are_refused(built, data_dir, tmp_path):
         'prior.source': 'cached', 'prior.cache.dtype': 'float8'}))
 
 
+@pytest.mark.slow  # a whole training run; the cached step equals the online one in test_train_step
 def test_training_with_the_cache_never_loads_the_prior(built, monkeypatch):
   config, _ = built
   cached = config.copy_and_resolve_references()

@@ -64,6 +64,14 @@ def test_a_diverged_run_stops_keeps_its_checkpoint_and_exports_nothing(tmp_path,
   assert saved and max(saved) == lines[-1]['step'] - 1  # the last good step, not the bad one
 
 
+def test_a_zero_gradient_with_response_tokens_is_a_dead_model():
+  assert 'the model has died' in loop._divergence(  # pylint: disable=protected-access
+      {'loss': 0.0, 'grad_norm': 0.0, 'response_tokens': 12.0})
+  assert loop._divergence({'loss': 0.0, 'grad_norm': 0.0, 'response_tokens': 0.0}) is None
+  assert loop._divergence({'loss': 1.0, 'grad_norm': 0.5, 'response_tokens': 12.0}) is None
+
+
+@pytest.mark.slow  # a training run; the stop is the diverged run's, the rule is tested above
 def test_a_dead_model_stops_the_run(tmp_path, data_dir):
   # A learning rate of 1e3 saturates the model within two steps: the loss of Target-SFT drops
   # to 0 (p_y = 0, and the residual sits where p does) and the gradient is exactly 0.
@@ -106,6 +114,7 @@ def test_the_loop_counts_skipped_updates(tmp_path, data_dir):
 
 # The host waits on the device once per log interval, not once per step.
 
+@pytest.mark.slow  # a training run counting host syncs
 def test_metrics_are_fetched_once_per_log_interval(tmp_path, data_dir, monkeypatch):
   fetched = []
   original = train.loop.fetch_metrics
@@ -173,6 +182,7 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # the fallback path is run by the truncated-file case
 def test_no_readable_checkpoint_is_an_error_naming_each(finished_run, tmp_path, data_dir):
   workdir = _copy(finished_run[0], tmp_path)
   for step in ('2', '4'):
@@ -182,6 +192,7 @@ def test_no_readable_checkpoint_is_an_error_naming_each(finished_run, tmp_path, 
     train.run(_config(workdir, data_dir))
 
 
+@pytest.mark.slow  # two more runs over the shared finished run
 def test_lost_checkpoints_refuse_to_erase_results_unless_asked(finished_run, tmp_path, data_dir):
   workdir = tmp_path / 'run'
   shutil.copytree(finished_run[0], workdir)

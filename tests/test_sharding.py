@@ -70,13 +70,14 @@ def _parameter_shapes(abstract):
   return shapes
 
 
-# (mesh, accum_steps, loss, lora_rank). The default run: every mesh with both losses at
-# accum_steps 1, accumulation on two meshes, the LoRA-off prior under fsdp=8. The rest of the
+# (mesh, accum_steps, loss, lora_rank). The default run: every mesh with the dense loss at
+# accum_steps 1, the fused loss on the two meshes with data and tensor axes, accumulation on
+# two meshes, the LoRA-off prior under fsdp=8. The rest of the
 # product is marked slow (python -m pytest -m slow tests/test_sharding.py).
-_DEFAULT = ([(mesh, 1, loss, 0) for mesh in ((8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2))
-             for loss in ('dense', 'fused')]
+_DEFAULT = ([(mesh, 1, 'dense', 0) for mesh in ((8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2))]
+            + [((2, 4, 1), 1, 'fused', 0), ((2, 2, 2), 1, 'fused', 0)]
             + [((1, 8, 1), 2, 'dense', 0), ((2, 2, 2), 2, 'fused', 0),
-               ((1, 8, 1), 1, 'dense', 4), ((1, 8, 1), 1, 'fused', 4)])
+               ((1, 8, 1), 1, 'dense', 4)])
 _ALL = [(mesh, accum, loss, lora) for mesh in ((8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2))
         for accum in (1, 2) for loss in ('dense', 'fused') for lora in (0, 4)]
 CASES = [pytest.param(*case, marks=() if case in _DEFAULT else pytest.mark.slow,
@@ -251,6 +252,7 @@ def test_layout_errors_name_the_numbers(overrides, message):
                        model_configs=(arch,))
 
 
+@pytest.mark.slow  # the CLI around compile_check.check, which the sharding tests call directly
 def test_compile_check_on_fake_cpu_devices_writes_json_and_hlo(tmp_path):
   report, program = tmp_path / 'report.json', tmp_path / 'step.hlo.txt'
   result = subprocess.run(

@@ -96,6 +96,7 @@ def test_missing_gguf_file(tmp_path):
     checkpoints.load_gguf(tmp_path / 'nothing.gguf')
 
 
+@pytest.mark.slow  # peak-memory measurement of a full load
 def test_loading_streams_within_twice_the_model_size():
   script = textwrap.dedent('''
       import resource, jax.numpy as jnp

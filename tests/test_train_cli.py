@@ -162,12 +162,14 @@ def test_empty_data_file(tmp_path):
                                   'train.jsonl is empty')
 
 
+@pytest.mark.slow  # a CLI process for one error message (records.py raises it, tested directly)
 def test_record_without_response(tmp_path):
   rows = [{'prompt': 'What is 2+2?', 'response': '4'}, {'prompt': 'What is 3+3?'}]
   _assert_stopped_before_training(_files_config(tmp_path, rows), records.RecordError,
                                   r'train.jsonl:2: record without a response')
 
 
+@pytest.mark.slow  # a CLI process for one error message
 def test_sequence_too_long_without_truncation(tmp_path):
   rows = [{'prompt': 'What is 2+2?', 'response': '4'},
           {'prompt': 'Count: ' + ' '.join(['one'] * 300), 'response': 'many'}]
@@ -205,6 +207,7 @@ def test_prior_with_a_different_tokenizer(tmp_path):
                                   r"student's \(49152 tokens\)")
 
 
+@pytest.mark.slow  # a CLI process for one error message
 def test_prior_too_small_for_the_tokenizer(tmp_path):
   rows = [{'prompt': 'What is 2+2?', 'response': '4'}]
   arch = dict(test_train_step.tiny_config().model.architecture)
@@ -250,6 +253,7 @@ def test_evaluation_at_intervals_and_after_an_interruption(tmp_path):
   assert [l['step'] for l in lines if 'eval_accuracy' in l] == [2, 4]
 
 
+@pytest.mark.slow  # two evaluations after a CLI run; the split itself is tested in test_data
 def test_greedy_evaluation_after_training_and_on_the_validation_split(tmp_path):
   """eval.greedy_after adds a greedy pass beside the sampled one; eval.validation_problems adds
   a greedy pass on validation problems, none of which is a test problem."""
