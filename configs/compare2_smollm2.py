@@ -138,14 +138,19 @@ def _common(config: ml_collections.ConfigDict, task_family: str) -> None:
   config.export_hf = True  # measure.py reads the export (deleted afterwards, except teachers')
 
 
-def teacher_config(name: str) -> ml_collections.ConfigDict:
-  task_family, steps = TEACHERS[name]
+def _clean_sft(task_family: str, workdir: str, train_size: int) -> ml_collections.ConfigDict:
   config = smollm2_demo.get_config()
   _common(config, task_family)
-  config.workdir = f'{RUNS_DIR}/teacher/{name}'
+  config.workdir = workdir
   config.method, config.hparams = 'sft', ml_collections.ConfigDict()
   config.data.rationale.update(_CLEAN)
-  config.data.train_size = 8000
+  config.data.train_size = train_size
+  return config
+
+
+def teacher_config(name: str) -> ml_collections.ConfigDict:
+  task_family, steps = TEACHERS[name]
+  config = _clean_sft(task_family, f'{RUNS_DIR}/teacher/{name}', 8000)
   config.steps = steps
   config.optimizer.warmup_steps = min(5, steps // 2)
   config.checkpoint.every = 25
@@ -154,13 +159,7 @@ def teacher_config(name: str) -> ml_collections.ConfigDict:
 
 def base_config(task_family: str) -> ml_collections.ConfigDict:
   """What Base is measured with: the task's data, the untouched model."""
-  config = smollm2_demo.get_config()
-  _common(config, task_family)
-  config.workdir = f'{RUNS_DIR}/base/{task_family}'
-  config.method, config.hparams = 'sft', ml_collections.ConfigDict()
-  config.data.rationale.update(_CLEAN)
-  config.data.train_size = 2000
-  return config
+  return _clean_sft(task_family, f'{RUNS_DIR}/base/{task_family}', 2000)
 
 
 def run_config(setting: str, method: str, seed: int) -> ml_collections.ConfigDict:
