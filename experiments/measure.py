@@ -94,7 +94,7 @@ def measure(grid, name: str, model_path: str, out: pathlib.Path) -> dict:
       'test_greedy', out, fields)
   # Answer-level confidence: mean probability of the answer's own tokens and its end of turn
   # (empty answers: none; an answer cut at max_new_tokens is scored as if it ended there).
-  answered = [i for i, p in enumerate(greedy.predictions) if p['output'].strip()]
+  answered = [i for i, p in enumerate(greedy.predictions) if p['output']]
   greedy_records = test[:settings['test_problems']]
   token_scores = calibration.response_token_scores(
       model, tokenizer, [(greedy_records[i]['prompt'], greedy.predictions[i]['output'],

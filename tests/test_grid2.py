@@ -7,6 +7,7 @@ import pathlib
 import sys
 import types
 
+import numpy as np
 import pytest
 
 import availability
@@ -139,8 +140,17 @@ def test_measure_end_to_end_with_a_tiny_model(grid, tmp_path):
   for label in ('harder', 'easier'):
     assert len(read(label)) == 3 and not {p['question'] for p in read(label)} & seen
   assert '+' in read('harder')[0]['question']
-  confidences = [p['confidence'] for p in read('test_greedy') if p['confidence'] is not None]
-  assert confidences and all(0 < c <= 1 for c in confidences)
+  greedy = read('test_greedy')
+  answered = [p for p in greedy if p['output']]
+  assert answered and all(0 < p['confidence'] <= 1 for p in answered)
+  assert all(p['confidence'] is None for p in greedy if not p['output'])
+  # The confidence is the mean probability of the answer's own tokens, teacher-forced.
+  from qtarget import calibration as calibration_lib  # pylint: disable=g-import-not-at-top
+  model, tokenizer = train.load_model(config.model, seed=config.seed, with_lora=False)
+  scores = calibration_lib.response_token_scores(
+      model, tokenizer, [(answered[0]['question'], answered[0]['output'], None)])[0]
+  assert answered[0]['confidence'] == pytest.approx(float(np.exp(scores.log_prob).mean()),
+                                                    rel=1e-5)
   calibration = result['calibration']
   assert sum(b['count'] for b in calibration['bins']) == calibration['tokens'] > 0
   assert 0 <= calibration['ece'] <= 1 and calibration['held_out_nll'] > 0
