@@ -15,6 +15,7 @@ import argparse
 import json
 import pathlib
 import statistics
+import sys
 import time
 import traceback
 
@@ -54,6 +55,22 @@ def _comparisons(shape):
   return {'cudnn_mask_causal': cudnn_mask_causal, 'cudnn_causal_unpacked': cudnn_causal}
 
 
+def _tokamax_kinds(names):
+  """tokamax's dot_product_attention by implementation, packed segments as its mask (the
+  candidate kernel library of issue 16: measured before it is adopted)."""
+  import tokamax  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():  # tokamax reads absl flags; ours are argparse's, not its
+    flags.FLAGS(sys.argv[:1])
+  def kind(implementation):
+    def run(q, k, v, segment_ids):
+      mask = attention.causal_segment_mask(segment_ids)[:, None]
+      return tokamax.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                           implementation=implementation)
+    return run
+  return {f'tokamax_{name}': kind(name) for name in names}
+
+
 def _measure(fn, q, k, v, segment_ids, cotangent, repeats):
   def forward_backward(q, k, v):
     out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, segment_ids), q, k, v)
@@ -77,6 +94,8 @@ def main():
   parser.add_argument('--gpu', action='store_true')
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--out', default=None)
+  parser.add_argument('--tokamax', action='store_true',
+                      help="also tokamax's kernels (mosaic, triton, cudnn, xla_chunked; xla on CPU)")
   args = parser.parse_args()
   shape = GPU_SHAPE if args.gpu else CPU_SHAPE
   b, t, n, kv, d = (shape[k] for k in ('batch', 'length', 'heads', 'kv_heads', 'head_dim'))
@@ -95,6 +114,9 @@ def main():
     kinds['cudnn'] = lambda q, k, v, s: attention.attention(
         q, k, v, attention.causal_segment_mask(s), 'cudnn')
     kinds.update(_comparisons(shape))
+  if args.tokamax:
+    kinds.update(_tokamax_kinds(('mosaic', 'triton', 'cudnn', 'xla_chunked')
+                                if jax.default_backend() == 'gpu' else ('xla',)))
   out = pathlib.Path(args.out or pathlib.Path(__file__).parent / 'results'
                      / f'attention_{jax.default_backend()}.json')
   out.parent.mkdir(exist_ok=True)

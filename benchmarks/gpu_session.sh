@@ -35,7 +35,7 @@ part() {  # part NAME SECONDS COMMAND...: one timed part, its output in $OUT/NAM
 }
 # Parts: attention and train_step by default (about 7 minutes); name others as arguments (e.g.
 # `bash benchmarks/gpu_session.sh tests loss`): tests, loss, loss_pallas, train_step,
-# train_step_cached, loss_small_chunks, attention.
+# train_step_cached, loss_small_chunks, attention, tokamax.
 tests() {  # the Pallas kernels compiled with Triton, against the dense loss at small shapes (the
   # same tests run interpreted on CPU in the default suite; conftest defaults JAX to the CPU).
   # float32 dots at full precision: XLA's default on a GPU lets cuBLAS use TF32 for the dense
@@ -68,6 +68,19 @@ train_step_cached() {  # the cached prior (top-64 rows in the batch) against SFT
 attention() {  # one layer's attention at the Qwen shape: reference, xla, cudnn (packed segments)
   part attention 90 $PYTHON benchmarks/attention.py --gpu --out "$OUT/attention_gpu.json"
 }
+tokamax() {  # tokamax's attention kernels (mosaic, triton, cudnn, xla_chunked) beside ours at
+  # the Qwen shape, packed segments as a mask; needs `bash benchmarks/fetch_tokamax_wheels.sh`
+  # first (tokamax and its pure-Python dependencies in .whl/tokamax, carried with .whl)
+  if ! ls .whl/tokamax/*.whl >/dev/null 2>&1; then
+    echo "[tokamax] skipped: .whl/tokamax is empty (run benchmarks/fetch_tokamax_wheels.sh)" |
+      tee -a "$OUT/env.txt"
+    return
+  fi
+  $PYTHON -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_tokamax \
+    .whl/tokamax/*.whl >>"$OUT/env.txt" 2>&1
+  PYTHONPATH=/tmp/site_tokamax:$PYTHONPATH part tokamax 150 \
+    $PYTHON benchmarks/attention.py --gpu --tokamax --out "$OUT/attention_gpu_tokamax.json"
+}
 loss_small_chunks() {  # the fused loss's memory at smaller token chunks (no Pallas)
   part loss_small_chunks 90 $PYTHON benchmarks/loss.py --gpu --no-pallas --chunk-sizes 512,256 \
     --out "$OUT/loss_gpu_small_chunks.json"
@@ -77,10 +90,11 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(attention train_step)
 for name in "${parts[@]}"; do
   case $name in
-    tests | loss | loss_pallas | train_step | train_step_cached | loss_small_chunks | attention)
+    tests | loss | loss_pallas | train_step | train_step_cached | loss_small_chunks | attention \
+      | tokamax)
       $name ;;
     *) echo "unknown part '$name': choose from tests, loss, loss_pallas, train_step," \
-         "train_step_cached, loss_small_chunks, attention" >&2
+         "train_step_cached, loss_small_chunks, attention, tokamax" >&2
        exit 2 ;;
   esac
 done
