@@ -184,7 +184,9 @@ def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
         'mean_step_seconds': step, 'mean_step_cpu_seconds': 2 * step,
         'scored': {'test_greedy': {'accuracy': right / 20, 'predictions': str(path)},
                    'validation': {'accuracy': 0.5, 'predictions': str(path)}},
-        'calibration': {'ece': 0.1, 'held_out_nll': 1.0}, 'fit': {'train_nll': 0.5}}
+        'calibration': {'ece': 0.1, 'held_out_nll': 1.0, 'bins': [
+            {'lower': 0.8, 'count': 10, 'mean_confidence': 0.85, 'accuracy': 0.8}]},
+        'fit': {'train_nll': 0.5}}
 
   for seed in range(5):
     add(f'chain3_clean/target_sft_eta0.5/{seed}', 15 + seed % 2, step=1.3)
@@ -209,4 +211,6 @@ def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
   text = output.read_text()
   assert '| chain3_clean | 0.5 | **win** +' in text and '**tie**' in text
   assert '| target_sft_eta0.5 | 1.30 / 1.30 |' in text  # step time relative to SFT
+  assert (tmp_path / 'grid2_eta.png').exists() and '![grid2_eta.png]' in text
+  assert (tmp_path / 'grid2_calibration.png').exists()
   assert compare.is_teacher('teacher/chain3') and not compare.is_teacher('chain3/sft/0')
