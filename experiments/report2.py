@@ -140,6 +140,14 @@ def _status(grid, records, planned):
               f'pre-registered estimate 330 s), {mean(other):.0f} s for the others '
               f'({len(other)}; estimate 260 s). At these rates the {len(missing)} planned runs '
               f'still to go need about {sum(mean(selection if grid.family(n.split("/")[1]) else other) for n in missing if n.count("/") == 2) / 3600:.1f} h.']
+  lines += ['', 'Pre-registered estimate (`PREREGISTRATION.md`, before any run): about 249 runs, '
+            '20.5 h of this machine in all, 11.9 h for the teachers, Base and the primaries of '
+            'the six settings, which run first; over the issue\'s 12 h the secondaries and the '
+            'prior-quality axis are cut first. Whatever has not run is reported as not run.']
+  teachers = [r for n, r in sorted(records.items()) if n.startswith('teacher/')]
+  if teachers:
+    lines += ['', 'Teachers (the priors), greedy test accuracy: ' + ', '.join(
+        f"`{r['name']}` {100 * r['accuracy']:.1f}%" for r in teachers) + '.']
   codes = collections.Counter((r.get('code') or {}).get('commit') for r in records.values())
   lines += ['', 'Code versions: ' + ', '.join(
       f'`{(c or "unknown")[:10]}` ({n} runs)' for c, n in codes.most_common()) + '.', '']
