@@ -134,12 +134,18 @@ def _status(grid, records, planned):
   if trained:
     selection = [r['wall_seconds'] for r in trained if grid.family(r['method'])]
     other = [r['wall_seconds'] for r in trained if not grid.family(r['method'])]
-    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    known = [m for m in (mean(selection), mean(other)) if m is not None]
+    rate = lambda tuned: (mean(selection) if tuned else mean(other)) or known[0]
+    shown = lambda xs: f'{mean(xs):.0f} s' if xs else 'none yet'
+    left = sum(rate(grid.family(n.split('/')[1]) is not None) for n in missing
+               if n.count('/') == 2)
     lines += ['', f'Measured wall time per run (training, export and measurement): '
-              f'{mean(selection):.0f} s for runs of a tuned family ({len(selection)}; '
-              f'pre-registered estimate 330 s), {mean(other):.0f} s for the others '
-              f'({len(other)}; estimate 260 s). At these rates the {len(missing)} planned runs '
-              f'still to go need about {sum(mean(selection if grid.family(n.split("/")[1]) else other) for n in missing if n.count("/") == 2) / 3600:.1f} h.']
+              f'{shown(selection)} for runs of a tuned family ({len(selection)}; '
+              f'pre-registered estimate 330 s), {shown(other)} for the others '
+              f'({len(other)}; estimate 260 s). At these rates (one for both while only one is '
+              f'measured) the {len(missing)} planned runs still to go need about '
+              f'{left / 3600:.1f} h.']
   lines += ['', 'Pre-registered estimate (`PREREGISTRATION.md`, before any run): about 249 runs, '
             '20.5 h of this machine in all, 11.9 h for the teachers, Base and the primaries of '
             'the six settings, which run first; over the issue\'s 12 h the secondaries and the '
