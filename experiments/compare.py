@@ -60,7 +60,8 @@ def is_teacher(name: str) -> bool:
   return name == 'teacher' or name.startswith('teacher/')
 
 
-def _teacher_config(grid, name: str):
+def _run_config(grid, name: str):
+  """A run's config; a first-grid module names its one teacher 'teacher'."""
   return grid.teacher_config() if name == 'teacher' else grid.get_config(name)
 
 
@@ -161,7 +162,7 @@ def _measured_record(name: str, result: dict) -> dict:
 
 def train_run(grid, config_path: str, name: str, registry: Registry) -> dict:
   """One training run (resuming from its checkpoint), recorded with its predictions."""
-  config = _teacher_config(grid, name) if is_teacher(name) else grid.get_config(name)
+  config = _run_config(grid, name)
   workdir = ROOT / config.workdir
   started, version = time.time(), code_version()
   summary_path = workdir / 'summary.json'
@@ -289,7 +290,7 @@ def run(args) -> None:
   registry = Registry(ROOT / args.results_dir)
   done = registry.records()
   for name in [n for n in done if is_teacher(n)]:
-    if not (ROOT / _teacher_config(grid, name).workdir / 'hf').exists():
+    if not (ROOT / _run_config(grid, name).workdir / 'hf').exists():
       # The export is the students' prior and lives outside git (0.5 GB): a fresh checkout
       # retrains it with the same config and seed before any run that needs it.
       _log(f'the recorded {name} has no export here; training it again')

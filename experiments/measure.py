@@ -89,13 +89,13 @@ def measure(grid, name: str, model_path: str, out: pathlib.Path) -> dict:
   result = {'name': name, 'model': model_path}
   scored = result['scored'] = {}
 
-  greedy, scored['test_greedy'] = _greedy(
-      model, tokenizer, test[:settings['test_problems']], spec['max_new_tokens'], batch,
-      'test_greedy', out, fields)
+  greedy_records = test[:settings['test_problems']]
+  greedy, scored['test_greedy'] = _greedy(model, tokenizer, greedy_records,
+                                          spec['max_new_tokens'], batch, 'test_greedy', out,
+                                          fields)
   # Answer-level confidence: mean probability of the answer's own tokens and its end of turn
   # (empty answers: none; an answer cut at max_new_tokens is scored as if it ended there).
   answered = [i for i, p in enumerate(greedy.predictions) if p['output']]
-  greedy_records = test[:settings['test_problems']]
   token_scores = calibration.response_token_scores(
       model, tokenizer, [(greedy_records[i]['prompt'], greedy.predictions[i]['output'],
                           records_lib.system_prompt(greedy_records[i])) for i in answered],

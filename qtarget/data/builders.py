@@ -2,8 +2,8 @@
 
 Two builders, each configured at run time: :class:`ReasoningGym` (a task, sizes, difficulty
 and seed; train, validation and test drawn from seeds whose problem sequences do not overlap,
-test questions removed from validation and both removed from train) and :class:`LocalFiles` (jsonl/parquet files with prompt/response fields or chat
-messages). Both store text records (see :mod:`qtarget.data.records`); tokenization happens in
+test questions removed from validation and both removed from train) and :class:`LocalFiles`
+(jsonl/parquet files with prompt/response fields or chat messages). Both store text records (see :mod:`qtarget.data.records`); tokenization happens in
 the input pipeline, so one prepared dataset serves any tokenizer.
 """
 
@@ -91,20 +91,19 @@ class ReasoningGym(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(_FEATURES))
 
-  def _records(self, split):
+  def _records(self, split, size=None):
     config = self.builder_config
-    if split == 'train':
-      return records.reasoning_gym_records(config.task, config.train_size,
-                                           config.split_seed(split), config.difficulty)
-    if split == 'test':
-      return list(records.reasoning_gym_records(config.task, config.eval_size,
-                                                config.split_seed(split), config.difficulty))
-    # Validation: the first eval_size problems of its own sequence that are not test questions
-    # (small tasks repeat questions), so choosing on validation never reads a test problem.
-    test = {r['prompt'] for r in self._records('test')}
-    candidates = records.reasoning_gym_records(
-        config.task, _VALIDATION_DRAWS * config.eval_size, config.split_seed(split),
-        config.difficulty)
+    if size is None:
+      size = config.train_size if split == 'train' else config.eval_size
+    return records.reasoning_gym_records(config.task, size, config.split_seed(split),
+                                         config.difficulty)
+
+  def _validation(self, test_records):
+    """The first eval_size problems of validation's own sequence that are not test questions
+    (small tasks repeat questions), so choosing on validation never reads a test problem."""
+    config = self.builder_config
+    test = {r['prompt'] for r in test_records}
+    candidates = self._records('validation', _VALIDATION_DRAWS * config.eval_size)
     chosen = [r for r in candidates if r['prompt'] not in test][:config.eval_size]
     if len(chosen) < config.eval_size:
       raise ValueError(
@@ -118,11 +117,15 @@ class ReasoningGym(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in ('train', 'validation', 'test')}
 
   def _generate_examples(self, split):
-    recs = self._records(split)
-    if split == 'train':
+    test = list(self._records('test'))
+    if split == 'test':
+      recs = test
+    elif split == 'validation':
+      recs = self._validation(test)
+    else:
       # Train starts test's sequence and small tasks repeat questions: drop held-out ones.
-      held_out = {r['prompt'] for s in ('validation', 'test') for r in self._records(s)}
-      recs = (r for r in recs if r['prompt'] not in held_out)
+      held_out = {r['prompt'] for r in test + self._validation(test)}
+      recs = (r for r in self._records('train') if r['prompt'] not in held_out)
       if self.builder_config.rationale['style'] == 'steps':
         recs = self._with_demonstrations(recs)
     count = 0
