@@ -123,6 +123,16 @@ def test_reasoning_gym_builder_splits_are_disjoint(tmp_path):
   assert again == splits['test']
 
 
+def test_a_task_too_small_for_a_validation_split_apart_from_test_is_refused(tmp_path):
+  # Products of two 1-digit factors: 100 questions, nearly all of them in a 400-problem test.
+  config = builders.ReasoningGymConfig(task='products', train_size=50, eval_size=400, seed=0,
+                                       difficulty={'min_terms': 2, 'max_terms': 2,
+                                                   'min_digits': 1, 'max_digits': 1})
+  with pytest.raises(ValueError, match=r'validation problems are not test questions; '
+                                       r'eval_size=400 needs a task with more distinct'):
+    builders.prepare(config, str(tmp_path))
+
+
 def test_gsm_symbolic_has_rationales(tmp_path):
   config = builders.ReasoningGymConfig(task='gsm_symbolic', train_size=5, eval_size=2, seed=0)
   test = builders.load_split(builders.prepare(config, str(tmp_path)), 'test')

@@ -91,6 +91,16 @@ def test_measured_runs_and_what_they_get(grid):
     grid.get_config('teacher/unknown')
 
 
+def test_variant_problems_that_cannot_avoid_the_seen_ones_are_refused():
+  measure = _experiments_module('measure')
+  one_digit = {'min_terms': 2, 'max_terms': 2, 'min_digits': 1, 'max_digits': 1}
+  # The very problems it would draw count as seen.
+  seen = {r['prompt'] for r in measure.variant_records('products', one_digit, 800, set())}
+  with pytest.raises(ValueError, match=r'only 0 of 800 problems are not in the training or '
+                                       r'test split; 100 were asked for'):
+    measure.variant_records('products', one_digit, 100, seen)
+
+
 @availability.needs_smollm2("the tiny model uses SmolLM2's tokenizer")
 def test_measure_end_to_end_with_a_tiny_model(grid, tmp_path):
   sys.path.insert(0, str(ROOT / 'experiments'))
