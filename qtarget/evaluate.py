@@ -76,17 +76,24 @@ def _generate(graphdef, state, tokens_BxP, valid_BxP, key, temperature, top_p, *
   first = _next_token(model.logits(hidden[:, -1]), keys[0], temperature, top_p)
   next_position = jnp.sum(valid_BxP, axis=1)
 
-  def step(carry, step_key):
-    token, position, cache, done = carry
+  # Step i emits token i and computes token i + 1. Once every row has emitted its end of turn,
+  # every later token is eos_id: the loop stops there (the output is filled with eos_id).
+  def step(carry):
+    i, token, position, cache, done, generated = carry
+    generated = generated.at[:, i].set(token)
+    done = done | (token == eos_id)
     hidden, cache = model.decode(token[:, None], cache, positions_BxT=position[:, None],
                                  lora=lora)
-    new_token = _next_token(model.logits(hidden[:, 0]), step_key, temperature, top_p)
-    done = done | (token == eos_id)
-    return (jnp.where(done, eos_id, new_token), position + 1, cache, done), token
+    new_token = _next_token(model.logits(hidden[:, 0]), keys[i + 1], temperature, top_p)
+    return i + 1, jnp.where(done, eos_id, new_token), position + 1, cache, done, generated
 
-  init = (first, next_position, cache, jnp.zeros((batch,), bool))
-  _, generated = jax.lax.scan(step, init, keys[1:], length=max_new_tokens)
-  return generated.T  # [B, max_new_tokens]
+  def unfinished(carry):
+    i, _, _, _, done, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  init = (0, first, next_position, cache, jnp.zeros((batch,), bool),
+          jnp.full((batch, max_new_tokens), eos_id, jnp.int32))
+  return jax.lax.while_loop(unfinished, step, init)[-1]  # [B, max_new_tokens]
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,

@@ -58,6 +58,29 @@ def test_batched_generation_equals_plain_greedy_decoding():
     assert output == ' '.join(map(str, expected)), prompt
 
 
+def test_generation_stops_when_every_row_has_ended_and_keeps_the_rest():
+  """A batch whose rows all end before max_new_tokens (the loop stops early) and one where
+  some rows run to the limit: both equal plain greedy decoding, which the stop must not cut."""
+  config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                             num_layers=2, num_heads=4, num_kv_heads=2)
+  model = llama.Llama(config, rngs=nnx.Rngs(2))
+  for _, variable in nnx.iter_graph(model):
+    if isinstance(variable, nnx.Param) and variable.get_value().ndim == 2:
+      variable.set_value(variable.get_value() * 8)
+  rng = np.random.default_rng(0)
+  prompts = [' '.join(str(t) for t in rng.integers(3, VOCAB, n)) for n in (5, 9, 2, 7, 3, 4, 6, 8)]
+  prompts = [prompts[i] for i in (2, 3, 4, 5, 0, 7, 6)]
+  steps = 12
+  expected = [_greedy_without_cache(model, _DigitsTokenizer().encode_prompt(p), steps)
+              for p in prompts]
+  lengths = [len(e) for e in expected]
+  assert max(lengths[:4]) < steps - 2 and 0 in lengths[:4]  # the first batch ends early
+  assert steps in lengths[4:] and min(lengths[4:]) < steps  # the second one only partly
+  outputs = evaluate.generate(model, _DigitsTokenizer(), prompts, max_new_tokens=steps,
+                              batch_size=4)
+  assert outputs == [' '.join(map(str, e)) for e in expected]
+
+
 def _sharp_model(seed=3):
   config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                              num_layers=2, num_heads=4, num_kv_heads=2)

@@ -68,6 +68,27 @@ SEGMENTS_128 = np.array([[1] * 40 + [2] * 56 + [3] * 32,
                          [1] * 128], np.int32)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_single_query_attention_equals_the_reference(dtype):
+  """A decoding step's attention (one query per row against its cache) equals the reference
+  under a cache mask with padding and unwritten slots."""
+  keys = jax.random.split(jax.random.key(1), 3)
+  b, s, heads, kv_heads, dim = 3, 11, 6, 2, 16
+  q = jax.random.normal(keys[0], (b, 1, heads, dim)).astype(dtype)
+  k = jax.random.normal(keys[1], (b, s, kv_heads, dim)).astype(dtype)
+  v = jax.random.normal(keys[2], (b, s, kv_heads, dim)).astype(dtype)
+  mask = np.zeros((b, 1, s), bool)
+  mask[0, 0, :] = True  # a full cache
+  mask[1, 0, 4:9] = True  # left padding, then unwritten slots
+  mask[2, 0, 3] = True  # a single real slot
+  got = attention.single_query_attention(q, k, v, jnp.asarray(mask))
+  want = attention.masked_attention(q, k, v, jnp.asarray(mask))
+  assert got.dtype == dtype and got.shape == want.shape
+  tolerance = 1e-6 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=tolerance, rtol=tolerance)
+
+
 def test_splash_attention_equals_the_reference():
   """Pallas splash attention (interpreted on the CPU): values and gradients, packed segments,
   left and right padding, grouped-query heads."""

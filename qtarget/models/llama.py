@@ -233,9 +233,10 @@ class Attention(nnx.Module):
   def __call__(self, x_BxTxH, positions_BxT, mask_BxTxS, kv=None, lora=True):
     """Without ``kv``: causal attention within packed segments (``mask_BxTxS`` is their
     :func:`causal_segment_mask`, or for splash attention their ``attention.Segments``) by
-    ``config.attention``. ``kv``: ``(keys, values,
-    write_slots_BxT)`` of a cache to update and attend to under ``mask_BxTxS`` (the reference
-    implementation: a cache mask is not a segment mask)."""
+    ``config.attention``. ``kv``: ``(keys, values, write_slots_BxT, layer)``, every layer's
+    cache (``[L, B, S, K, D]``), of which this layer's is updated and attended to under
+    ``mask_BxTxS`` (a cache mask is not a segment mask); the whole cache is returned, so that a
+    scan over layers carries it and writes only the new tokens."""
     b, t, _ = x_BxTxH.shape
     heads = ('activation_batch', 'activation_length', 'activation_heads', None)
     kv_heads = ('activation_batch', 'activation_length', 'activation_kv', None)
@@ -250,12 +251,15 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions_BxT, inv_freq)
     new_kv = None
     if kv is not None:
-      cache_k, cache_v, slots_BxT = kv
+      cache_k, cache_v, slots_BxT, layer = kv
       rows = jnp.arange(b)[:, None]
-      cache_k = cache_k.at[rows, slots_BxT].set(k.astype(cache_k.dtype))
-      cache_v = cache_v.at[rows, slots_BxT].set(v.astype(cache_v.dtype))
-      k, v, new_kv = cache_k.astype(q.dtype), cache_v.astype(q.dtype), (cache_k, cache_v)
-    if kv is not None:
+      cache_k = cache_k.at[layer, rows, slots_BxT].set(k.astype(cache_k.dtype))
+      cache_v = cache_v.at[layer, rows, slots_BxT].set(v.astype(cache_v.dtype))
+      k, v = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
+      new_kv = (cache_k, cache_v)
+    if kv is not None and t == 1:
+      out = attention_lib.single_query_attention(q, k, v, mask_BxTxS)
+    elif kv is not None:
       out = attention_lib.masked_attention(q, k, v, mask_BxTxS)
     else:
       out = attention_lib.attention(q, k, v, mask_BxTxS, self.config.attention)
@@ -470,12 +474,18 @@ class Llama(nnx.Module):
     mask |= jnp.arange(s)[None, None, :] == slots_BxT[:, :, None]  # never an empty row
     graphdef, stacked = nnx.split(self.layers)
 
-    def layer(x, inputs):
-      values, k, v = inputs
-      return nnx.merge(graphdef, values)(x, positions_BxT, mask, (k, v, slots_BxT), lora)
+    # The cache is carried (not scanned over): a step then writes only its new tokens' slots
+    # instead of copying every layer's cache into a new stacked output.
+    def layer(carry, inputs):
+      x, keys, values = carry
+      params, index = inputs
+      x, (keys, values) = nnx.merge(graphdef, params)(
+          x, positions_BxT, mask, (keys, values, slots_BxT, index), lora)
+      return (x, keys, values), None
 
-    x, (keys, values) = jax.lax.scan(layer, self._embed(tokens_BxT),
-                                     (stacked, cache.keys, cache.values))
+    (x, keys, values), _ = jax.lax.scan(
+        layer, (self._embed(tokens_BxT), cache.keys, cache.values),
+        (stacked, jnp.arange(self.config.num_layers)))
     last_real = jnp.max(jnp.where(valid_BxT, jnp.arange(1, t + 1), 0), axis=1)
     new_cache = KVCache(keys, values, valid_BxS, cache.end_B + last_real)
     return self.final_norm(x), new_cache
