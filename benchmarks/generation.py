@@ -5,10 +5,11 @@ process.
 
 SmolLM2-135M (or an exported HF directory) answers the first test problems of the grid's
 chain3 setting: greedy (the grid's primary metric) and sampled (temperature 0.7, top-p 0.95,
-4 samples), batch 64, 32 new tokens at most. The baseline is a teacher-forced forward of the
-same problems with their generated answers (``calibration.response_token_scores``), timed in the
-same process, so the ratio generation / forward compares checkouts (``--root``: which
-``qtarget`` to import) and machines. ``--out`` keeps every generated text, to check that two
+4 samples), batch 64, 32 new tokens at most. The baseline is a plain forward of the same
+number of rows (logits at every position), timed in the same process, so the ratios
+compare checkouts (``--root``: which ``qtarget`` to import) and machines. The teacher-forced
+scores of the greedy answers (``calibration.response_token_scores``, the grid's confidence and
+calibration) are timed against it too. ``--out`` keeps every generated text, to check that two
 checkouts generate the same answers.
 """
 
@@ -35,6 +36,10 @@ def main():
   from qtarget import calibration, config_files, evaluate, train
   from qtarget.data import builders
   from qtarget.data import records as records_lib
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
   # pylint: enable=g-import-not-at-top
   if not pathlib.Path(qtarget.__file__).resolve().is_relative_to(pathlib.Path(args.root).resolve()):
     raise SystemExit(f'qtarget was imported from {qtarget.__file__}, not from {args.root}.')
@@ -61,8 +66,17 @@ def main():
   examples = [(r['prompt'], p['output'] or '.', records_lib.system_prompt(r))
               for r, p in zip(test, greedy.predictions)]
   calibration.response_token_scores(model, tokenizer, examples[:64], batch_size=64)  # compiles
-  _, forward_s = timed(lambda: calibration.response_token_scores(model, tokenizer, examples,
-                                                                 batch_size=64))
+  scores, scores_s = timed(lambda: calibration.response_token_scores(model, tokenizer, examples,
+                                                                     batch_size=64))
+  # The baseline: a plain forward (logits at every position) of the same number of rows, at
+  # the width the scores pad these examples to. It is the same code in every checkout.
+  width = -(-max(len(tokenizer.encode_example(*e).token_ids) for e in examples) // 32) * 32
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
+  tokens = jnp.ones((64, width), jnp.int32)
+  jax.block_until_ready(forward(state, tokens))
+  _, forward_s = timed(lambda: [jax.block_until_ready(forward(state, tokens))
+                                for _ in range(-(-len(examples) // 64))])
   outputs = {'greedy': [p['output'] for p in greedy.predictions],
              'sampled': [p['output'] for p in sampled.predictions]}
   digest = hashlib.sha256(json.dumps(outputs).encode()).hexdigest()[:12]
@@ -71,10 +85,13 @@ def main():
         f'{greedy.accuracy:.3f}')
   print(f'sampled: {sampled_s:6.1f} s  ({sampled_s / forward_s:.2f}x the forward; '
         f'{len(sampled.predictions)} samples), Average@4 {sampled.accuracy:.3f}')
-  print(f'forward: {forward_s:6.1f} s  (teacher-forced, the same problems and answers)')
+  print(f'scores:  {scores_s:6.1f} s  ({scores_s / forward_s:.2f}x the forward; teacher-forced '
+        f'on the greedy answers, mean log-probability {np.mean(np.concatenate([s.log_prob for s in scores])):.6f})')
+  print(f'forward: {forward_s:6.1f} s  ({len(examples)} rows of {width} tokens, batch 64)')
   print(f'outputs sha256 {digest}')
   if args.out:
-    pathlib.Path(args.out).write_text(json.dumps(outputs))
+    log_probs = [s.log_prob.tolist() for s in scores]
+    pathlib.Path(args.out).write_text(json.dumps({**outputs, 'log_probs': log_probs}))
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 _BUCKET = 32  # sequence lengths are padded up to a multiple of this, to limit recompiles
+_RESPONSE_BUCKET = 16  # and the number of scored (response) tokens to a multiple of this
 
 
 class TokenScores(NamedTuple):
@@ -27,14 +28,21 @@ class TokenScores(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef',))
-def _scores(graphdef, state, tokens_BxT, targets_BxT, segment_ids_BxT):
+def _scores(graphdef, state, tokens_BxT, segment_ids_BxT, scored_BxR, targets_BxR):
+  """Scores at the positions ``scored_BxR`` only: the head and its softmax run over the
+  response tokens, not over the prompt (most of a short exchange)."""
   model = nnx.merge(graphdef, state)
   positions = jnp.maximum(jnp.cumsum(segment_ids_BxT > 0, axis=1) - 1, 0)
-  log_probs = jax.nn.log_softmax(
-      model(tokens_BxT, positions_BxT=positions, segment_ids_BxT=segment_ids_BxT), axis=-1)
-  target_log_prob = jnp.take_along_axis(log_probs, targets_BxT[..., None], axis=-1)[..., 0]
+  hidden = model.hidden(tokens_BxT, positions_BxT=positions, segment_ids_BxT=segment_ids_BxT)
+  hidden = jnp.take_along_axis(hidden, scored_BxR[..., None], axis=1)
+  log_probs = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+  target_log_prob = jnp.take_along_axis(log_probs, targets_BxR[..., None], axis=-1)[..., 0]
   top = jnp.argmax(log_probs, axis=-1)
-  return target_log_prob, jnp.exp(jnp.max(log_probs, axis=-1)), top == targets_BxT
+  return target_log_prob, jnp.exp(jnp.max(log_probs, axis=-1)), top == targets_BxR
+
+
+def _padded(length: int, bucket: int) -> int:
+  return -(-length // bucket) * bucket
 
 
 def response_token_scores(model, tokenizer, examples: Sequence[tuple[str, str, str | None]], *,
@@ -47,23 +55,25 @@ def response_token_scores(model, tokenizer, examples: Sequence[tuple[str, str, s
   out = []
   for start in range(0, len(encoded), batch_size):
     chunk = encoded[start:start + batch_size]
-    length = max(len(e.token_ids) - 1 for e in chunk)
-    length = -(-length // _BUCKET) * _BUCKET
+    # Position t predicts token t + 1; a response token's score is read at the position before.
+    scored = [np.flatnonzero(np.asarray(e.loss_mask[1:], bool)) for e in chunk]
+    length = _padded(max(len(e.token_ids) - 1 for e in chunk), _BUCKET)
+    width = _padded(max(max(len(s) for s in scored), 1), _RESPONSE_BUCKET)
     rows = batch_size if len(encoded) > batch_size else len(chunk)  # one shape for every batch
     tokens = np.zeros((rows, length), np.int32)
-    targets = np.zeros((rows, length), np.int32)
     segments = np.zeros((rows, length), np.int32)
-    for row, example in enumerate(chunk):
+    positions = np.zeros((rows, width), np.int32)
+    targets = np.zeros((rows, width), np.int32)
+    for row, (example, at) in enumerate(zip(chunk, scored)):
       n = len(example.token_ids) - 1
-      tokens[row, :n], targets[row, :n] = example.token_ids[:-1], example.token_ids[1:]
-      segments[row, :n] = 1
+      tokens[row, :n], segments[row, :n] = example.token_ids[:-1], 1
+      positions[row, :len(at)] = at
+      targets[row, :len(at)] = np.asarray(example.token_ids)[at + 1]
     log_prob, top_prob, top_correct = map(
-        np.asarray, _scores(graphdef, state, tokens, targets, segments))
-    for row, example in enumerate(chunk):
-      mask = np.asarray(example.loss_mask[1:], bool)
-      n = len(mask)
-      out.append(TokenScores(log_prob[row, :n][mask], top_prob[row, :n][mask],
-                             top_correct[row, :n][mask]))
+        np.asarray, _scores(graphdef, state, tokens, segments, positions, targets))
+    for row, at in enumerate(scored):
+      n = len(at)
+      out.append(TokenScores(log_prob[row, :n], top_prob[row, :n], top_correct[row, :n]))
   return out
 
 

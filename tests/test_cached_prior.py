@@ -120,7 +120,12 @@ def test_bad_caches_are_refused():
     targets.target_sft(logits, labels, prior_logits=wrong_vocabulary, eta=0.5)
 
 
-@pytest.mark.parametrize('method, hyper', PRIOR_METHODS, ids=lambda x: str(x))
+_FUSED_DEFAULT = (('distill', {}), ('target_sft', {'eta': 0.5}))  # the others are slow
+
+
+@pytest.mark.parametrize('method, hyper', [
+    pytest.param(m, h, marks=() if (m, h) in _FUSED_DEFAULT else pytest.mark.slow)
+    for m, h in PRIOR_METHODS], ids=lambda x: str(x))
 def test_the_fused_loss_takes_the_cache(method, hyper):
   """k = V: the fused loss with the cache equals the fused loss with the prior's head (1e-6);
   k = 4: it equals the dense loss with the same cache."""

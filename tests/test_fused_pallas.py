@@ -37,8 +37,15 @@ PALLAS_METHODS = [name for name in test_fused.HYPER
                   if not targets.METHODS[name].trust_reads_distribution]
 
 
-@pytest.mark.parametrize('method', PALLAS_METHODS)
-@pytest.mark.parametrize('scale', [3.0, 300.0], ids=['normal', 'extreme'])
+def _scale_cases():
+  # Every method at normal scale; extreme logits for Target-SFT by default, the rest slow.
+  return [pytest.param(method, scale, id=f'{label}-{method}',
+                       marks=pytest.mark.slow if label == 'extreme' and method != 'target_sft'
+                       else ())
+          for label, scale in (('normal', 3.0), ('extreme', 300.0)) for method in PALLAS_METHODS]
+
+
+@pytest.mark.parametrize('method, scale', _scale_cases())
 def test_equals_dense_float32(method, scale):
   args = test_fused._inputs(scale=scale)  # pylint: disable=protected-access
   hyper = test_fused.HYPER[method]

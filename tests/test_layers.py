@@ -208,8 +208,11 @@ def _loss_and_grads(model, lora=True):
   return nnx.jit(nnx.value_and_grad(loss))(model)
 
 
-@pytest.mark.parametrize('case', ['plain', 'lora', 'lora_off_prior', 'remat_full',
-                                  'remat_save_dots'])
+@pytest.mark.parametrize('case', [
+    'plain', 'lora', 'lora_off_prior',
+    # test_remat_policies_match_no_remat covers the policies on the scan by default.
+    pytest.param('remat_full', marks=pytest.mark.slow),
+    pytest.param('remat_save_dots', marks=pytest.mark.slow)])
 def test_scanned_layers_equal_the_loop(case):
   overrides = {'lora': dict(lora_rank=4), 'lora_off_prior': dict(lora_rank=4),
                'remat_full': dict(remat='full'),

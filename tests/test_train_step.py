@@ -240,8 +240,12 @@ def test_fused_loss_step_equals_dense_step(lora_rank):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)  # SGD: the gradients agree
 
 
-@pytest.mark.parametrize('loss', ['dense', 'fused'])
-@pytest.mark.parametrize('lora_rank', [0, 4], ids=['separate_prior', 'lora_off_prior'])
+@pytest.mark.parametrize('lora_rank, loss', [
+    pytest.param(0, 'dense', id='separate_prior-dense'),
+    pytest.param(4, 'fused', id='lora_off_prior-fused'),
+    # the other two pairs repeat both parts: slow
+    pytest.param(4, 'dense', id='lora_off_prior-dense', marks=pytest.mark.slow),
+    pytest.param(0, 'fused', id='separate_prior-fused', marks=pytest.mark.slow)])
 def test_remat_step_equals_plain_step(lora_rank, loss):
   # Rematerialization set on both models: the student recomputes its layers, the frozen prior
   # never does (no gradient flows through it; flax's remat also refuses to update a module built
