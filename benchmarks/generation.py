@@ -70,7 +70,7 @@ def main():
                                                                      batch_size=64))
   # The baseline: a plain forward (logits at every position) of the same number of rows, at
   # the width the scores pad these examples to. It is the same code in every checkout.
-  width = -(-max(len(tokenizer.encode_example(*e).token_ids) for e in examples) // 32) * 32
+  width = -(-max(len(tokenizer.encode_example(*e).token_ids) - 1 for e in examples) // 32) * 32
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
   tokens = jnp.ones((64, width), jnp.int32)

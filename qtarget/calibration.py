@@ -59,7 +59,7 @@ def response_token_scores(model, tokenizer, examples: Sequence[tuple[str, str, s
     scored = [np.flatnonzero(np.asarray(e.loss_mask[1:], bool)) for e in chunk]
     length = _padded(max(len(e.token_ids) - 1 for e in chunk), _BUCKET)
     width = _padded(max(max(len(s) for s in scored), 1), _RESPONSE_BUCKET)
-    rows = batch_size if len(encoded) > batch_size else len(chunk)  # one shape for every batch
+    rows = batch_size if len(encoded) > batch_size else len(chunk)  # a fixed number of rows
     tokens = np.zeros((rows, length), np.int32)
     segments = np.zeros((rows, length), np.int32)
     positions = np.zeros((rows, width), np.int32)

@@ -106,6 +106,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
   ``temperature`` 0 decodes greedily; otherwise tokens are sampled from the top-p nucleus, with
   keys derived from ``seed`` and the batch index (the same call gives the same samples).
   """
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens must be at least 1; got {max_new_tokens}.')
   if temperature < 0 or not 0 < top_p <= 1:
     raise ValueError(f'temperature must be >= 0 and top_p in (0, 1]; got {temperature}, {top_p}.')
   if systems is not None and len(systems) != len(prompts):

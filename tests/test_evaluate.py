@@ -227,3 +227,8 @@ def test_evaluation_prompts_carry_the_system_prompt_as_training_does():
   assert 'Answer in French.' in tokenizer.decode(seen[0])
   # Without the system prompt the rendering differs (so the check above can fail).
   assert list(tokenizer.encode_prompt(record['prompt'])) != training_tokens[:len(seen[0])]
+
+
+def test_generation_needs_at_least_one_new_token():
+  with pytest.raises(ValueError, match='max_new_tokens must be at least 1'):
+    evaluate.generate(_sharp_model(), _DigitsTokenizer(), ['5 6'], max_new_tokens=0, batch_size=1)

@@ -84,9 +84,12 @@ def test_single_query_attention_equals_the_reference(dtype):
   got = attention.single_query_attention(q, k, v, jnp.asarray(mask))
   want = attention.masked_attention(q, k, v, jnp.asarray(mask))
   assert got.dtype == dtype and got.shape == want.shape
-  tolerance = 1e-6 if dtype == jnp.float32 else 2e-2
-  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                             atol=tolerance, rtol=tolerance)
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+  else:  # the weights are rounded as the reference rounds them: almost every value is equal
+    assert np.mean(got == want) >= 0.99, np.mean(got == want)
+    np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
 
 
 def test_splash_attention_equals_the_reference():
@@ -210,8 +213,8 @@ def _loss_and_grads(model, lora=True):
 
 @pytest.mark.parametrize('case', [
     'plain', 'lora', 'lora_off_prior',
-    # test_remat_policies_match_no_remat covers the policies on the scan by default.
-    pytest.param('remat_full', marks=pytest.mark.slow),
+    'remat_full',  # the unrolled loop's remat (prevent_cse); save_dots is slow
+
     pytest.param('remat_save_dots', marks=pytest.mark.slow)])
 def test_scanned_layers_equal_the_loop(case):
   overrides = {'lora': dict(lora_rank=4), 'lora_off_prior': dict(lora_rank=4),

@@ -93,11 +93,12 @@ def test_an_interrupted_build_is_refused_then_resumes_to_the_same_cache(built, t
 
 
 @pytest.mark.parametrize('component, override, message', [
-    ('data', {'data.train_size': 25}, r'made from something else: data \(the cache'),
-    pytest.param('sequences', {'data.seq_len': 64}, r'made from something else: sequences '
-                 r"\(the cache: \{'seq_len': 128", marks=pytest.mark.slow),  # same check, another part
-    pytest.param('prior', {'seed': 3}, r'made from something else: prior \(the cache',
+    # prior_identity (seed, architecture, LoRA rank) by default; the other parts are slow.
+    pytest.param('data', {'data.train_size': 25}, r'made from something else: data \(the cache',
                  marks=pytest.mark.slow),
+    pytest.param('sequences', {'data.seq_len': 64}, r'made from something else: sequences '
+                 r"\(the cache: \{'seq_len': 128", marks=pytest.mark.slow),
+    ('prior', {'seed': 3}, r'made from something else: prior \(the cache'),
 ])
 def test_a_cache_made_from_something_else_is_refused(built, data_dir, component, override,
                                                      message):
@@ -112,7 +113,7 @@ def test_a_cache_made_from_something_else_is_refused(built, data_dir, component,
     cache_prior.build(other, progress=False)
 
 
-@pytest.mark.slow  # two more builds; the other fingerprint refusals stay in the default run
+@pytest.mark.slow  # two more builds; the prior's fingerprint refusal stays in the default run
 def test_another_tokenizer_or_other_contents_are_refused(built):
   config, _ = built
   records, tokenizer, report = _scan(config)

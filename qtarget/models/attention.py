@@ -172,7 +172,8 @@ def single_query_attention(q_Bx1xNxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array,
                            mask_Bx1xS: Array) -> Array:
   """:func:`masked_attention` for one new token per row (a KV-cache decoding step), as
   products and sums instead of dot products: batched dots of one query group against a row's
-  cache are tiny matrix products, about 3.5x slower on a CPU (the same values up to rounding)."""
+  cache are tiny matrix products, about 3.5x slower on a CPU (the same values up to rounding).
+  Used on CPU only: its speed on accelerators is not measured."""
   b, _, n, d = q_Bx1xNxD.shape
   kv_heads = k_BxSxKxD.shape[2]
   q = q_Bx1xNxD.reshape(b, 1, kv_heads, n // kv_heads, d).astype(jnp.float32)
@@ -180,8 +181,12 @@ def single_query_attention(q_Bx1xNxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array,
   scores_BxSxKxG = scores_BxSxKxG / math.sqrt(d)
   scores_BxSxKxG = jnp.where(mask_Bx1xS[:, 0, :, None, None], scores_BxSxKxG,
                              jnp.finfo(jnp.float32).min)
-  # Rounded to the values' dtype as the reference's weights are; summed in float32.
-  weights = jax.nn.softmax(scores_BxSxKxG, axis=1).astype(v_BxSxKxD.dtype).astype(jnp.float32)
+  # Rounded to the values' dtype as the reference's weights are (reduce_precision: XLA may drop
+  # a cast down and back up), then summed in float32.
+  weights = jax.nn.softmax(scores_BxSxKxG, axis=1)
+  if v_BxSxKxD.dtype != jnp.float32:
+    info = jnp.finfo(v_BxSxKxD.dtype)
+    weights = jax.lax.reduce_precision(weights, exponent_bits=info.nexp, mantissa_bits=info.nmant)
   out_BxKxGxD = jnp.sum(weights[..., None] * v_BxSxKxD.astype(jnp.float32)[:, :, :, None], axis=1)
   return out_BxKxGxD.reshape(b, 1, n, d).astype(v_BxSxKxD.dtype)
 

@@ -257,7 +257,7 @@ class Attention(nnx.Module):
       cache_v = cache_v.at[layer, rows, slots_BxT].set(v.astype(cache_v.dtype))
       k, v = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
       new_kv = (cache_k, cache_v)
-    if kv is not None and t == 1:
+    if kv is not None and t == 1 and jax.default_backend() == 'cpu':
       out = attention_lib.single_query_attention(q, k, v, mask_BxTxS)
     elif kv is not None:
       out = attention_lib.masked_attention(q, k, v, mask_BxTxS)
