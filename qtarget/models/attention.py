@@ -173,7 +173,7 @@ def single_query_attention(q_Bx1xNxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array,
   """:func:`masked_attention` for one new token per row (a KV-cache decoding step), as
   products and sums instead of dot products: batched dots of one query group against a row's
   cache are tiny matrix products, about 3.5x slower on a CPU (the same values up to rounding).
-  Used on CPU only: its speed on accelerators is not measured."""
+  :func:`cache_attention` uses it on CPU only: its speed on accelerators is not measured."""
   b, _, n, d = q_Bx1xNxD.shape
   kv_heads = k_BxSxKxD.shape[2]
   q = q_Bx1xNxD.reshape(b, 1, kv_heads, n // kv_heads, d).astype(jnp.float32)
@@ -189,6 +189,15 @@ def single_query_attention(q_Bx1xNxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array,
     weights = jax.lax.reduce_precision(weights, exponent_bits=info.nexp, mantissa_bits=info.nmant)
   out_BxKxGxD = jnp.sum(weights[..., None] * v_BxSxKxD.astype(jnp.float32)[:, :, :, None], axis=1)
   return out_BxKxGxD.reshape(b, 1, n, d).astype(v_BxSxKxD.dtype)
+
+
+def cache_attention(q_BxTxNxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array,
+                    mask_BxTxS: Array) -> Array:
+  """Attention of new tokens to a KV cache under its mask: :func:`single_query_attention` for
+  a decoding step on CPU, :func:`masked_attention` otherwise."""
+  if q_BxTxNxD.shape[1] == 1 and _platform() == 'cpu':
+    return single_query_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+  return masked_attention(q_BxTxNxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
 
 
 def attention(q_BxTxNxD: Array, k_BxTxKxD: Array, v_BxTxKxD: Array,

@@ -257,10 +257,8 @@ class Attention(nnx.Module):
       cache_v = cache_v.at[layer, rows, slots_BxT].set(v.astype(cache_v.dtype))
       k, v = cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype)
       new_kv = (cache_k, cache_v)
-    if kv is not None and t == 1 and jax.default_backend() == 'cpu':
-      out = attention_lib.single_query_attention(q, k, v, mask_BxTxS)
-    elif kv is not None:
-      out = attention_lib.masked_attention(q, k, v, mask_BxTxS)
+    if kv is not None:
+      out = attention_lib.cache_attention(q, k, v, mask_BxTxS)
     else:
       out = attention_lib.attention(q, k, v, mask_BxTxS, self.config.attention)
     out = layout.constrain(out.reshape(b, t, -1),
