@@ -28,6 +28,7 @@ import json
 import math
 import os
 import pathlib
+import resource
 import shutil
 import subprocess
 import sys
@@ -132,6 +133,12 @@ def _subprocess(command: list[str], log_path: pathlib.Path) -> None:
                        '\n'.join(tail))
 
 
+def _children_cpu_seconds() -> float:
+  """CPU seconds (user and system, all threads) of the finished child processes so far."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
 def _annotate_predictions(source: pathlib.Path, target: pathlib.Path, **fields) -> list[dict]:
   rows = [{**json.loads(line), **fields} for line in source.read_text().splitlines() if line]
   target.parent.mkdir(parents=True, exist_ok=True)
@@ -157,14 +164,15 @@ def _measure(config_path: str, name: str, model: str, workdir: pathlib.Path,
 def _measured_record(name: str, result: dict) -> dict:
   return {'accuracy': result['accuracy'], 'predictions': result['scored']['test_greedy'][
       'predictions'], 'scored': result['scored'], 'calibration': result['calibration'],
-          'fit': result['fit'], 'measure_seconds': result['seconds']}
+          'fit': result['fit'], 'measure_seconds': result['seconds'],
+          'measure_cpu_seconds': result.get('cpu_seconds')}
 
 
 def train_run(grid, config_path: str, name: str, registry: Registry) -> dict:
   """One training run (resuming from its checkpoint), recorded with its predictions."""
   config = _run_config(grid, name)
   workdir = ROOT / config.workdir
-  started, version = time.time(), code_version()
+  started, version, cpu_started = time.time(), code_version(), _children_cpu_seconds()
   summary_path = workdir / 'summary.json'
   measured = hasattr(grid, 'MEASURE')
   # summary.json is written after the export: with it, the weights are whole.
@@ -195,7 +203,10 @@ def train_run(grid, config_path: str, name: str, registry: Registry) -> dict:
   if measured:
     record.update(_measured_record(name, _measure(config_path, name, str(workdir / 'hf'),
                                                   workdir, registry)))
+    # CPU seconds of this session's training and measuring (contention moves them far less
+    # than wall time; a run resumed from its export counts the measuring only).
     record.update(wall_seconds=round(time.time() - started, 1),
+                  cpu_seconds=round(_children_cpu_seconds() - cpu_started, 1),
                   finished=time.strftime('%Y-%m-%d %H:%M'))
     return record
   predictions = registry.predictions_path(name)
@@ -204,6 +215,7 @@ def train_run(grid, config_path: str, name: str, registry: Registry) -> dict:
   record.update({
       'eval': summary.get('eval_after'), 'accuracy': summary.get('accuracy_after'),
       'wall_seconds': round(time.time() - started, 1),
+      'cpu_seconds': round(_children_cpu_seconds() - cpu_started, 1),
       'predictions': _relative(predictions), 'finished': time.strftime('%Y-%m-%d %H:%M'),
   })
   return record
@@ -285,8 +297,20 @@ def _todo(grid, done: dict, patterns) -> tuple[list[str], list[str]]:
   return names, todo
 
 
+def use_compilation_cache(grid) -> str:
+  """Points the runs' processes at one persistent compilation cache (unless the environment
+  already names one): every run compiles the same train step and generation programs, and a
+  cached executable is the compiled program itself, so the numbers are the same."""
+  runs_dir = getattr(grid, 'RUNS_DIR', 'experiments/runs')
+  cache = os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(ROOT / runs_dir / 'jax_cache'))
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
+  return cache
+
+
 def run(args) -> None:
   grid = load_grid(args.config, args.results_dir)
+  if not args.dry_run:
+    _log(f'compilation cache: {use_compilation_cache(grid)}')
   registry = Registry(ROOT / args.results_dir)
   done = registry.records()
   for name in [n for n in done if is_teacher(n)]:

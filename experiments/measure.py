@@ -72,7 +72,7 @@ def measure(grid, name: str, model_path: str, out: pathlib.Path) -> dict:
   from qtarget import evaluate  # pylint: disable=g-import-not-at-top
   from qtarget.data import builders, rationales  # pylint: disable=g-import-not-at-top
   from qtarget.data import records as records_lib  # pylint: disable=g-import-not-at-top
-  started = time.time()
+  started, cpu_started = time.time(), time.process_time()
   config = grid.get_config(name)
   spec = grid.TASKS[grid.task_family_of(name)]
   plan, settings = grid.measurements(name), grid.MEASURE
@@ -156,6 +156,7 @@ def measure(grid, name: str, model_path: str, out: pathlib.Path) -> dict:
        f"train NLL {result['fit']['train_nll']:.4f}")
   result['accuracy'] = scored['test_greedy']['accuracy']
   result['seconds'] = round(time.time() - started, 1)
+  result['cpu_seconds'] = round(time.process_time() - cpu_started, 1)  # all threads
   (out / 'measure.json').write_text(json.dumps(result, indent=2))
   return result
 

@@ -132,20 +132,30 @@ def _status(grid, records, planned):
            'recorded (runs waiting for a selection are added when it is made; '
            '`python experiments/compare.py run --config configs/compare2_smollm2.py` resumes).']
   if trained:
-    selection = [r['wall_seconds'] for r in trained if grid.family(r['method'])]
-    other = [r['wall_seconds'] for r in trained if not grid.family(r['method'])]
-    mean = lambda xs: sum(xs) / len(xs) if xs else None
-    known = [m for m in (mean(selection), mean(other)) if m is not None]
-    rate = lambda tuned: (mean(selection) if tuned else mean(other)) or known[0]
-    shown = lambda xs: f'{mean(xs):.0f} s' if xs else 'none yet'
-    left = sum(rate(grid.family(n.split('/')[1]) is not None) for n in missing
-               if n.count('/') == 2)
-    lines += ['', f'Measured wall time per run (training, export and measurement): '
-              f'{shown(selection)} for runs of a tuned family ({len(selection)}; '
-              f'pre-registered estimate 330 s), {shown(other)} for the others '
-              f'({len(other)}; estimate 260 s). At these rates (one for both while only one is '
-              f'measured) the {len(missing)} planned runs still to go need about '
-              f'{left / 3600:.1f} h.']
+    # Medians, by what a run measures (validation or not): a run that shared the machine or was
+    # paused inflates a mean. Only chain3 has run so far where products2 has no trained run: its
+    # runs generate twice the tokens, so the estimate is low until they are measured.
+    validated = lambda name: grid.measurements(name)['validation']
+    walls = {True: [], False: []}
+    cpus = {True: [], False: []}
+    for r in trained:
+      walls[validated(r['name'])].append(r['wall_seconds'])
+      if r.get('cpu_seconds'):
+        cpus[validated(r['name'])].append(r['cpu_seconds'])
+    median = lambda xs: float(np.median(xs)) if xs else None
+    rate = lambda v: median(walls[v]) or median(walls[not v])
+    shown = lambda xs: f'{median(xs):.0f} s ({len(xs)} runs)' if xs else 'none yet'
+    left = sum(rate(validated(n)) for n in missing if n.count('/') == 2)
+    families = sorted({grid.task_family_of(r['name']) for r in trained})
+    unmeasured = sorted(set(grid.TASKS) - set(families))
+    lines += ['', 'Measured wall time per run (training, export and measurement), median: '
+              f'{shown(walls[True])} for runs measured on validation too (pre-registered '
+              f'estimate 330 s), {shown(walls[False])} for the others (estimate 260 s); CPU '
+              f'seconds, recorded from PREREGISTRATION change 14 on: {shown(cpus[True])} and '
+              f'{shown(cpus[False])}. At these rates the {len(missing)} planned runs still to go '
+              f'need about {left / 3600:.1f} h' + (
+                  f' (no run of {", ".join(unmeasured)} is trained yet; products2 generates up '
+                  'to twice the tokens of chain3, so this is low)' if unmeasured else '') + '.']
   lines += ['', 'Pre-registered estimate (`PREREGISTRATION.md`, before any run): about 249 runs, '
             '20.5 h of this machine in all, 11.9 h for the teachers, Base and the primaries of '
             'the six settings, which run first; over the issue\'s 12 h the secondaries and the '

@@ -114,6 +114,8 @@ def test_paper_grid_runs_records_resumes_and_rescores(tmp_path):
               'step', 'metadata', 'sample'} <= set(p)
     assert abs(sum(p['score'] for p in predictions) / 8 - record['accuracy']) < 1e-12
     assert record['wall_seconds'] > 0 and record['command']
+    if record['name'] != 'base/0':  # trained in a child process: its CPU time is counted
+      assert record['cpu_seconds'] > 0
   trained = next(r for r in runs if r['name'] == 'numina/target_sft_eta0.5/0')
   assert trained['config']['method'] == 'target_sft' and trained['config']['hparams'] == {'eta': 0.5}
   assert trained['final_metrics']['trust'] < 1.0  # Target-SFT's trust is p_y

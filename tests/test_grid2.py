@@ -166,6 +166,7 @@ def test_measure_end_to_end_with_a_tiny_model(grid, tmp_path):
   assert 0 <= calibration['ece'] <= 1 and calibration['held_out_nll'] > 0
   assert result['fit']['train_nll'] > 0 and result['fit']['examples'] == 5
   assert json.loads((out / 'measure.json').read_text())['accuracy'] == result['accuracy']
+  assert 0 < result['cpu_seconds'] and 0 < result['seconds']
 
 
 def _experiments_module(name):
