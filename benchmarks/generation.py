@@ -68,8 +68,8 @@ def main():
   calibration.response_token_scores(model, tokenizer, examples[:64], batch_size=64)  # compiles
   scores, scores_s = timed(lambda: calibration.response_token_scores(model, tokenizer, examples,
                                                                      batch_size=64))
-  # The baseline: a plain forward (logits at every position) of the same number of rows, at
-  # the width the scores pad these examples to. It is the same code in every checkout.
+  # The baseline: a plain forward (logits at every position) of the same number of rows, the
+  # whole examples padded to a multiple of 32: fixed, the same code in every checkout.
   width = -(-max(len(tokenizer.encode_example(*e).token_ids) - 1 for e in examples) // 32) * 32
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))

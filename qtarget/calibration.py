@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-_BUCKET = 32  # sequence lengths are padded up to a multiple of this, to limit recompiles
+from qtarget import evaluate
+
+_BUCKET = 16  # lengths after the shared prefix are padded to a multiple of this (recompiles)
 _RESPONSE_BUCKET = 16  # and the number of scored (response) tokens to a multiple of this
 
 
@@ -28,12 +30,13 @@ class TokenScores(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef',))
-def _scores(graphdef, state, tokens_BxT, segment_ids_BxT, scored_BxR, targets_BxR):
-  """Scores at the positions ``scored_BxR`` only: the head and its softmax run over the
-  response tokens, not over the prompt (most of a short exchange)."""
+def _scores(graphdef, state, prefix_1xL, tokens_BxT, valid_BxT, scored_BxR, targets_BxR):
+  """Scores at the positions ``scored_BxR`` of ``tokens_BxT`` (each row's tokens after the
+  shared ``prefix_1xL``, right-padded) only: the head and its softmax run over the response
+  tokens, not over the prompt (most of a short exchange)."""
   model = nnx.merge(graphdef, state)
-  positions = jnp.maximum(jnp.cumsum(segment_ids_BxT > 0, axis=1) - 1, 0)
-  hidden = model.hidden(tokens_BxT, positions_BxT=positions, segment_ids_BxT=segment_ids_BxT)
+  slots = prefix_1xL.shape[1] + tokens_BxT.shape[1]
+  hidden, _, _ = evaluate.prefill(model, prefix_1xL, tokens_BxT, valid_BxT, slots, lora=True)
   hidden = jnp.take_along_axis(hidden, scored_BxR[..., None], axis=1)
   log_probs = jax.nn.log_softmax(model.logits(hidden), axis=-1)
   target_log_prob = jnp.take_along_axis(log_probs, targets_BxR[..., None], axis=-1)[..., 0]
@@ -48,30 +51,40 @@ def _padded(length: int, bucket: int) -> int:
 def response_token_scores(model, tokenizer, examples: Sequence[tuple[str, str, str | None]], *,
                           batch_size: int = 32) -> list[TokenScores]:
   """Teacher-forced scores of each ``(prompt, response, system)``'s response tokens (the
-  response and the end-of-turn tokens, as the training loss mask covers them)."""
+  response and the end-of-turn tokens, as the training loss mask covers them).
+
+  The tokens every example starts with (the chat template, a shared system prompt and task
+  wording; never a scored one) run once, their cache copied to every row
+  (:func:`qtarget.evaluate.prefill`)."""
   encoded = [tokenizer.encode_example(prompt, response, system=system)
              for prompt, response, system in examples]
+  # Position t predicts token t + 1; a response token's score is read at the position before.
+  scored = [np.flatnonzero(np.asarray(e.loss_mask[1:], bool)) for e in encoded]
+  inputs = [list(e.token_ids[:-1]) for e in encoded]
+  first_scored = min((int(at[0]) for at in scored if at.size), default=0)
+  prefix = evaluate.shared_prefix(inputs)[:first_scored]
+  prefix_1xL = jnp.asarray(np.asarray(prefix, np.int32).reshape(1, -1))
   graphdef, state = nnx.split(model)
   out = []
   for start in range(0, len(encoded), batch_size):
-    chunk = encoded[start:start + batch_size]
-    # Position t predicts token t + 1; a response token's score is read at the position before.
-    scored = [np.flatnonzero(np.asarray(e.loss_mask[1:], bool)) for e in chunk]
-    length = _padded(max(len(e.token_ids) - 1 for e in chunk), _BUCKET)
-    width = _padded(max(max(len(s) for s in scored), 1), _RESPONSE_BUCKET)
-    rows = batch_size if len(encoded) > batch_size else len(chunk)  # a fixed number of rows
+    rests = [row[len(prefix):] for row in inputs[start:start + batch_size]]
+    at_rest = [at - len(prefix) for at in scored[start:start + batch_size]]
+    length = _padded(max(len(r) for r in rests), _BUCKET)
+    width = _padded(max(max(len(a) for a in at_rest), 1), _RESPONSE_BUCKET)
+    rows = batch_size if len(encoded) > batch_size else len(rests)  # a fixed number of rows
     tokens = np.zeros((rows, length), np.int32)
-    segments = np.zeros((rows, length), np.int32)
+    valid = np.zeros((rows, length), bool)
     positions = np.zeros((rows, width), np.int32)
     targets = np.zeros((rows, width), np.int32)
-    for row, (example, at) in enumerate(zip(chunk, scored)):
-      n = len(example.token_ids) - 1
-      tokens[row, :n], segments[row, :n] = example.token_ids[:-1], 1
+    for row, (rest, at, example) in enumerate(zip(rests, at_rest,
+                                                  encoded[start:start + batch_size])):
+      tokens[row, :len(rest)], valid[row, :len(rest)] = rest, True
       positions[row, :len(at)] = at
-      targets[row, :len(at)] = np.asarray(example.token_ids)[at + 1]
+      targets[row, :len(at)] = np.asarray(example.token_ids)[at + len(prefix) + 1]
+    valid[len(rests):, 0] = True  # filler rows: one token, so that no row is empty
     log_prob, top_prob, top_correct = map(
-        np.asarray, _scores(graphdef, state, tokens, segments, positions, targets))
-    for row, at in enumerate(scored):
+        np.asarray, _scores(graphdef, state, prefix_1xL, tokens, valid, positions, targets))
+    for row, at in enumerate(at_rest):
       n = len(at)
       out.append(TokenScores(log_prob[row, :n], top_prob[row, :n], top_correct[row, :n]))
   return out

@@ -1,7 +1,8 @@
 """Generation with the KV cache, answer extraction and the task's own scorer.
 
 ``evaluate`` turns held-out records into accuracy: prompts through the chat template, batched
-decoding (left padding, one compiled program per prompt-length bucket), greedy or sampled
+decoding (the prompts' shared prefix run once, then each prompt's rest left-padded: one compiled
+program per prefix length and rest-length bucket), greedy or sampled
 (temperature, top-p; k samples per problem for Average@k and pass@k), the final answer extracted
 (after ``####``, else the last ``\\boxed{}``, else the last number for numeric answers) and scored
 by reasoning-gym's ``score_answer`` for reasoning-gym tasks, or by MATH-style equivalence
@@ -20,7 +21,21 @@ from flax import nnx
 
 from qtarget.data import records as records_lib
 
-_BUCKET = 32  # prompt lengths are padded up to a multiple of this, to limit recompiles
+# Prompts after their shared prefix are padded up to a multiple of this, to limit recompiles.
+_BUCKET = 16
+
+
+def shared_prefix(encoded: list[list[int]]) -> list[int]:
+  """The tokens every prompt starts with (the chat template, a system prompt, the task's
+  wording), leaving each prompt at least one token of its own: generation runs them once and
+  copies their cache to every row, instead of once per row."""
+  if not encoded:
+    return []
+  limit = min(len(e) for e in encoded) - 1
+  length = 0
+  while length < limit and all(e[length] == encoded[0][length] for e in encoded):
+    length += 1
+  return list(encoded[0][:length])
 
 
 _NUCLEUS_CANDIDATES = 128  # top-p looks at this many top tokens first (a full sort is slow)
@@ -63,18 +78,37 @@ def _next_token(logits_BxV, key, temperature, top_p):
   return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'eos_id', 'lora'))
-def _generate(graphdef, state, tokens_BxP, valid_BxP, key, temperature, top_p, *,
-              max_new_tokens, eos_id, lora):
-  model = nnx.merge(graphdef, state)
-  batch, prompt_len = tokens_BxP.shape
-  cache = model.init_cache(batch, prompt_len + max_new_tokens)
-  positions = jnp.maximum(jnp.cumsum(valid_BxP, axis=1) - 1, 0)
+def prefill(model, prefix_1xL, tokens_BxP, valid_BxP, slots: int, lora: bool = True):
+  """A batch of prompts into a fresh cache of ``slots`` per row: ``prefix_1xL`` (the tokens
+  every row starts with) runs once and its cache is copied to every row, then each row's rest
+  ``tokens_BxP``, left- or right-padded (``valid_BxP`` False on the padding).
+
+  Returns the hidden states of ``tokens_BxP`` ``[B, P, H]``, the cache, and each row's next
+  position ``[B]``.
+  """
+  batch = tokens_BxP.shape[0]
+  prefix_len = prefix_1xL.shape[1]
+  cache = model.init_cache(batch, slots)
+  if prefix_len:
+    _, shared = model.decode(prefix_1xL, model.init_cache(1, slots),
+                             positions_BxT=jnp.arange(prefix_len)[None], lora=lora)
+    cache = jax.tree.map(lambda x, like: jnp.broadcast_to(x, like.shape), shared, cache)
+  positions = prefix_len + jnp.maximum(jnp.cumsum(valid_BxP, axis=1) - 1, 0)
   hidden, cache = model.decode(tokens_BxP, cache, positions_BxT=positions, valid_BxT=valid_BxP,
                                lora=lora)
+  return hidden, cache, prefix_len + jnp.sum(valid_BxP, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'eos_id', 'lora'))
+def _generate(graphdef, state, prefix_1xL, tokens_BxP, valid_BxP, key, temperature, top_p, *,
+              max_new_tokens, eos_id, lora):
+  """Greedy or sampled tokens after the prompts (:func:`prefill`)."""
+  model = nnx.merge(graphdef, state)
+  batch, prompt_len = tokens_BxP.shape
+  slots = prefix_1xL.shape[1] + prompt_len + max_new_tokens
+  hidden, cache, next_position = prefill(model, prefix_1xL, tokens_BxP, valid_BxP, slots, lora)
   keys = jax.random.split(key, max_new_tokens + 1)
   first = _next_token(model.logits(hidden[:, -1]), keys[0], temperature, top_p)
-  next_position = jnp.sum(valid_BxP, axis=1)
 
   # Step i emits token i and computes token i + 1. Once every row has emitted its end of turn,
   # every later token is eos_id: the loop stops there (the output is filled with eos_id).
@@ -114,11 +148,14 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     raise ValueError(f'{len(systems)} system prompts for {len(prompts)} prompts.')
   systems = systems if systems is not None else [None] * len(prompts)
   graphdef, state = nnx.split(model)
+  encoded_prompts = [tokenizer.encode_prompt(p, system=system)
+                     for p, system in zip(prompts, systems)]
+  prefix = shared_prefix(encoded_prompts)
+  prefix_1xL = jnp.asarray(np.asarray(prefix, np.int32).reshape(1, -1))
   outputs = []
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
-    encoded = [tokenizer.encode_prompt(p, system=system)
-               for p, system in zip(chunk, systems[start:start + batch_size])]
+    encoded = [e[len(prefix):] for e in encoded_prompts[start:start + batch_size]]
     width = -(-max(len(e) for e in encoded) // _BUCKET) * _BUCKET
     rows = len(chunk)
     padded_rows = batch_size  # fixed batch shape: one program per bucket
@@ -129,8 +166,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
       valid[i, width - len(ids):] = True
     valid[rows:, -1] = True  # filler rows decode one dummy token
     key = jax.random.fold_in(jax.random.key(seed), start)
-    generated = np.asarray(_generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid),
-                                     key, jnp.float32(temperature), jnp.float32(top_p),
+    generated = np.asarray(_generate(graphdef, state, prefix_1xL, jnp.asarray(tokens),
+                                     jnp.asarray(valid), key, jnp.float32(temperature),
+                                     jnp.float32(top_p),
                                      max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                                      lora=lora))
     for row in generated[:rows]:

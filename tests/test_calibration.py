@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from qtarget import calibration
+from qtarget import tokenizer as tokenizer_lib
 from qtarget.models import llama
 
 import availability
@@ -51,6 +52,45 @@ def test_expected_calibration_error_refuses_bad_input(confidence, correct, messa
 
 
 @availability.needs_smollm2("SmolLM2's tokenizer")
+class _DigitsTokenizer:
+  """Prompts and responses are space-separated ids; the system prompt (ids too) goes first."""
+
+  def encode_example(self, prompt, response, system=None):
+    prompt_ids = [int(t) for t in f'{system or ""} {prompt}'.split()]
+    response_ids = [int(t) for t in response.split()] + [1]  # 1: the end of turn
+    mask = np.zeros(len(prompt_ids) + len(response_ids), bool)
+    mask[len(prompt_ids):] = True
+    return tokenizer_lib.EncodedExample(np.asarray(prompt_ids + response_ids, np.int32), mask)
+
+
+def test_scores_with_a_shared_prefix_match_a_plain_forward_at_every_response_token():
+  """Rows share their prompt and their response's first token: the prefix run once must stop
+  before the first scored position. Right-padded rows of different lengths and a filler row;
+  sharpened weights, so that a wrong position or mask shows."""
+  model = llama.Llama(llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                        num_layers=2, num_heads=4, num_kv_heads=2),
+                      rngs=nnx.Rngs(1))
+  for _, variable in nnx.iter_graph(model):
+    if isinstance(variable, nnx.Param) and variable.get_value().ndim == 2:
+      variable.set_value(variable.get_value() * 8)
+  system = '5 9 3 7 11 2 40 41'
+  examples = [('12 13', '20 21 22', system), ('12 13', '20 21 30 31 32', system),
+              ('12 13', '20 25', system), ('12 13', '20 34 35 36 37 38 39', system)]
+  tokenizer = _DigitsTokenizer()
+  inputs = [tokenizer.encode_example(*e[:2], system=e[2]).token_ids[:-1] for e in examples]
+  # Shared: the system prompt, the prompt and the response's first token (11); the first scored
+  # position is 9 (the prompt's last token predicts the response's first), so 9 run once.
+  assert len(calibration.evaluate.shared_prefix(inputs)) == 11
+  scores = calibration.response_token_scores(model, tokenizer, examples, batch_size=3)
+  for (prompt, response, system_prompt), got in zip(examples, scores):
+    encoded = tokenizer.encode_example(prompt, response, system=system_prompt)
+    ids, mask = encoded.token_ids, np.asarray(encoded.loss_mask[1:], bool)
+    log_probs = np.asarray(jax.nn.log_softmax(model(ids[None, :-1])[0], axis=-1), np.float64)
+    want = log_probs[np.arange(len(ids) - 1), ids[1:]][mask]
+    np.testing.assert_allclose(got.log_prob, want, atol=2e-5, rtol=0)
+    np.testing.assert_array_equal(got.top_correct, (log_probs.argmax(-1) == ids[1:])[mask])
+
+
 def test_response_token_scores_match_each_example_run_alone():
   from qtarget import checkpoints, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   import gguf  # pylint: disable=g-import-not-at-top
@@ -62,9 +102,18 @@ def test_response_token_scores_match_each_example_run_alone():
   examples = [('What is 2 + 3?', '2 + 3 = 5\n#### 5', None),
               ('Add 17 and 4.', '#### 21', 'You are terse.'),
               ('What is 9 * 8?', 'First 9 * 8 = 72, so the answer is\n#### 72', None)]
-  # Batches of two: the second batch has one real row and padding rows.
-  scores = calibration.response_token_scores(model, tokenizer, examples, batch_size=2)
-  for (prompt, response, system), got in zip(examples, scores):
+  # Batches of two: in the first call the second batch has one real row and padding rows. All
+  # three share only the template's first tokens; the first and third share the default system
+  # prompt and "What is " too (a longer prefix, run once for both rows).
+  shared = [(examples, 2), (examples[::2], 2)]
+  for batch, batch_size in shared:
+    prefix = calibration.evaluate.shared_prefix(
+        [tokenizer.encode_example(*e[:2], system=e[2]).token_ids[:-1] for e in batch])
+    assert len(prefix) > (20 if len(batch) == 2 else 2)
+  scores = [s for batch, batch_size in shared
+            for s in calibration.response_token_scores(model, tokenizer, batch,
+                                                       batch_size=batch_size)]
+  for (prompt, response, system), got in zip(examples + examples[::2], scores):
     encoded = tokenizer.encode_example(prompt, response, system=system)
     ids, mask = encoded.token_ids, np.asarray(encoded.loss_mask[1:], bool)
     log_probs = np.asarray(jax.nn.log_softmax(model(ids[None, :-1])[0], axis=-1), np.float64)

@@ -58,6 +58,59 @@ def test_batched_generation_equals_plain_greedy_decoding():
     assert output == ' '.join(map(str, expected)), prompt
 
 
+def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
+  assert evaluate.shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == [1, 2]
+  assert evaluate.shared_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]  # the last one is kept
+  assert evaluate.shared_prefix([[7], [7, 8]]) == []
+  assert evaluate.shared_prefix([[1, 2], [3, 2]]) == [] and evaluate.shared_prefix([]) == []
+
+
+def test_prefill_with_a_shared_prefix_equals_the_whole_prompt():
+  """The prefix's cache copied to rows of different lengths, then each row's left-padded rest:
+  the logits of every real token and the next position are those of the whole prompt alone."""
+  config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                             num_layers=2, num_heads=4, num_kv_heads=2)
+  model = llama.Llama(config, rngs=nnx.Rngs(5))
+  for _, variable in nnx.iter_graph(model):  # sharper: a wrong position or mask shows
+    if isinstance(variable, nnx.Param) and variable.get_value().ndim == 2:
+      variable.set_value(variable.get_value() * 8)
+  prefix = [5, 9, 3, 7, 11, 2]
+  rests = [[4, 8, 1], [6], [12, 13, 14, 15, 16, 17, 18, 19]]
+  width = 8
+  tokens = np.zeros((len(rests), width), np.int32)
+  valid = np.zeros((len(rests), width), bool)
+  for i, rest in enumerate(rests):
+    tokens[i, width - len(rest):], valid[i, width - len(rest):] = rest, True
+  hidden, _, next_position = nnx.jit(evaluate.prefill, static_argnums=(4,))(
+      model, jnp.asarray([prefix]), jnp.asarray(tokens), jnp.asarray(valid), 20)
+  for i, rest in enumerate(rests):  # every real token, against the whole prompt's forward
+    whole = model(jnp.asarray([prefix + rest]))[0, len(prefix):]
+    np.testing.assert_allclose(model.logits(hidden[i, width - len(rest):]), whole, atol=1e-4,
+                               rtol=1e-5)
+    assert int(next_position[i]) == len(prefix) + len(rest)
+
+
+def test_prompts_with_a_shared_prefix_equal_plain_greedy_decoding():
+  """The shared prefix runs once and its cache is copied to every row (filler rows too); each
+  answer equals greedy decoding of the whole prompt alone, without a cache."""
+  config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                             num_layers=2, num_heads=4, num_kv_heads=2)
+  model = llama.Llama(config, rngs=nnx.Rngs(4))
+  for _, variable in nnx.iter_graph(model):
+    if isinstance(variable, nnx.Param) and variable.get_value().ndim == 2:
+      variable.set_value(variable.get_value() * 8)
+  rng = np.random.default_rng(1)
+  common = ' '.join(str(t) for t in rng.integers(3, VOCAB, 11))
+  tails = ['', *(' '.join(str(t) for t in rng.integers(3, VOCAB, n)) for n in (4, 1, 7, 2))]
+  prompts = [f'{common} {tail}'.strip() for tail in tails]
+  encoded = [_DigitsTokenizer().encode_prompt(p) for p in prompts]
+  assert len(evaluate.shared_prefix(encoded)) == 10  # the bare prompt keeps its last token
+  outputs = evaluate.generate(model, _DigitsTokenizer(), prompts, max_new_tokens=6,
+                              batch_size=4)  # two batches, the second with filler rows
+  assert outputs == [' '.join(map(str, _greedy_without_cache(model, e, 6))) for e in encoded]
+  assert len(set(outputs)) > 2  # the tails matter: not one answer copied to every row
+
+
 def test_generation_stops_when_every_row_has_ended_and_keeps_the_rest():
   """A batch whose rows all end before max_new_tokens (the loop stops early) and one where
   some rows run to the limit: both equal plain greedy decoding, which the stop must not cut."""
