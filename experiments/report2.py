@@ -12,6 +12,8 @@ import numpy as np
 
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
+CORES = 2  # the grid machine's; CPU seconds / CORES is a run's wall time alone
+
 BASELINES = ('sft', 'dft', 'distill', 'label_smoothing', 'sft_kl', 'asft')
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -156,6 +158,15 @@ def _status(grid, records, planned):
               f'need about {left / 3600:.1f} h' + (
                   f' (no run of {", ".join(unmeasured)} is trained yet; products2 generates up '
                   'to twice the tokens of chain3, so this is low)' if unmeasured else '') + '.']
+    if cpus[True] or cpus[False]:
+      # Pauses and other work inflate wall time; a run alone keeps both cores busy, so its CPU
+      # seconds over 2 approximate its wall time alone.
+      cpu_rate = lambda v: (median(cpus[v]) or median(cpus[not v])) / CORES
+      cpu_left = sum(cpu_rate(validated(n)) for n in missing if n.count('/') == 2)
+      lines += ['', f'At the CPU-second rates instead (CPU seconds / {CORES}, this machine\'s '
+                f'cores: a run alone keeps both busy), the runs still to go need about '
+                f'{cpu_left / 3600:.1f} h; measurement became about 2x faster with '
+                'PREREGISTRATION change 15 (the runs from chain3_multi/sft/0 on).']
   lines += ['', 'Pre-registered estimate (`PREREGISTRATION.md`, before any run): about 249 runs, '
             '20.5 h of this machine in all, 11.9 h for the teachers, Base and the primaries of '
             'the six settings, which run first; over the issue\'s 12 h the secondaries and the '
