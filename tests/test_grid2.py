@@ -191,7 +191,7 @@ def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
     setting, method, seed = name.split('/')
     records[name] = {
         'name': name, 'setting': setting, 'method': method, 'seed': int(seed),
-        'accuracy': right / 20, 'wall_seconds': 100.0, 'command': 'x',
+        'accuracy': right / 20, 'wall_seconds': 100.0, 'cpu_seconds': 720.0, 'command': 'x',
         'mean_step_seconds': step, 'mean_step_cpu_seconds': 2 * step,
         'scored': {'test_greedy': {'accuracy': right / 20, 'predictions': str(path)},
                    'validation': {'accuracy': 0.5, 'predictions': str(path)}},
@@ -218,8 +218,13 @@ def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
   registry = types.SimpleNamespace(records=lambda: records)
   output = tmp_path / 'RESULTS.md'
   args = types.SimpleNamespace(config='configs/compare2_smollm2.py', results_dir='results2')
-  report2.write(grid, registry, output, args, list(records))
+  # Two runs still to go, one measured on validation: 2 x 100 s at the wall-time medians,
+  # 2 x 720 / 2 s at the CPU-second ones.
+  planned = list(records) + ['chain3_clean/target_sft_eta1/0', 'chain3_clean/sft/5']
+  report2.write(grid, registry, output, args, planned)
   text = output.read_text()
+  assert 'the 2 planned runs still to go need about 0.1 h' in text
+  assert 'the runs still to go need about 0.2 h' in text
   assert '| chain3_clean | 0.5 | **win** +' in text and '**tie**' in text
   assert '| target_sft_eta0.5 | 1.30 / 1.30 |' in text  # step time relative to SFT
   assert (tmp_path / 'grid2_eta.png').exists() and '![grid2_eta.png]' in text
