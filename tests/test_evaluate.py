@@ -41,13 +41,20 @@ def _greedy_without_cache(model, ids, steps):
   return out
 
 
-def test_batched_generation_equals_plain_greedy_decoding():
+def _sharpened_model(seed):
+  """A tiny random model with its matrices scaled x8: sharper distributions have fewer
+  near-ties, and a wrong position or mask moves its outputs visibly."""
   config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                              num_layers=2, num_heads=4, num_kv_heads=2)
-  model = llama.Llama(config, rngs=nnx.Rngs(3))
-  for _, variable in nnx.iter_graph(model):  # sharper distributions: fewer near-ties
+  model = llama.Llama(config, rngs=nnx.Rngs(seed))
+  for _, variable in nnx.iter_graph(model):
     if isinstance(variable, nnx.Param) and variable.get_value().ndim == 2:
       variable.set_value(variable.get_value() * 8)
+  return model
+
+
+def test_batched_generation_equals_plain_greedy_decoding():
+  model = _sharpened_model(3)
   rng = np.random.default_rng(0)
   prompts = [' '.join(str(t) for t in rng.integers(3, VOCAB, n)) for n in (5, 9, 2, 7, 3)]
   outputs = evaluate.generate(model, _DigitsTokenizer(), prompts, max_new_tokens=6,
@@ -68,12 +75,7 @@ def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
 def test_prefill_with_a_shared_prefix_equals_the_whole_prompt():
   """The prefix's cache copied to rows of different lengths, then each row's left-padded rest:
   the logits of every real token and the next position are those of the whole prompt alone."""
-  config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                             num_layers=2, num_heads=4, num_kv_heads=2)
-  model = llama.Llama(config, rngs=nnx.Rngs(5))
-  for _, variable in nnx.iter_graph(model):  # sharper: a wrong position or mask shows
-    if isinstance(variable, nnx.Param) and variable.get_value().ndim == 2:
-      variable.set_value(variable.get_value() * 8)
+  model = _sharpened_model(5)
   prefix = [5, 9, 3, 7, 11, 2]
   rests = [[4, 8, 1], [6], [12, 13, 14, 15, 16, 17, 18, 19]]
   width = 8
@@ -93,12 +95,7 @@ def test_prefill_with_a_shared_prefix_equals_the_whole_prompt():
 def test_prompts_with_a_shared_prefix_equal_plain_greedy_decoding():
   """The shared prefix runs once and its cache is copied to every row (filler rows too); each
   answer equals greedy decoding of the whole prompt alone, without a cache."""
-  config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                             num_layers=2, num_heads=4, num_kv_heads=2)
-  model = llama.Llama(config, rngs=nnx.Rngs(4))
-  for _, variable in nnx.iter_graph(model):
-    if isinstance(variable, nnx.Param) and variable.get_value().ndim == 2:
-      variable.set_value(variable.get_value() * 8)
+  model = _sharpened_model(4)
   rng = np.random.default_rng(1)
   common = ' '.join(str(t) for t in rng.integers(3, VOCAB, 11))
   tails = ['', *(' '.join(str(t) for t in rng.integers(3, VOCAB, n)) for n in (4, 1, 7, 2))]
@@ -114,12 +111,7 @@ def test_prompts_with_a_shared_prefix_equal_plain_greedy_decoding():
 def test_generation_stops_when_every_row_has_ended_and_keeps_the_rest():
   """A batch whose rows all end before max_new_tokens (the loop stops early) and one where
   some rows run to the limit: both equal plain greedy decoding, which the stop must not cut."""
-  config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                             num_layers=2, num_heads=4, num_kv_heads=2)
-  model = llama.Llama(config, rngs=nnx.Rngs(2))
-  for _, variable in nnx.iter_graph(model):
-    if isinstance(variable, nnx.Param) and variable.get_value().ndim == 2:
-      variable.set_value(variable.get_value() * 8)
+  model = _sharpened_model(2)
   rng = np.random.default_rng(0)
   prompts = [' '.join(str(t) for t in rng.integers(3, VOCAB, n)) for n in (5, 9, 2, 7, 3, 4, 6, 8)]
   prompts = [prompts[i] for i in (2, 3, 4, 5, 0, 7, 6)]
@@ -134,14 +126,14 @@ def test_generation_stops_when_every_row_has_ended_and_keeps_the_rest():
   assert outputs == [' '.join(map(str, e)) for e in expected]
 
 
-def _sharp_model(seed=3):
+def _small_model(seed=3):
   config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                              num_layers=2, num_heads=4, num_kv_heads=2)
   return llama.Llama(config, rngs=nnx.Rngs(seed))
 
 
 def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
-  model = _sharp_model()
+  model = _small_model()
   prompts = ['5 6 7', '9 9', '3 4 5 6']
   kwargs = dict(max_new_tokens=8, batch_size=4)
   greedy = evaluate.generate(model, _DigitsTokenizer(), prompts, **kwargs)
@@ -284,4 +276,4 @@ def test_evaluation_prompts_carry_the_system_prompt_as_training_does():
 
 def test_generation_needs_at_least_one_new_token():
   with pytest.raises(ValueError, match='max_new_tokens must be at least 1'):
-    evaluate.generate(_sharp_model(), _DigitsTokenizer(), ['5 6'], max_new_tokens=0, batch_size=1)
+    evaluate.generate(_small_model(), _DigitsTokenizer(), ['5 6'], max_new_tokens=0, batch_size=1)
