@@ -307,6 +307,19 @@ def use_compilation_cache(grid) -> str:
   return cache
 
 
+def _refuse_trained_runs_without_records(grid, registry: Registry) -> None:
+  """An empty registry beside trained runs is almost always a moved or mistyped results
+  directory: going on would measure every finished run again (hours), so it needs a flag."""
+  trained = [name for name in run_names(grid, {})
+             if (ROOT / _run_config(grid, name).workdir / 'summary.json').exists()]
+  if trained:
+    raise SystemExit(
+        f'{_relative(registry.path)} records no run, but {len(trained)} planned run(s) were '
+        f'already trained (e.g. {trained[0]}: {_run_config(grid, trained[0]).workdir}). Check '
+        '--results_dir (or the grid\'s RESULTS_DIR); to record them into this directory '
+        'anyway, measuring them again, pass --new_results.')
+
+
 def run(args) -> None:
   grid = load_grid(args.config, args.results_dir)
   if not args.dry_run:
@@ -323,6 +336,8 @@ def run(args) -> None:
   if args.only and not names:
     raise SystemExit(f'--only {" ".join(args.only)} matches no run of {args.config}; run '
                      'names look like SETTING/METHOD/SEED (list them with --dry_run).')
+  if not registry.records() and not args.new_results:
+    _refuse_trained_runs_without_records(grid, registry)
   _log(f'{len(names) - len(todo)} of {len(names)} runs recorded; {len(todo)} to go' + (
       ' (more appear as hyperparameters are selected)' if hasattr(grid, 'run_plan') else ''))
   if args.dry_run:
@@ -391,6 +406,8 @@ def main():
       p.add_argument('--only', nargs='*', help='glob patterns of run names (SETTING/METHOD/SEED)')
       p.add_argument('--max_runs', type=int, default=0, help='stop after this many runs')
       p.add_argument('--dry_run', action='store_true', help='print the commands only')
+      p.add_argument('--new_results', action='store_true',
+                     help='start an empty results directory although planned runs are trained')
     if command == 'report':
       p.add_argument('--output', default=None,
                      help="default: the grid's REPORT, else experiments/RESULTS.md")

@@ -175,6 +175,27 @@ def test_teacher_without_export_is_trained_again_before_the_students(tmp_path):
   assert [c.split(':')[-1] for c in commands] == ['clean/sft/0']
 
 
+def test_an_empty_results_directory_beside_trained_runs_is_refused(tmp_path):
+  grid = tmp_path / 'grid.py'
+  grid.write_text(_TEACHER_GRID.format(teacher=str(tmp_path / 'teacher')))
+  (tmp_path / 'teacher').mkdir()
+  results = tmp_path / 'moved_results'
+
+  planned = _compare('run', '--config', str(grid), '--dry_run', results=results)
+  assert planned.returncode == 0, planned.stderr  # nothing trained yet: a new grid starts
+
+  (tmp_path / 'teacher' / 'summary.json').write_text('{}')
+  refused = _compare('run', '--config', str(grid), '--dry_run', results=results)
+  assert refused.returncode != 0
+  assert 'runs.jsonl records no run, but' in refused.stderr
+  assert 'were already trained (e.g. teacher:' in refused.stderr  # (every name is the teacher)
+  assert '--new_results' in refused.stderr and 'runs recorded' not in refused.stdout
+
+  anyway = _compare('run', '--config', str(grid), '--dry_run', '--new_results', results=results)
+  assert anyway.returncode == 0, anyway.stderr
+  assert '0 of 3 runs recorded; 3 to go' in anyway.stdout
+
+
 def test_a_config_without_a_grid_is_refused(tmp_path):
   refused = _compare('run', '--config', str(ROOT / 'configs' / 'tiny.py'), '--dry_run',
                      results=tmp_path / 'results')
