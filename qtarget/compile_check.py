@@ -132,9 +132,7 @@ def _architecture(model_config, overrides: dict) -> llama.LlamaConfig:
     return checkpoints.config_from_hf(json.loads((path / 'config.json').read_text()),
                                       **overrides)
   if model_config.source == 'gguf':
-    import gguf  # pylint: disable=g-import-not-at-top
-    gguf_path = path if path is not None else checkpoints.smollm2_gguf_path()
-    return checkpoints.config_from_gguf(gguf.GGUFReader(str(gguf_path)), **overrides)
+    return checkpoints.config_from_gguf(checkpoints.gguf_reader(path), **overrides)
   if len(model_config.architecture):
     return llama.LlamaConfig(**dict(model_config.architecture), **overrides)
   raise train.ConfigError(

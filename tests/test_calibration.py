@@ -93,9 +93,7 @@ def test_scores_with_a_shared_prefix_match_a_plain_forward_at_every_response_tok
 
 def test_response_token_scores_match_each_example_run_alone():
   from qtarget import checkpoints, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  import gguf  # pylint: disable=g-import-not-at-top
-  tokenizer = tokenizer_lib.Tokenizer.from_gguf(gguf.GGUFReader(
-      str(checkpoints.smollm2_gguf_path())))
+  tokenizer = tokenizer_lib.Tokenizer.from_gguf(checkpoints.gguf_reader())
   model = llama.Llama(llama.LlamaConfig(
       vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
       num_kv_heads=1, tie_word_embeddings=True), rngs=nnx.Rngs(0))

@@ -18,9 +18,8 @@ needs_tokenizer = availability.needs_smollm2('needs the SmolLM2 GGUF tokenizer')
 
 @pytest.fixture(scope='module')
 def tokenizer():
-  import gguf  # pylint: disable=g-import-not-at-top
   from qtarget import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  return tokenizer_lib.Tokenizer.from_gguf(gguf.GGUFReader(str(checkpoints.smollm2_gguf_path())))
+  return tokenizer_lib.Tokenizer.from_gguf(checkpoints.gguf_reader())
 
 
 def _write_jsonl(path, rows):

@@ -243,10 +243,8 @@ def test_evaluation_prompts_carry_the_system_prompt_as_training_does():
     pytest.skip(availability.smollm2_missing())
   from qtarget import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from qtarget.data import pipeline  # pylint: disable=g-import-not-at-top
-  import gguf  # pylint: disable=g-import-not-at-top
   from qtarget import checkpoints  # pylint: disable=g-import-not-at-top
-  tokenizer = tokenizer_lib.Tokenizer.from_gguf(
-      gguf.GGUFReader(str(checkpoints.smollm2_gguf_path())))
+  tokenizer = tokenizer_lib.Tokenizer.from_gguf(checkpoints.gguf_reader())
   record = records.record_from_row(
       {'messages': [{'role': 'system', 'content': 'Answer in French.'},
                     {'role': 'user', 'content': 'What is 2+3?'},

@@ -96,6 +96,33 @@ def test_missing_gguf_file(tmp_path):
     checkpoints.load_gguf(tmp_path / 'nothing.gguf')
 
 
+def _write_gguf(path, value):
+  import gguf  # pylint: disable=g-import-not-at-top
+  writer = gguf.GGUFWriter(str(path), 'llama')
+  writer.add_string('test.value', value)
+  writer.add_tensor('x', np.zeros(4, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def test_a_gguf_file_is_parsed_once_per_process_until_it_changes(tmp_path):
+  path = tmp_path / 'small.gguf'
+  _write_gguf(path, 'first')
+  first = checkpoints.gguf_reader(path)
+  assert checkpoints.gguf_reader(str(path)) is first
+  assert first.fields['test.value'].contents() == 'first'
+  # Rewritten in place (a longer value: the size changes even within one mtime tick); a stale
+  # reader would still say 'first'.
+  _write_gguf(path, 'second value')
+  again = checkpoints.gguf_reader(path)
+  assert again is not first and again.fields['test.value'].contents() == 'second value'
+  assert checkpoints.gguf_reader() is checkpoints.gguf_reader()  # SmolLM2's, the default
+  with pytest.raises(FileNotFoundError, match='nothing.gguf'):
+    checkpoints.gguf_reader(tmp_path / 'nothing.gguf')
+
+
 @pytest.mark.slow  # peak-memory measurement of a full load
 def test_loading_streams_within_twice_the_model_size():
   script = textwrap.dedent('''

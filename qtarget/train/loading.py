@@ -59,9 +59,7 @@ def load_model(model_config, *, seed: int, with_lora: bool = True, mesh=None, ru
     if path and pathlib.Path(path).is_dir():
       tokenizer = tokenizer_lib.Tokenizer.from_directory(path)
     else:
-      import gguf  # pylint: disable=g-import-not-at-top
-      tokenizer = tokenizer_lib.Tokenizer.from_gguf(
-          gguf.GGUFReader(str(path or checkpoints.smollm2_gguf_path())))
+      tokenizer = tokenizer_lib.Tokenizer.from_gguf(checkpoints.gguf_reader(path or None))
     tokenizer.check_model_vocabulary(model.config.vocab_size)
     return model, tokenizer
   raise ConfigError(f"model.source must be 'gguf', 'hf' or 'random', got {source!r}.")
@@ -80,9 +78,7 @@ def load_tokenizer(model_config):
       return tokenizer_lib.Tokenizer.from_directory(path)
   elif source != 'gguf':
     raise ConfigError(f"model.source must be 'gguf', 'hf' or 'random', got {source!r}.")
-  import gguf  # pylint: disable=g-import-not-at-top
-  return tokenizer_lib.Tokenizer.from_gguf(
-      gguf.GGUFReader(str(path or checkpoints.smollm2_gguf_path())))
+  return tokenizer_lib.Tokenizer.from_gguf(checkpoints.gguf_reader(path or None))
 
 
 def check_same_vocabulary(student_tokenizer, prior_tokenizer):
