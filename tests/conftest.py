@@ -6,6 +6,8 @@ import tempfile
 
 import pytest
 
+import xla_flags
+
 # Tests run on the CPU even where libtpu is installed (the tpu extra, for compile_check, which
 # only describes TPUs). Eight CPU devices for the sharding tests; set before JAX initializes.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -18,6 +20,9 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _DEVICES_FLAG).strip()
+# A quick LLVM compile (tests/xla_flags.py says why and what it leaves unchanged).
+if 'xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' ' + xla_flags.QUICK_COMPILE
 
 # Under CI every reference must be present: a missing one fails the run instead of skipping.
 _REQUIRED_IN_CI = {'torch': 'torch', 'transformers': 'transformers', 'gguf': 'gguf',

@@ -13,6 +13,7 @@ import types
 import pytest
 
 import availability
+import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 needs_smollm2 = availability.needs_smollm2("the tiny grid uses SmolLM2's tokenizer")
@@ -59,7 +60,7 @@ def _numina_rows(count, offset=0):
 
 
 def _compare(*args, results):
-  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags.with_devices(1))
   return subprocess.run([sys.executable, str(ROOT / 'experiments' / 'compare.py'), *args,
                          '--results_dir', str(results)], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=900)
@@ -86,7 +87,7 @@ def test_paper_grid_runs_records_resumes_and_rescores(tmp_path):
   # and the last metrics line removed from a full run), then the grid picks it up. (A run with
   # --config.steps=1 would not do: a resume refuses a changed step count.)
   env = dict(os.environ, PYTHONPATH=str(ROOT),
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+             XLA_FLAGS=xla_flags.with_devices(1))
   subprocess.run([sys.executable, '-m', 'qtarget.train',
                   f'--config={grid}:numina/target_sft_eta0.5/0', '--config.eval.after=False',
                   '--config.export_hf=False'], cwd=ROOT, env=env, check=True,

@@ -12,10 +12,16 @@ if importlib.util.find_spec('libtpu') is None:
 pytestmark = pytest.mark.tpu
 
 
-def test_tiny_config_fits_a_small_slice():
+@pytest.fixture(scope='module')
+def small_slice_report():
+  """The tiny config at SmolLM2's vocabulary on a v5e 2x2 slice (compiled once, ~25 s)."""
   config = test_train_step.tiny_config(**{'model.architecture.vocab_size': 49152,
                                           'batch_size': 4, 'data.seq_len': 128})
-  report = compile_check.check(config, 'v5e:2x2')
+  return compile_check.check(config, 'v5e:2x2')
+
+
+def test_tiny_config_fits_a_small_slice(small_slice_report):
+  report = small_slice_report
   assert report.num_devices == 4 and report.device_kind == 'TPU v5 lite'
   assert report.mesh == {'data': 1, 'fsdp': 4, 'tensor': 1}
   assert report.hbm == 16 * 2 ** 30
@@ -51,12 +57,10 @@ def test_unknown_topology_is_a_clear_error():
     compile_check.check(config, 'v9z:9x9')
 
 
-def test_tpu_plan_reduce_scatters_gradients_and_gathers_only_weights():
+def test_tpu_plan_reduce_scatters_gradients_and_gathers_only_weights(small_slice_report):
   # On the CPU the partitioner writes a gradient reduction as all-reduce + slice; the TPU
   # compiler turns it into reduce-scatters, which is what ZeRO-3 promises.
-  config = test_train_step.tiny_config(**{'model.architecture.vocab_size': 49152,
-                                          'batch_size': 4, 'data.seq_len': 128})
-  report = compile_check.check(config, 'v5e:2x2')
+  report = small_slice_report
   assert report.mesh['fsdp'] == 4
   assert report.collectives['reduce-scatter']['count'] >= 1
   from qtarget import hlo  # pylint: disable=g-import-not-at-top

@@ -7,6 +7,8 @@ import nbclient
 import nbformat
 import pytest
 
+import xla_flags
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / 'notebooks'
 
 
@@ -17,7 +19,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
   # The fine-tuning notebook trains the tiny random model here (SmolLM2 on Colab).
   monkeypatch.setenv('QTARGET_NOTEBOOK_CONFIG', 'tiny')
   monkeypatch.setenv('QTARGET_NOTEBOOK_WORKDIR', str(tmp_path / 'run'))
-  monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device, as on a laptop or Colab
+  monkeypatch.setenv('XLA_FLAGS', xla_flags.with_devices())  # one CPU device, as on a laptop
   notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
                                    resources={'metadata': {'path': str(NOTEBOOKS)}})

@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 import test_train_step
+import xla_flags
 from qtarget import checkpoints
 from qtarget import compile_check
 from qtarget import hlo
@@ -260,7 +261,7 @@ def test_compile_check_on_fake_cpu_devices_writes_json_and_hlo(tmp_path):
        '--cpu-devices', '8', '--config.batch_size=8', '--config.mesh.fsdp=8',
        '--json', str(report), '--hlo', str(program)],
       capture_output=True, text=True, cwd=test_train_step.CONFIGS.parent, timeout=300,
-      env={**__import__('os').environ, 'XLA_FLAGS': ''})
+      env={**__import__('os').environ, 'XLA_FLAGS': xla_flags.with_devices()})
   assert result.returncode == 0, result.stderr[-2000:]
   data = json.loads(report.read_text())
   assert data['num_devices'] == 8 and data['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1}
@@ -270,5 +271,6 @@ def test_compile_check_on_fake_cpu_devices_writes_json_and_hlo(tmp_path):
   bad = subprocess.run(
       [sys.executable, '-m', 'qtarget.compile_check', '--config', 'configs/tiny.py',
        '--cpu-devices', '8'], capture_output=True, text=True, timeout=300,
-      cwd=test_train_step.CONFIGS.parent, env={**__import__('os').environ, 'XLA_FLAGS': ''})
+      cwd=test_train_step.CONFIGS.parent,
+      env={**__import__('os').environ, 'XLA_FLAGS': xla_flags.with_devices()})
   assert bad.returncode != 0 and 'multiple of 8' in bad.stderr and 'Traceback' not in bad.stderr

@@ -18,6 +18,7 @@ from qtarget.data import pipeline
 from qtarget.data import records
 
 import availability
+import xla_flags
 import test_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -33,7 +34,7 @@ def _command(workdir, *flags):
 
 def _env(devices=1):
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = xla_flags.with_devices(devices)
   env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
   return env
 

@@ -1,0 +1,15 @@
+"""XLA_FLAGS for the tests and the processes they start."""
+
+# The tests' programs are small, so compiling them, not running them, is most of the suite's
+# time. LLVM at -O0 compiles the tiny train step about 2.7x faster on this project's CPU
+# machine (11.4 s -> 4.3 s) and runs it about 2x slower. XLA's HLO passes are untouched: the
+# optimized HLO text, memory_analysis() and the FLOP count of that step are the same with and
+# without it, so what the sharding and memory tests read from a compiled program is what a
+# default build compiles. (TPU ahead-of-time compiles do not read it.)
+QUICK_COMPILE = '--xla_backend_optimization_level=0'
+
+
+def with_devices(count: int | None = None) -> str:
+  """The flags for a process with ``count`` fake CPU devices (None: JAX's default, one)."""
+  devices = [] if count is None else [f'--xla_force_host_platform_device_count={count}']
+  return ' '.join(devices + [QUICK_COMPILE])
