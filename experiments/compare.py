@@ -310,8 +310,8 @@ def use_compilation_cache(grid) -> str:
 def _refuse_trained_runs_without_records(grid, registry: Registry) -> None:
   """An empty registry beside trained runs is almost always a moved or mistyped results
   directory: going on would measure every finished run again (hours), so it needs a flag."""
-  trained = [name for name in run_names(grid, {})
-             if (ROOT / _run_config(grid, name).workdir / 'summary.json').exists()]
+  trained = [name for name in run_names(grid, {}) if not name.startswith('base/')  # untrained
+             and (ROOT / _run_config(grid, name).workdir / 'summary.json').exists()]
   if trained:
     raise SystemExit(
         f'{_relative(registry.path)} records no run, but {len(trained)} planned run(s) were '
