@@ -5,7 +5,8 @@
 # machine (11.4 s -> 4.3 s) and runs it about 2x slower. XLA's HLO passes are untouched: the
 # optimized HLO text, memory_analysis() and the FLOP count of that step are the same with and
 # without it, so what the sharding and memory tests read from a compiled program is what a
-# default build compiles. (TPU ahead-of-time compiles do not read it.)
+# default build compiles. A compile_check report for a v5e 2x2 slice (HLO, temporaries,
+# arguments, FLOPs, collectives) is also the same with and without it.
 QUICK_COMPILE = '--xla_backend_optimization_level=0'
 
 
