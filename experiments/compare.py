@@ -18,7 +18,8 @@ is recorded and re-scored.
 
 Resuming: a finished run is a line of ``results/runs.jsonl`` (config, seed, metrics, wall time,
 predictions file) and is skipped; an unfinished one resumes from its last checkpoint in its
-workdir. Base (the untouched model) is evaluated once per seed; its held-out problems, sampling
+workdir. A results directory without ``runs.jsonl`` beside planned runs that are already trained
+is refused (``--new_results`` goes on): it is most likely a moved or mistyped one. Base (the untouched model) is evaluated once per seed; its held-out problems, sampling
 settings and scorer are those of the runs.
 """
 
@@ -307,17 +308,34 @@ def use_compilation_cache(grid) -> str:
   return cache
 
 
-def _refuse_trained_runs_without_records(grid, registry: Registry) -> None:
-  """An empty registry beside trained runs is almost always a moved or mistyped results
-  directory: going on would measure every finished run again (hours), so it needs a flag."""
-  trained = [name for name in run_names(grid, {}) if not name.startswith('base/')  # untrained
-             and (ROOT / _run_config(grid, name).workdir / 'summary.json').exists()]
-  if trained:
-    raise SystemExit(
-        f'{_relative(registry.path)} records no run, but {len(trained)} planned run(s) were '
-        f'already trained (e.g. {trained[0]}: {_run_config(grid, trained[0]).workdir}). Check '
-        '--results_dir (or the grid\'s RESULTS_DIR); to record them into this directory '
-        'anyway, measuring them again, pass --new_results.')
+def _check_no_trained_runs(grid, names: list[str], registry: Registry, dry_run: bool) -> None:
+  """A grid starting a results directory beside planned runs that are already trained is almost
+  always a moved or mistyped results directory: refused (a dry run warns), since going on would
+  record them again here."""
+  exported, cleaned = [], []
+  for name in names:
+    if name.startswith('base/'):  # Base trains nothing
+      continue
+    try:
+      workdir = ROOT / _run_config(grid, name).workdir
+    except (KeyError, ValueError):  # a name the grid gives no config cannot have been trained
+      continue
+    if (workdir / 'summary.json').exists():
+      (exported if (workdir / 'hf').exists() else cleaned).append((name, workdir))
+  if not exported and not cleaned:
+    return
+  name, workdir = (exported + cleaned)[0]
+  message = (
+      f'{_relative(registry.path)} does not exist, but {len(exported) + len(cleaned)} planned '
+      f'run(s) were already trained (e.g. {name}: {_relative(workdir)}); check --results_dir '
+      "(or the grid's RESULTS_DIR). Recording them here instead would measure the "
+      f'{len(exported)} still exported again; the {len(cleaned)} whose checkpoints and export '
+      'were cleaned up once recorded elsewhere cannot resume (move their workdirs aside to '
+      'train them again). Pass --new_results to go on.')
+  if dry_run:
+    _log('warning: ' + message)
+  else:
+    raise SystemExit(message)
 
 
 def run(args) -> None:
@@ -336,8 +354,8 @@ def run(args) -> None:
   if args.only and not names:
     raise SystemExit(f'--only {" ".join(args.only)} matches no run of {args.config}; run '
                      'names look like SETTING/METHOD/SEED (list them with --dry_run).')
-  if not registry.records() and not args.new_results:
-    _refuse_trained_runs_without_records(grid, registry)
+  if not registry.path.exists() and not args.new_results:  # a grid's first session here
+    _check_no_trained_runs(grid, names, registry, args.dry_run)
   _log(f'{len(names) - len(todo)} of {len(names)} runs recorded; {len(todo)} to go' + (
       ' (more appear as hyperparameters are selected)' if hasattr(grid, 'run_plan') else ''))
   if args.dry_run:
@@ -345,6 +363,7 @@ def run(args) -> None:
       print(' '.join(_train_command(args.config, name)) if not name.startswith('base/')
             else f'(base evaluation) {name}')
     return
+  registry.path.touch()  # started here: an interrupted first run resumes without the check
   started, count = time.time(), 0
   while todo and not (args.max_runs and count >= args.max_runs):
     name, count = todo[0], count + 1
@@ -407,7 +426,7 @@ def main():
       p.add_argument('--max_runs', type=int, default=0, help='stop after this many runs')
       p.add_argument('--dry_run', action='store_true', help='print the commands only')
       p.add_argument('--new_results', action='store_true',
-                     help='start an empty results directory although planned runs are trained')
+                     help='start a results directory although planned runs are already trained')
     if command == 'report':
       p.add_argument('--output', default=None,
                      help="default: the grid's REPORT, else experiments/RESULTS.md")

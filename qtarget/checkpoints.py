@@ -371,17 +371,19 @@ def gguf_reader(path: str | os.PathLike | None = None):
 
   Building one parses every metadata field in Python (4-6 s for SmolLM2's 49k tokens and 49k
   merges), and a training process reads the same file for the student, the prior and the
-  tokenizer. The reader only maps the file, so sharing it is safe; a rewritten file (new size
-  or modification time) is read again.
+  tokenizer. The reader maps the file read-only, so sharing it is safe; a replaced or rewritten
+  file (another inode, size or modification time) is read again. The last four readers stay
+  open, with their mappings, for the life of the process.
   """
   path = pathlib.Path(path) if path is not None else smollm2_gguf_path()
   stat = path.stat()  # FileNotFoundError names the path
-  return _cached_gguf_reader(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+  return _cached_gguf_reader(str(path.resolve()),
+                             (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns))
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_gguf_reader(path: str, size: int, mtime_ns: int):
-  del size, mtime_ns  # part of the cache key only
+def _cached_gguf_reader(path: str, version: tuple):
+  del version  # part of the cache key only
   import gguf  # pylint: disable=g-import-not-at-top
   return gguf.GGUFReader(path)
 

@@ -21,7 +21,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _DEVICES_FLAG).strip()
 # A quick LLVM compile (tests/xla_flags.py says why and what it leaves unchanged).
-if 'xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
+if xla_flags.optimization_flag() not in os.environ['XLA_FLAGS'].split():
   os.environ['XLA_FLAGS'] += ' ' + xla_flags.QUICK_COMPILE
 
 # Under CI every reference must be present: a missing one fails the run instead of skipping.

@@ -176,25 +176,56 @@ def test_teacher_without_export_is_trained_again_before_the_students(tmp_path):
   assert [c.split(':')[-1] for c in commands] == ['clean/sft/0']
 
 
-def test_an_empty_results_directory_beside_trained_runs_is_refused(tmp_path):
+_BASE_AND_TEACHER_GRID = '''
+import ml_collections
+SETTINGS, METHODS, SEEDS = {{'clean': {{}}, 'noisy': {{}}}}, {{'sft': None}}, (0,)
+
+def teacher_config():
+  return ml_collections.ConfigDict({{'workdir': {runs!r} + '/teacher'}})
+
+def get_config(name):
+  if name.startswith('base/'):
+    raise ValueError('Base has no training config')  # as in the paper's grid
+  return ml_collections.ConfigDict({{'workdir': {runs!r} + '/' + name.replace('/', '_')}})
+'''
+
+
+def test_a_results_directory_missing_beside_trained_runs_is_refused(tmp_path):
+  runs = tmp_path / 'runs'
   grid = tmp_path / 'grid.py'
-  grid.write_text(_TEACHER_GRID.format(teacher=str(tmp_path / 'teacher')))
-  (tmp_path / 'teacher').mkdir()
+  grid.write_text(_BASE_AND_TEACHER_GRID.format(runs=str(runs)))
   results = tmp_path / 'moved_results'
 
   planned = _compare('run', '--config', str(grid), '--dry_run', results=results)
   assert planned.returncode == 0, planned.stderr  # nothing trained yet: a new grid starts
+  assert 'warning' not in planned.stdout and '0 of 4 runs recorded; 4 to go' in planned.stdout
 
-  (tmp_path / 'teacher' / 'summary.json').write_text('{}')
-  refused = _compare('run', '--config', str(grid), '--dry_run', results=results)
-  assert refused.returncode != 0
-  assert 'runs.jsonl records no run, but' in refused.stderr
-  assert 'were already trained (e.g. teacher:' in refused.stderr  # (every name is the teacher)
-  assert '--new_results' in refused.stderr and 'runs recorded' not in refused.stdout
+  (runs / 'noisy_sft_0').mkdir(parents=True)
+  (runs / 'noisy_sft_0' / 'summary.json').write_text('{}')  # trained, recorded, cleaned up
+  refused = _compare('run', '--config', str(grid), '--max_runs', '1', results=results)
+  assert refused.returncode != 0 and not (results / 'runs.jsonl').exists()
+  assert 'runs.jsonl does not exist, but 1 planned run(s) were already trained (e.g. ' \
+         'noisy/sft/0' in refused.stderr, refused.stderr
+  assert 'the 0 still exported again; the 1 whose checkpoints and export' in refused.stderr
+  warned = _compare('run', '--config', str(grid), '--dry_run', results=results)
+  assert warned.returncode == 0 and 'warning: ' in warned.stdout
 
+  # Only the runs asked for count; --new_results goes on.
+  elsewhere = _compare('run', '--config', str(grid), '--dry_run', '--only', 'clean/*',
+                       results=results)
+  assert elsewhere.returncode == 0 and 'warning' not in elsewhere.stdout
   anyway = _compare('run', '--config', str(grid), '--dry_run', '--new_results', results=results)
-  assert anyway.returncode == 0, anyway.stderr
-  assert '0 of 3 runs recorded; 3 to go' in anyway.stdout
+  assert anyway.returncode == 0 and 'warning' not in anyway.stdout
+
+  # A grid started here whose first run was cut off after training, before its record, resumes
+  # without the check: the first run creates runs.jsonl before it trains anything (here the
+  # teacher's training fails at once: its config is not a training config).
+  started = _compare('run', '--config', str(grid), '--new_results', '--max_runs', '1',
+                     results=results)
+  assert started.returncode != 0 and 'teacher' in started.stderr
+  assert (results / 'runs.jsonl').read_text() == ''
+  resumed = _compare('run', '--config', str(grid), '--dry_run', results=results)
+  assert resumed.returncode == 0 and 'warning' not in resumed.stdout, resumed.stdout
 
 
 def test_a_config_without_a_grid_is_refused(tmp_path):

@@ -117,12 +117,14 @@ def test_accumulation_equals_the_whole_batch():
     # (lr = 3.3e-4 here), so float rounding of a gradient near zero can move its entry by a
     # fraction of a step (measured: 1e-6 on 1 of 4096 entries; 1.3e-5, 4% of a step, on 1 of
     # 8192 when compiled at -O0). A tenth of a step still fails an update applied twice or
-    # skipped, and almost every entry must agree to 1e-6.
+    # skipped, and all but 0.1% of the entries must agree to 1e-6.
     lr = float(whole_metrics['learning_rate'])
     atol = 1e-7 if optimizer == 'sgd' else 0.1 * lr
+    differences = []
     for got, want in zip(jax.tree.leaves(split.params), jax.tree.leaves(whole.params)):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, err_msg=optimizer)
-      assert np.mean(np.abs(np.asarray(got) - np.asarray(want)) > 1e-6) <= 1e-3, optimizer
+      differences.append(np.abs(np.asarray(got) - np.asarray(want)).ravel())
+    assert np.mean(np.concatenate(differences) > 1e-6) <= 1e-3, optimizer
 
 
 def test_separate_prior_is_frozen():
