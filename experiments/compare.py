@@ -19,8 +19,9 @@ is recorded and re-scored.
 Resuming: a finished run is a line of ``results/runs.jsonl`` (config, seed, metrics, wall time,
 predictions file) and is skipped; an unfinished one resumes from its last checkpoint in its
 workdir. A results directory without ``runs.jsonl`` beside planned runs that are already trained
-is refused (``--new_results`` goes on): it is most likely a moved or mistyped one. Base (the untouched model) is evaluated once per seed; its held-out problems, sampling
-settings and scorer are those of the runs.
+is refused (``--new_results`` goes on): it is most likely a moved or mistyped one. Base (the
+untouched model) is evaluated once per seed; its held-out problems, sampling settings and scorer
+are those of the runs.
 """
 
 import argparse

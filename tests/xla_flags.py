@@ -11,8 +11,9 @@ import os
 # arguments, FLOPs, collectives) is also the same with and without it
 # (tests/test_quick_compile.py checks the CPU case).
 #
-# A level already in XLA_FLAGS wins (XLA_FLAGS=--xla_backend_optimization_level=3 runs the suite
-# with the default build's codegen); on a GPU it lowers the GPU's LLVM optimization too.
+# A level already in XLA_FLAGS wins: XLA_FLAGS=--xla_backend_optimization_level=2 (XLA's
+# default) runs the suite with the default build's codegen. On a GPU the flag lowers the GPU's
+# LLVM optimization too.
 QUICK_COMPILE = '--xla_backend_optimization_level=0'
 
 
