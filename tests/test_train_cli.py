@@ -32,10 +32,12 @@ def _command(workdir, *flags):
           f'--config.data.data_dir={workdir.parent / "tfds"}', *flags]
 
 
-def _env(devices=1):
+def _env(devices=1, compilation_cache=None):
   env = dict(os.environ)
   env['XLA_FLAGS'] = xla_flags.with_devices(devices)
   env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
+  if compilation_cache is not None:  # processes of one test compile the same programs
+    env['JAX_COMPILATION_CACHE_DIR'] = str(compilation_cache)
   return env
 
 
@@ -49,9 +51,9 @@ def _metric_lines(workdir):
   return path.read_text().splitlines() if path.exists() else []
 
 
-def _run_until(workdir, condition, timeout=300):
+def _run_until(command, env, condition, timeout=300):
   """Starts the trainer and SIGKILLs it once `condition()` holds; returns what happened."""
-  process = subprocess.Popen(_command(workdir), env=_env(), stdout=subprocess.DEVNULL,
+  process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
   deadline = time.time() + timeout
   while time.time() < deadline and process.poll() is None:
@@ -66,8 +68,12 @@ def _run_until(workdir, condition, timeout=300):
 
 
 def test_resume_after_sigkill_reaches_the_same_parameters(tmp_path):
+  # Half the tiny config's rows and tokens (its examples are at most 52 tokens long): four
+  # processes run 8-step trainings, and a step's cost is the 49k-token vocabulary's logits.
+  small = ('--config.data.seq_len=64', '--config.batch_size=2')
+  env = _env(compilation_cache=tmp_path / 'jax_cache')
   reference = tmp_path / 'reference'
-  subprocess.run(_command(reference), env=_env(), check=True, capture_output=True)
+  subprocess.run(_command(reference, *small), env=env, check=True, capture_output=True)
   expected = _exported(reference)
   logged = json.loads(_metric_lines(reference)[-1])
   assert set(logged) >= {'step', 'loss', 'nll', 'trust', 'residual_mass', 'prior_entropy',
@@ -81,13 +87,14 @@ def test_resume_after_sigkill_reaches_the_same_parameters(tmp_path):
   # First kill: while a checkpoint is being written (its temporary directory exists).
   saving = lambda: checkpoints_dir.exists() and any(
       'tmp' in p.name for p in checkpoints_dir.iterdir())
-  first = _run_until(interrupted, saving)
+  first = _run_until(_command(interrupted, *small), env, saving)
   assert first == 'killed', first
   # Second kill: between checkpoints, after a later step was logged.
   steps_logged = lambda: len(_metric_lines(interrupted)) >= 5
-  second = _run_until(interrupted, steps_logged)
+  second = _run_until(_command(interrupted, *small), env, steps_logged)
   assert second == 'killed', second
-  finished = subprocess.run(_command(interrupted), env=_env(), capture_output=True, text=True)
+  finished = subprocess.run(_command(interrupted, *small), env=env, capture_output=True,
+                            text=True)
   assert finished.returncode == 0, finished.stderr[-3000:]
   assert 'resumed from the checkpoint at step' in finished.stdout
   got = _exported(interrupted)
