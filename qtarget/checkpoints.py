@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qtarget import gguf_file
 from qtarget.models import layout
 from qtarget.models import llama
 
@@ -367,13 +368,13 @@ def smollm2_gguf_path() -> pathlib.Path:
 
 
 def gguf_reader(path: str | os.PathLike | None = None):
-  """A ``gguf.GGUFReader`` of ``path`` (default: SmolLM2's), shared within the process.
+  """A :class:`qtarget.gguf_file.GGUFFile` of ``path`` (default: SmolLM2's), shared within the
+  process.
 
-  Building one parses every metadata field in Python (4-6 s for SmolLM2's 49k tokens and 49k
-  merges), and a training process reads the same file for the student, the prior and the
-  tokenizer. The reader maps the file read-only, so sharing it is safe; a replaced or rewritten
-  file (another inode, size or modification time) is read again. The last four readers stay
-  open, with their mappings, for the life of the process.
+  A training process reads the same file for the student, the prior and the tokenizer. The
+  file is mapped read-only, so sharing it is safe; a replaced or rewritten file (another inode,
+  size or modification time) is read again. The last four stay open, with their mappings, for
+  the life of the process.
   """
   path = pathlib.Path(path) if path is not None else smollm2_gguf_path()
   stat = path.stat()  # FileNotFoundError names the path
@@ -384,13 +385,11 @@ def gguf_reader(path: str | os.PathLike | None = None):
 @functools.lru_cache(maxsize=4)
 def _cached_gguf_reader(path: str, version: tuple):
   del version  # part of the cache key only
-  import gguf  # pylint: disable=g-import-not-at-top
-  return gguf.GGUFReader(path)
+  return gguf_file.GGUFFile(path)
 
 
 def _gguf_value(reader, key, default=None):
-  field = reader.fields.get(key)
-  return default if field is None else field.contents()
+  return reader.metadata.get(key, default)
 
 
 def _unpermute_rope_rows(weight_OxI: np.ndarray, num_heads: int) -> np.ndarray:

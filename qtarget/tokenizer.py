@@ -89,11 +89,18 @@ class Tokenizer:
 
   @classmethod
   def from_gguf(cls, reader) -> 'Tokenizer':
-    """From a GGUF's ``tokenizer.ggml.*`` fields (a byte-level BPE, as SmolLM2 uses)."""
+    """From a GGUF's ``tokenizer.ggml.*`` fields (a byte-level BPE, as SmolLM2 uses).
+
+    ``reader``: a :class:`qtarget.gguf_file.GGUFFile` (``checkpoints.gguf_reader``) or a
+    ``gguf.GGUFReader``.
+    """
     import tokenizers  # pylint: disable=g-import-not-at-top
     from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
-    value = lambda key, default=None: (reader.fields[key].contents() if key in reader.fields
-                                       else default)
+    if hasattr(reader, 'metadata'):
+      value = reader.metadata.get
+    else:
+      value = lambda key, default=None: (reader.fields[key].contents() if key in reader.fields
+                                         else default)
     if value('tokenizer.ggml.model') != 'gpt2':
       raise ValueError(f"GGUF tokenizer model {value('tokenizer.ggml.model')!r} is not "
                        "supported (only byte-level BPE, 'gpt2').")

@@ -112,12 +112,12 @@ def test_a_gguf_file_is_parsed_once_per_process_until_it_changes(tmp_path):
   _write_gguf(path, 'first')
   first = checkpoints.gguf_reader(path)
   assert checkpoints.gguf_reader(str(path)) is first
-  assert first.fields['test.value'].contents() == 'first'
+  assert first.metadata['test.value'] == 'first'
   # Rewritten in place (a longer value: the size changes even within one mtime tick); a stale
   # reader would still say 'first'.
   _write_gguf(path, 'second value')
   again = checkpoints.gguf_reader(path)
-  assert again is not first and again.fields['test.value'].contents() == 'second value'
+  assert again is not first and again.metadata['test.value'] == 'second value'
   assert checkpoints.gguf_reader() is checkpoints.gguf_reader()  # SmolLM2's, the default
   with pytest.raises(FileNotFoundError, match='nothing.gguf'):
     checkpoints.gguf_reader(tmp_path / 'nothing.gguf')
