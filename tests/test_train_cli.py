@@ -32,12 +32,10 @@ def _command(workdir, *flags):
           f'--config.data.data_dir={workdir.parent / "tfds"}', *flags]
 
 
-def _env(devices=1, compilation_cache=None):
+def _env(devices=1):
   env = dict(os.environ)
   env['XLA_FLAGS'] = xla_flags.with_devices(devices)
   env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
-  if compilation_cache is not None:  # processes of one test compile the same programs
-    env['JAX_COMPILATION_CACHE_DIR'] = str(compilation_cache)
   return env
 
 
@@ -71,7 +69,7 @@ def test_resume_after_sigkill_reaches_the_same_parameters(tmp_path):
   # Half the tiny config's rows and tokens (its examples are at most 52 tokens long): four
   # processes run 8-step trainings, and a step's cost is the 49k-token vocabulary's logits.
   small = ('--config.data.seq_len=64', '--config.batch_size=2')
-  env = _env(compilation_cache=tmp_path / 'jax_cache')
+  env = _env()  # with the session's compilation cache (conftest.py)
   reference = tmp_path / 'reference'
   subprocess.run(_command(reference, *small), env=env, check=True, capture_output=True)
   expected = _exported(reference)
