@@ -1,7 +1,9 @@
 """Test set-up shared by all tests."""
 
+import atexit
 import importlib.util
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -15,9 +17,12 @@ _DEVICES_FLAG = '--xla_force_host_platform_device_count=8'
 # Many tests (and the CLI processes they start, which inherit the variables) compile the same
 # small programs: one compilation cache for the session turns the repeats into loads. A fresh
 # directory each session, so nothing is carried from another version of the code.
+# The process that makes it (pytest's main process under xdist, whose workers inherit the
+# variable) removes it at exit.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='qtarget-jax-cache-')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _DEVICES_FLAG).strip()
 # A quick LLVM compile (tests/xla_flags.py says why and what it leaves unchanged).
