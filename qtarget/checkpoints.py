@@ -388,8 +388,7 @@ def _cached_gguf_reader(path: str, version: tuple):
   return gguf_file.GGUFFile(path)
 
 
-def _gguf_value(reader, key, default=None):
-  return reader.metadata.get(key, default)
+_gguf_value = gguf_file.metadata_value
 
 
 def _unpermute_rope_rows(weight_OxI: np.ndarray, num_heads: int) -> np.ndarray:
@@ -401,6 +400,7 @@ def _unpermute_rope_rows(weight_OxI: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def config_from_gguf(reader, **overrides) -> llama.LlamaConfig:
+  """The model config from a GGUF's metadata (a ``GGUFFile`` or a ``gguf.GGUFReader``)."""
   arch = _gguf_value(reader, 'general.architecture')
   if arch != 'llama':
     raise CheckpointError(f"GGUF architecture {arch!r} is not supported (only 'llama').")

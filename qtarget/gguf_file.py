@@ -189,6 +189,15 @@ class GGUFFile:
     return Tensor(name, tensor_type, tuple(int(d) for d in dims), data)
 
 
+def metadata_value(reader, key: str, default=None):
+  """``key``'s value in a :class:`GGUFFile` or a ``gguf.GGUFReader`` (``default`` if absent),
+  for functions that take either."""
+  if isinstance(reader, GGUFFile):
+    return reader.metadata.get(key, default)
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
 # Types whose data is a plain NumPy array (as gguf-py reads them); the rest are bytes.
 _NATIVE_TYPES = {'F16': np.float16, 'F32': np.float32, 'F64': np.float64, 'I8': np.int8,
                  'I16': np.int16, 'I32': np.int32, 'I64': np.int64}

@@ -8,11 +8,14 @@ one, ChatML is used.
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import pathlib
 
 import numpy as np
+
+from qtarget import gguf_file
 
 # ChatML, as SmolLM2 and Qwen use it, for tokenizers that come without a template.
 CHATML_TEMPLATE = (
@@ -96,11 +99,7 @@ class Tokenizer:
     """
     import tokenizers  # pylint: disable=g-import-not-at-top
     from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
-    if hasattr(reader, 'metadata'):
-      value = reader.metadata.get
-    else:
-      value = lambda key, default=None: (reader.fields[key].contents() if key in reader.fields
-                                         else default)
+    value = functools.partial(gguf_file.metadata_value, reader)
     if value('tokenizer.ggml.model') != 'gpt2':
       raise ValueError(f"GGUF tokenizer model {value('tokenizer.ggml.model')!r} is not "
                        "supported (only byte-level BPE, 'gpt2').")

@@ -29,7 +29,7 @@ def _assert_same_as_gguf_py(path):
     assert mine.data.dtype == reference.data.dtype, mine.name
     assert mine.data.shape == reference.data.shape, mine.name
     np.testing.assert_array_equal(mine.data, reference.data, err_msg=mine.name)
-  return ours
+  return ours, theirs
 
 
 def _write(path, tensors=(), alignment=None, typed_arrays=None, **writers):
@@ -75,7 +75,7 @@ def test_every_value_type_and_tensor_layout_reads_as_gguf_py_reads_it(tmp_path):
          'v.bools': ('array', [True, False]), 'v.empty_array': ('array', [])},
       typed_arrays={'v.u64s': ([2**40, 3], 'UINT64'), 'v.i8s': ([-1, 2], 'INT8'),
                     'v.f64s': ([0.1, -2.0], 'FLOAT64')})
-  ours = _assert_same_as_gguf_py(path)
+  ours, _ = _assert_same_as_gguf_py(path)
   assert ours.metadata['v.f32'] == float(np.float32(0.1)) and ours.metadata['v.bool'] is True
   assert ours.metadata['v.strings'] == ['a', 'Ġb', '', '<|im_end|>']
   by_name = {t.name: t for t in ours.tensors}
@@ -92,21 +92,23 @@ def test_smollm2_reads_as_gguf_py_reads_it():
   from qtarget import checkpoints  # pylint: disable=g-import-not-at-top
   from qtarget import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = checkpoints.smollm2_gguf_path()
-  ours = _assert_same_as_gguf_py(path)
+  ours, theirs = _assert_same_as_gguf_py(path)
   assert len(ours.metadata['tokenizer.ggml.tokens']) == 49152
   assert ours.metadata['tokenizer.ggml.model'] == 'gpt2'
   # Tokenizer.from_gguf takes either reader and builds the same tokenizer.
-  mine, theirs = (tokenizer_lib.Tokenizer.from_gguf(r) for r in (ours, gguf.GGUFReader(path)))
+  mine, reference = (tokenizer_lib.Tokenizer.from_gguf(r) for r in (ours, theirs))
   text = 'What is 12 * 34? <|im_end|> Ünïcödé'
-  assert mine.encode(text) == theirs.encode(text)
-  assert (mine.chat_template, mine.eos_token) == (theirs.chat_template, theirs.eos_token)
+  assert mine.encode(text) == reference.encode(text)
+  assert (mine.chat_template, mine.eos_token) == (reference.chat_template, reference.eos_token)
+  # So does the model config.
+  assert checkpoints.config_from_gguf(ours) == checkpoints.config_from_gguf(theirs)
 
 
 def test_a_custom_alignment_places_every_tensor(tmp_path):
   path = tmp_path / 'aligned.gguf'
   arrays = [np.full((3,), i, np.float32) for i in range(1, 4)]  # 12 bytes each: padding between
   _write(path, tensors=[(f't{i}', a, None) for i, a in enumerate(arrays)], alignment=64)
-  ours = _assert_same_as_gguf_py(path)
+  ours, _ = _assert_same_as_gguf_py(path)
   assert ours.metadata['general.alignment'] == 64
   for tensor, array in zip(ours.tensors, arrays):
     np.testing.assert_array_equal(tensor.data, array)
