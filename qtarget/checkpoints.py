@@ -388,9 +388,6 @@ def _cached_gguf_reader(path: str, version: tuple):
   return gguf_file.GGUFFile(path)
 
 
-_gguf_value = gguf_file.metadata_value
-
-
 def _unpermute_rope_rows(weight_OxI: np.ndarray, num_heads: int) -> np.ndarray:
   """Undoes llama.cpp's q/k row permutation (pairwise-interleaved RoPE -> HF's halves)."""
   rows = weight_OxI.shape[0]
@@ -401,23 +398,24 @@ def _unpermute_rope_rows(weight_OxI: np.ndarray, num_heads: int) -> np.ndarray:
 
 def config_from_gguf(reader, **overrides) -> llama.LlamaConfig:
   """The model config from a GGUF's metadata (a ``GGUFFile`` or a ``gguf.GGUFReader``)."""
-  arch = _gguf_value(reader, 'general.architecture')
+  value = functools.partial(gguf_file.metadata_value, reader)
+  arch = value('general.architecture')
   if arch != 'llama':
     raise CheckpointError(f"GGUF architecture {arch!r} is not supported (only 'llama').")
-  if _gguf_value(reader, 'llama.rope.scaling.type', 'none') not in ('none', None):
+  if value('llama.rope.scaling.type', 'none') not in ('none', None):
     raise CheckpointError('GGUF RoPE scaling is not supported.')
   tensor_names = {t.name for t in reader.tensors}
   embed = next(t for t in reader.tensors if t.name == 'token_embd.weight')
   fields = dict(
       vocab_size=int(embed.shape[1]),
-      hidden_size=int(_gguf_value(reader, 'llama.embedding_length')),
-      intermediate_size=int(_gguf_value(reader, 'llama.feed_forward_length')),
-      num_layers=int(_gguf_value(reader, 'llama.block_count')),
-      num_heads=int(_gguf_value(reader, 'llama.attention.head_count')),
-      num_kv_heads=int(_gguf_value(reader, 'llama.attention.head_count_kv')),
-      rope_theta=float(_gguf_value(reader, 'llama.rope.freq_base', 10000.0)),
-      rms_norm_eps=float(_gguf_value(reader, 'llama.attention.layer_norm_rms_epsilon')),
-      max_position_embeddings=int(_gguf_value(reader, 'llama.context_length', 4096)),
+      hidden_size=int(value('llama.embedding_length')),
+      intermediate_size=int(value('llama.feed_forward_length')),
+      num_layers=int(value('llama.block_count')),
+      num_heads=int(value('llama.attention.head_count')),
+      num_kv_heads=int(value('llama.attention.head_count_kv')),
+      rope_theta=float(value('llama.rope.freq_base', 10000.0)),
+      rms_norm_eps=float(value('llama.attention.layer_norm_rms_epsilon')),
+      max_position_embeddings=int(value('llama.context_length', 4096)),
       tie_word_embeddings='output.weight' not in tensor_names, architecture='llama')
   fields.update(overrides)
   return llama.LlamaConfig(**fields)

@@ -32,6 +32,9 @@ _MAX_DIMS = 4  # as llama.cpp
 # Value types with a fixed width: GGUF type id -> NumPy dtype (little-endian).
 _SCALARS = {0: '<u1', 1: '<i1', 2: '<u2', 3: '<i2', 4: '<u4', 5: '<i4', 6: '<f4', 7: '?',
             10: '<u8', 11: '<i8', 12: '<f8'}
+# Tensor types whose data is a plain NumPy array (as gguf-py reads them); the rest are bytes.
+_NATIVE_TYPES = {'F16': np.float16, 'F32': np.float32, 'F64': np.float64, 'I8': np.int8,
+                 'I16': np.int16, 'I32': np.int32, 'I64': np.int64}
 _U32 = struct.Struct('<I')
 _U64 = struct.Struct('<Q')
 
@@ -65,7 +68,6 @@ class GGUFFile:
       self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     self.metadata: dict[str, Any] = {}
     self.tensors: list[Tensor] = []
-    self._types: dict[str, int] = {}
     try:
       self._read()
     except (struct.error, UnicodeDecodeError, IndexError, OverflowError,
@@ -104,8 +106,10 @@ class GGUFFile:
       value, offset = self._value(value_type, offset + 4)
       if key in self.metadata:
         raise GGUFFormatError(f'{self.path}: metadata key {key!r} appears twice')
+      if key == 'general.alignment' and value_type != _UINT32:
+        raise GGUFFormatError(f'{self.path}: general.alignment must be a uint32, not value '
+                              f'type {value_type}')
       self.metadata[key] = value
-      self._types[key] = value_type
     infos = []
     for _ in range(tensor_count):
       name, offset = self._string(offset)
@@ -119,9 +123,6 @@ class GGUFFile:
       offset += 12
       infos.append((name, dims, type_id, data_offset))
     alignment = self.metadata.get('general.alignment', _DEFAULT_ALIGNMENT)
-    if self._types.get('general.alignment', _UINT32) != _UINT32:
-      raise GGUFFormatError(f'{self.path}: general.alignment must be a uint32, not value type '
-                            f'{self._types["general.alignment"]}')
     if alignment <= 0 or alignment & (alignment - 1):
       raise GGUFFormatError(f'{self.path}: general.alignment {alignment} is not a power of 2')
     start = -(-offset // alignment) * alignment
@@ -197,7 +198,3 @@ def metadata_value(reader, key: str, default=None):
   field = reader.fields.get(key)
   return default if field is None else field.contents()
 
-
-# Types whose data is a plain NumPy array (as gguf-py reads them); the rest are bytes.
-_NATIVE_TYPES = {'F16': np.float16, 'F32': np.float32, 'F64': np.float64, 'I8': np.int8,
-                 'I16': np.int16, 'I32': np.int32, 'I64': np.int64}
