@@ -100,9 +100,10 @@ def prefill(model, prefix_1xL, tokens_BxP, valid_BxP, slots: int, lora: bool = T
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'eos_id', 'lora'))
-def _generate(graphdef, state, prefix_1xL, tokens_BxP, valid_BxP, key, temperature, top_p, *,
-              max_new_tokens, eos_id, lora):
-  """Greedy or sampled tokens after the prompts (:func:`prefill`)."""
+def _generate(graphdef, state, prefix_1xL, tokens_BxP, valid_BxP, real_B, key, temperature,
+              top_p, *, max_new_tokens, eos_id, lora):
+  """Greedy or sampled tokens after the prompts (:func:`prefill`), and the number of decoding
+  steps run. Rows with ``real_B`` False (filler) count as ended from the start."""
   model = nnx.merge(graphdef, state)
   batch, prompt_len = tokens_BxP.shape
   slots = prefix_1xL.shape[1] + prompt_len + max_new_tokens
@@ -125,9 +126,26 @@ def _generate(graphdef, state, prefix_1xL, tokens_BxP, valid_BxP, key, temperatu
     i, _, _, _, done, _ = carry
     return (i < max_new_tokens) & ~jnp.all(done)
 
-  init = (0, first, next_position, cache, jnp.zeros((batch,), bool),
+  init = (0, jnp.where(real_B, first, eos_id), next_position, cache, ~real_B,
           jnp.full((batch, max_new_tokens), eos_id, jnp.int32))
-  return jax.lax.while_loop(unfinished, step, init)[-1]  # [B, max_new_tokens]
+  steps, _, _, _, _, generated = jax.lax.while_loop(unfinished, step, init)
+  return generated, steps  # [B, max_new_tokens], []
+
+
+def left_padded_batch(encoded: list[list[int]], rows: int):
+  """``rows`` rows of token ids, each left-padded to a multiple of ``_BUCKET`` (one program per
+  width): ``(tokens, valid, real)``; rows past ``len(encoded)`` are filler (``real`` False, one
+  dummy token so that no row is empty)."""
+  if not 0 < len(encoded) <= rows or not all(encoded):
+    raise ValueError(f'{len(encoded)} prompts (each at least one token) for {rows} rows.')
+  width = -(-max(len(e) for e in encoded) // _BUCKET) * _BUCKET
+  tokens = np.zeros((rows, width), np.int32)
+  valid = np.zeros((rows, width), bool)
+  for i, ids in enumerate(encoded):
+    tokens[i, width - len(ids):] = ids
+    valid[i, width - len(ids):] = True
+  valid[len(encoded):, -1] = True
+  return tokens, valid, np.arange(rows) < len(encoded)
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
@@ -154,24 +172,13 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
   prefix_1xL = jnp.asarray(np.asarray(prefix, np.int32).reshape(1, -1))
   outputs = []
   for start in range(0, len(prompts), batch_size):
-    chunk = prompts[start:start + batch_size]
-    encoded = [e[len(prefix):] for e in encoded_prompts[start:start + batch_size]]
-    width = -(-max(len(e) for e in encoded) // _BUCKET) * _BUCKET
-    rows = len(chunk)
-    padded_rows = batch_size  # fixed batch shape: one program per bucket
-    tokens = np.zeros((padded_rows, width), np.int32)
-    valid = np.zeros((padded_rows, width), bool)
-    for i, ids in enumerate(encoded):
-      tokens[i, width - len(ids):] = ids
-      valid[i, width - len(ids):] = True
-    valid[rows:, -1] = True  # filler rows decode one dummy token
+    tokens, valid, real = left_padded_batch(
+        [e[len(prefix):] for e in encoded_prompts[start:start + batch_size]], batch_size)
     key = jax.random.fold_in(jax.random.key(seed), start)
-    generated = np.asarray(_generate(graphdef, state, prefix_1xL, jnp.asarray(tokens),
-                                     jnp.asarray(valid), key, jnp.float32(temperature),
-                                     jnp.float32(top_p),
-                                     max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                                     lora=lora))
-    for row in generated[:rows]:
+    generated, _ = _generate(graphdef, state, prefix_1xL, jnp.asarray(tokens), jnp.asarray(valid),
+                             jnp.asarray(real), key, jnp.float32(temperature), jnp.float32(top_p),
+                             max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, lora=lora)
+    for row in np.asarray(generated)[:int(real.sum())]:
       row = list(row)
       if tokenizer.eos_id in row:
         row = row[:row.index(tokenizer.eos_id)]

@@ -125,6 +125,27 @@ def test_generation_stops_when_every_row_has_ended_and_keeps_the_rest():
                               batch_size=4)
   assert outputs == [' '.join(map(str, e)) for e in expected]
 
+  # The loop itself: step i emits token i, so a batch whose longest answer has n tokens (then
+  # its end of turn) runs n + 1 steps; filler rows count as ended, so three prompts in a batch
+  # of four stop there too instead of running to max_new_tokens.
+  graphdef, state = nnx.split(model)
+  for batch in (prompts[:4], prompts[:3], prompts[1:2]):
+    encoded = [_DigitsTokenizer().encode_prompt(p) for p in batch]
+    tokens, valid, real = evaluate.left_padded_batch(encoded, 4)
+    assert real.tolist() == [i < len(batch) for i in range(4)]
+    generated, ran = evaluate._generate(
+        graphdef, state, jnp.zeros((1, 0), jnp.int32), tokens, valid, real, jax.random.key(0),
+        0.0, 1.0, max_new_tokens=steps, eos_id=EOS, lora=True)
+    assert int(ran) == max(lengths[prompts.index(p)] for p in batch) + 1 < steps
+    assert (np.asarray(generated)[len(batch):] == EOS).all()
+
+
+def test_left_padded_batch_rejects_what_it_cannot_pad():
+  with pytest.raises(ValueError, match='3 prompts .* for 2 rows'):
+    evaluate.left_padded_batch([[1], [2], [3]], 2)
+  with pytest.raises(ValueError, match='each at least one token'):
+    evaluate.left_padded_batch([[1], []], 2)
+
 
 def _small_model(seed=3):
   config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
