@@ -1,6 +1,7 @@
 """Records, tfds builders and the grain pipeline."""
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -148,6 +149,20 @@ def test_local_files_builder(tmp_path):
   assert builders.load_split(builder, 'test')[0]['answer'] == ''
   with pytest.raises(FileNotFoundError, match='train data file .* does not exist'):
     builders.LocalFilesConfig(train_path=str(tmp_path / 'missing.jsonl'))
+
+
+def test_preparing_leaves_no_temporary_directories(tmp_path, monkeypatch):
+  # TFDS's bucket lookup for a dataset not yet prepared made an empty temporary directory per
+  # builder; every training run and test left some in /tmp.
+  temporary = tmp_path / 'tmp'
+  temporary.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(temporary))
+  train = _write_jsonl(tmp_path / 'train.jsonl', [{'prompt': '1+1?', 'response': '2'}])
+  config = builders.LocalFilesConfig(train_path=str(train), eval_path=str(train))
+  for _ in range(2):  # the first prepares, the second reads the prepared dataset
+    builder = builders.prepare(config, str(tmp_path / 'tfds'))
+  assert builders.load_split(builder, 'train')[0]['response'] == '2'
+  assert not list(temporary.iterdir())
 
 
 # The pipeline.

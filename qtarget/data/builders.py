@@ -27,6 +27,15 @@ _VALIDATION_DRAWS = 4
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'qtarget', 'tfds')
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """DatasetInfo of a dataset that is never in TFDS's GCS bucket: a builder of a dataset not
+  yet prepared skips the bucket lookup, which makes an empty temporary directory every time
+  (hundreds a day in /tmp from training runs and tests) and finds nothing."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 def _digest(payload) -> str:
   return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -89,7 +98,7 @@ class ReasoningGym(tfds.core.GeneratorBasedBuilder):
   }
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(_FEATURES))
+    return _LocalDatasetInfo(builder=self, features=tfds.features.FeaturesDict(_FEATURES))
 
   def _records(self, split, size=None):
     config = self.builder_config
@@ -175,7 +184,7 @@ class LocalFiles(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(_FEATURES))
+    return _LocalDatasetInfo(builder=self, features=tfds.features.FeaturesDict(_FEATURES))
 
   def _split_generators(self, dl_manager):
     del dl_manager
