@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from qtarget import cached_prior as cached_prior_lib
@@ -72,8 +73,7 @@ def _chunk_values(method, hidden_CxH, head_HxV, labels_C, weights_C, prior_hidde
       prior_entropy = -jnp.sum(jnp.where(prior_probs > 0, prior_probs * prior_log_probs, 0.0),
                                -1)
   hyper_C = {**hyper_C, **static}
-  trust = jnp.broadcast_to(method.trust_of(label_log_prob, log_probs, **hyper_C),
-                           labels_C.shape)
+  trust = method.checked_trust(label_log_prob, log_probs, **hyper_C)
   model_power, prior_power = method.residual_powers(**hyper_C)
   log_residual = targets_lib.log_residual_from_powers(log_probs, prior_log_probs, model_power,
                                                       prior_power)
@@ -259,6 +259,13 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
     ``(loss, aux)``: the scalar weighted sum (differentiable with respect to the hidden states
     and the head; the prior gets no gradient) and :class:`FusedAux` per-token values.
 
+  The loss is computed in float32 whatever the inputs (float64 inputs too; the dense
+  :func:`qtarget.losses.q_cross_entropy` computes float64 in float64), and it has a custom VJP
+  only: reverse mode (``jax.grad``, ``jax.vjp``), not forward mode (``jax.jvp``). Out-of-range
+  labels at non-zero weight, and concrete weights that are negative or not finite, raise a
+  ValueError; under ``jax.jit`` such labels, and traced hyperparameters outside their range,
+  give a NaN loss instead.
+
   Example:
     >>> h, w = jnp.ones((4, 8)), jnp.eye(8, 16)
     >>> loss, aux = q_cross_entropy_fused(h, w, jnp.arange(4), 'dft')
@@ -278,6 +285,9 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
     if prior_hidden_NxP is None or prior_head_PxV is None:
       raise ValueError(f'method {method!r} needs the prior: pass prior_hidden_NxP and '
                        'prior_head_PxV (or prior_cache).')
+    if jnp.ndim(prior_hidden_NxP) == 2 and prior_hidden_NxP.shape[0] != hidden_NxH.shape[0]:
+      raise ValueError(f'prior_hidden_NxP has {prior_hidden_NxP.shape[0]} rows and hidden_NxH '
+                       f'{hidden_NxH.shape[0]}: the prior needs the hidden state of every token.')
     _check_inputs(prior_hidden_NxP, prior_head_PxV, labels_N, None, 'prior_hidden_NxP',
                   'prior_head_PxV')
     if prior_head_PxV.shape[1] != head_HxV.shape[1]:
@@ -305,8 +315,7 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
   if implementation != 'xla' and (spec.static_hyperparameters or spec.trust_reads_distribution):
     raise ValueError(f'the Pallas kernels take trust rules of the label probability alone; '
                      f"method {method!r} needs implementation='xla'.")
-  validation.check_label_range(labels_N, head_HxV.shape[1],
-                               None if weights_N is None else jnp.asarray(weights_N) != 0)
+  _check_labels_where_weighted(labels_N, head_HxV.shape[1], weights_N)
   traced, static = spec.split_hyperparameters(hyperparameters)
   hyper_N = {name: jnp.broadcast_to(jnp.asarray(jax.lax.stop_gradient(v), jnp.float32), (n,))
              for name, v in traced.items()}
@@ -346,6 +355,7 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
   token_axes = tuple(token_axes)
   spec = targets_lib.resolve(method)
   spec.check_hyperparameters(hyperparameters, labels_N.shape, head_HxV.shape[1])
+  _check_weights(weights_N)
   traced, static = spec.split_hyperparameters(hyperparameters)
   n = labels_N.shape[0]
   shards = math.prod(mesh.shape[a] for a in token_axes)
@@ -367,8 +377,7 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
     args['prior_cache'] = cached_prior_lib.CachedPrior(*prior_cache)
     specs['prior_cache'] = cached_prior_lib.CachedPrior(rows, rows, tokens)
 
-  validation.check_label_range(labels_N, head_HxV.shape[1],
-                               None if weights_N is None else jnp.asarray(weights_N) != 0)
+  _check_labels_where_weighted(labels_N, head_HxV.shape[1], weights_N)
 
   def local(a):
     # The head is the same on every device; marking it varying makes the transpose of this
@@ -406,3 +415,22 @@ def _check_inputs(hidden, head, labels, weights, hidden_name, head_name):
   if weights is not None and jnp.shape(weights) != jnp.shape(labels):
     raise ValueError(f'weights_N of shape {jnp.shape(weights)} must match labels_N '
                      f'{jnp.shape(labels)}.')
+  _check_weights(weights)
+
+
+def _check_weights(weights) -> None:
+  """Concrete weights must be finite and non-negative (traced ones cannot be checked)."""
+  if weights is None or not validation.is_concrete(weights):
+    return
+  values = np.asarray(weights, np.float32)
+  bad = ~(np.isfinite(values) & (values >= 0))
+  if bad.any():
+    index = int(np.argmax(bad))
+    raise ValueError(f'weights_N must be finite and non-negative; {int(bad.sum())} are not, the '
+                     f'first {values[index]} at index {index}.')
+
+
+def _check_labels_where_weighted(labels_N, vocab_size, weights_N) -> None:
+  validation.check_label_range(
+      labels_N, vocab_size, None if weights_N is None else jnp.asarray(weights_N) != 0,
+      mask_hint='Give padding positions weight 0 in `weights_N`.')

@@ -44,9 +44,10 @@ def q_cross_entropy(logits: Array, labels: Array, target: targets_lib.Target,
   Returns:
     ``[...]`` per-token losses, float32 (or float64).
 
-  Out-of-range labels at unmasked positions raise a ValueError when the labels are concrete;
-  under ``jax.jit`` they cannot raise and give a NaN loss (and NaN gradient) at that position,
-  never a silently wrong finite value.
+  Out-of-range labels, and NaN in the logits or the target, at unmasked positions raise a
+  ValueError naming the first such position when the inputs are concrete; under ``jax.jit`` they
+  cannot raise and give a NaN loss (and NaN gradient) at that position, never a silently wrong
+  finite value.
 
   The residual must sum to one (``exp(target.log_residual)`` over the vocabulary, as every
   constructor's does): the gradient is defined as p - Q, which is the loss's own gradient only
@@ -55,6 +56,7 @@ def q_cross_entropy(logits: Array, labels: Array, target: targets_lib.Target,
   ``jax.jit`` it cannot be checked and is the caller's contract.
 
   Example:
+    >>> from qtarget import targets
     >>> logits = jnp.array([[2.0, 0.0, -1.0]])
     >>> labels = jnp.array([0])
     >>> loss = q_cross_entropy(logits, labels, targets.dft(logits, labels))
@@ -68,6 +70,14 @@ def q_cross_entropy(logits: Array, labels: Array, target: targets_lib.Target,
     raise ValueError(f'target.trust of shape {jnp.shape(target.trust)} does not match labels of '
                      f'shape {jnp.shape(labels)}.')
   validation.check_label_range(labels, jnp.shape(logits)[-1], where)
+  validation.check_not_nan(logits, 'logits', where, vocab_axis=True)
+  validation.check_not_nan(
+      target.trust, 'target.trust', where,
+      'The constructor got NaN logits there, NaN prior_logits (methods whose trust reads the '
+      'prior), or a traced hyperparameter outside its range.')
+  validation.check_not_nan(
+      target.log_residual, 'target.log_residual', where,
+      'The constructor got NaN logits or prior_logits there.', vocab_axis=True)
   validation.check_residual_normalized(target.trust, target.log_residual, where)
 
   dtype = validation.compute_dtype(jnp.result_type(logits))

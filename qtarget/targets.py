@@ -17,7 +17,8 @@ All constructors share one signature::
 Hyperparameters carry the paper's symbols (``alpha``, ``tau``, ``k``, ``lam``, ``eta``); they may be
 Python numbers or arrays (a scalar, or one value per token: any shape that broadcasts to the
 labels), traced or not, so a sweep under ``jax.jit`` does not recompile. Values given concretely
-are checked against their valid range. ``k`` (EAFT) sets an array shape and is a static integer.
+are checked against their valid range; traced values outside it give a NaN trust (so a NaN loss)
+at the positions they reach. ``k`` (EAFT) sets an array shape and is a static integer.
 
 Except the user-weighted form, each method's residual is a normalized product of powers of the
 current model ``p`` and the ``prior``, :math:`r \propto p^a \, \mathrm{prior}^b`, with the
@@ -66,6 +67,12 @@ class Range:
   high: float = float('inf')
   low_open: bool = False
   high_open: bool = False
+
+  def contains(self, value: Array) -> Array:
+    """Elementwise: whether ``value`` lies in the range (False for NaN)."""
+    above_low = value > self.low if self.low_open else value >= self.low
+    below_high = value < self.high if self.high_open else value <= self.high
+    return above_low & below_high
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # identity: equivalence is _same_design's
@@ -122,6 +129,18 @@ class Method:
       return self.trust(label_log_prob, log_probs, **hyperparameters)
     return self.trust(label_log_prob, **hyperparameters)
 
+  def checked_trust(self, label_log_prob: Array, log_probs: Array | None,
+                    **hyperparameters) -> Array:
+    """:meth:`trust_of`, NaN where the label is out of range (``label_log_prob`` is NaN there)
+    or a hyperparameter lies outside its range: under ``jit`` neither can raise, and a NaN loss
+    is caught where a finite loss of a wrong target would train on."""
+    trust = jnp.broadcast_to(self.trust_of(label_log_prob, log_probs, **hyperparameters),
+                             label_log_prob.shape)
+    invalid = jnp.isnan(label_log_prob)
+    for name, valid in self.hyperparameters.items():
+      invalid = invalid | ~valid.contains(jnp.asarray(hyperparameters[name]))
+    return jnp.where(invalid, jnp.nan, trust)
+
   def split_hyperparameters(self, given: Mapping) -> tuple[dict, dict]:
     """``(traced, static)`` hyperparameters of ``given``."""
     static = {k: int(v) for k, v in given.items() if k in self.static_hyperparameters}
@@ -130,12 +149,6 @@ class Method:
 
 def _ones(label_log_prob):
   return jnp.ones_like(label_log_prob)
-
-
-def _nan_where_label_invalid(trust, label_log_prob):
-  # label_log_probs is NaN exactly where the label is out of range.
-  trust = jnp.broadcast_to(trust, label_log_prob.shape)
-  return jnp.where(jnp.isnan(label_log_prob), jnp.nan, trust)
 
 
 def _powered_prob(label_log_prob, alpha):
@@ -262,8 +275,7 @@ def build(method: Method, logits: Array, labels: Array, *, prior_logits: Array |
            for name, value in traced.items()}
   hyper.update(static)
   label_log_prob = label_log_probs(log_probs, labels)
-  trust = _nan_where_label_invalid(method.trust_of(label_log_prob, log_probs, **hyper),
-                                   label_log_prob)
+  trust = method.checked_trust(label_log_prob, log_probs, **hyper)
   model_power, prior_power = method.residual_powers(**hyper)
   log_residual = log_residual_from_powers(log_probs, prior_log_probs, model_power, prior_power)
   return Target(trust=trust.astype(dtype), log_residual=log_residual)
@@ -457,7 +469,8 @@ def weighted(logits, labels, *, weights, prior_logits=None) -> Target:
   dtype = validation.compute_dtype(jnp.result_type(logits))
   log_probs = jax.nn.log_softmax(jax.lax.stop_gradient(logits).astype(dtype), axis=-1)
   trust = _as_float_array(weights, dtype, jnp.shape(labels))
-  trust = _nan_where_label_invalid(trust, label_log_probs(log_probs, labels))
+  invalid = jnp.isnan(label_log_probs(log_probs, labels)) | ~_NON_NEGATIVE.contains(trust)
+  trust = jnp.where(invalid, jnp.nan, trust)  # traced weights are not range-checked
   return Target(trust=trust, log_residual=log_probs)
 
 
@@ -549,8 +562,8 @@ def resolve(method: 'str | Method') -> Method:
   if method in CONSTRUCTORS:
     raise ValueError(f'method {method!r} has a constructor but no table entry: it needs inputs '
                      'beyond logits and hyperparameters (per-token weights from the data).')
-  raise ValueError(f'unknown method {method!r}; known methods: '
-                   f'{", ".join(sorted(CONSTRUCTORS))}.')
+  raise ValueError(f'unknown method {method!r}; known methods: {", ".join(sorted(METHODS))} '
+                   "('weighted' has a dense constructor only).")
 
 
 def needs_prior(name: str) -> bool:

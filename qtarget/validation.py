@@ -86,7 +86,8 @@ def _unmasked_failures(bad: np.ndarray, where) -> tuple[int, tuple] | None:
   return int(bad.sum()), tuple(int(i) for i in np.argwhere(bad)[0])
 
 
-def check_label_range(labels, vocab_size: int, where=None) -> None:
+def check_label_range(labels, vocab_size: int, where=None,
+                      mask_hint: str = 'Mask padding positions with `where=`.') -> None:
   """Raises if a concrete label (at an unmasked position) lies outside [0, vocab_size)."""
   if not (is_concrete(labels) and (where is None or is_concrete(where))):
     return
@@ -96,7 +97,22 @@ def check_label_range(labels, vocab_size: int, where=None) -> None:
     count, index = failures
     raise ValueError(
         f'{count} label(s) outside [0, {vocab_size}) at unmasked positions; the first '
-        f'is {int(labels_np[index])} at index {index}. Mask padding positions with `where=`.')
+        f'is {int(labels_np[index])} at index {index}. {mask_hint}')
+
+
+def check_not_nan(x, name: str, where=None, cause: str = '', vocab_axis: bool = False) -> None:
+  """Raises if a concrete ``x`` (``[...]``, or ``[..., V]`` with ``vocab_axis``) holds NaN at
+  a position the ``[...]`` mask ``where`` keeps; ``cause`` says where such a NaN comes from."""
+  if not (is_concrete(x) and (where is None or is_concrete(where))):
+    return
+  bad = np.isnan(np.asarray(x, np.float32))
+  if vocab_axis:
+    bad = bad.any(axis=-1)
+  failures = _unmasked_failures(bad, where)
+  if failures:
+    count, index = failures
+    raise ValueError(f'{name} holds NaN at {count} unmasked position(s), the first at index '
+                     f'{index}.{" " + cause if cause else ""}')
 
 
 def check_where(where, labels) -> None:
@@ -112,6 +128,9 @@ def check_where(where, labels) -> None:
 def check_hyperparameter(name: str, value, labels_shape, low: float, high: float,
                          low_open: bool = False, high_open: bool = False) -> None:
   """Shape (scalar or broadcastable to labels) and, for concrete values, the range."""
+  if isinstance(value, (str, bytes)):
+    raise TypeError(f'hyperparameter {name} must be a number or an array of numbers, got the '
+                    f'string {value!r}.')
   shape = jnp.shape(value)
   try:
     broadcast = np.broadcast_shapes(shape, labels_shape)

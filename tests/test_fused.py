@@ -214,3 +214,30 @@ def test_bad_input():
                                 prior_head_PxV=prior_head, eta=1.5)
   with pytest.raises(ValueError, match=r'outside \[0, 203\)'):
     fused.q_cross_entropy_fused(hidden, head, labels, 'dft')  # -100 labels without weights
+
+
+def test_bad_labels_weights_and_hyperparameters_under_jit_give_nan():
+  """Out-of-range labels at non-zero weight, and traced hyperparameters outside their range,
+  give a NaN loss, as the dense loss does; distillation's zero trust must not hide the label."""
+  hidden, head, prior_hidden, prior_head, labels, weights = _inputs()
+  bad_labels = labels.at[1].set(V + 5)
+  assert weights[1] > 0
+  loss = jax.jit(lambda y: _fused_loss('distill', hidden, head, prior_hidden, prior_head, y,
+                                       weights)[0])
+  assert np.isfinite(loss(labels)) and np.isnan(loss(bad_labels))
+  eta_loss = jax.jit(lambda eta: _fused_loss('target_sft', hidden, head, prior_hidden,
+                                             prior_head, labels, weights, eta=eta)[0])
+  assert np.isfinite(eta_loss(1.0)) and np.isnan(eta_loss(1.5))
+
+
+def test_bad_prior_rows_labels_and_weights_are_named():
+  hidden, head, prior_hidden, prior_head, labels, weights = _inputs()
+  with pytest.raises(ValueError, match='prior_hidden_NxP has 4 rows and hidden_NxH 37'):
+    fused.q_cross_entropy_fused(hidden, head, labels, 'distill', prior_hidden_NxP=prior_hidden[:4],
+                                prior_head_PxV=prior_head, weights_N=weights)
+  with pytest.raises(ValueError, match='weight 0 in `weights_N`'):
+    fused.q_cross_entropy_fused(hidden, head, labels, 'dft')
+  for bad in (-0.5, jnp.nan):
+    with pytest.raises(ValueError, match=r'weights_N must be finite and non-negative; 1 are '
+                                         r'not, the first .* at index 2'):
+      fused.q_cross_entropy_fused(hidden, head, labels, 'dft', weights_N=weights.at[2].set(bad))

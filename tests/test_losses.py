@@ -219,3 +219,45 @@ def test_a_residual_that_does_not_sum_to_one_is_refused():
   losses.q_cross_entropy(logits, labels, normalized)
   jitted = jax.jit(losses.q_cross_entropy)(logits, labels, unnormalized)
   assert np.isfinite(jitted).all()
+
+
+@pytest.mark.parametrize('name, hyper', [
+    ('target_sft', {'eta': 1.5}), ('label_smoothing', {'lam': 2.0}), ('profit', {'tau': -0.1}),
+    ('sft_kl', {'lam': -0.5}), ('beyond_log', {'alpha': jnp.nan}), ('weighted', {'weights': -1.0})])
+def test_traced_hyperparameters_outside_their_range_give_nan(name, hyper):
+  """Under jit a value cannot be range-checked: the positions it reaches get a NaN loss, not the
+  finite loss of a target with negative mass (profit's trust would be a finite 1 at tau < 0)."""
+  logits, prior_logits, labels = cases.make_batch()
+  (key, value), = hyper.items()
+  prior = prior_logits if targets.needs_prior(name) else None
+
+  @jax.jit
+  def loss(v):
+    target = targets.get(name)(logits, labels, prior_logits=prior, **{key: v})
+    return losses.q_cross_entropy(logits, labels, target)
+
+  assert np.isnan(loss(value)).all()
+  per_token = jnp.full(labels.shape, 0.5 if name != 'weighted' else 1.0).at[0, 2].set(value)
+  mixed = loss(per_token)  # one position out of range: only it is NaN
+  assert np.isnan(mixed[0, 2]) and np.isfinite(np.delete(mixed.ravel(), 2)).all()
+  with pytest.raises(ValueError, match=f'{key}=.* is outside its valid range'):
+    targets.get(name)(logits, labels, prior_logits=prior, **hyper)  # concrete: an error
+
+
+def test_nan_inputs_are_named_when_concrete():
+  logits, prior_logits, labels = cases.make_batch()
+  nan_logits = logits.at[1, 3, 4].set(jnp.nan)
+  with pytest.raises(ValueError, match=r'^logits holds NaN at 1 unmasked position\(s\), the first '
+                                       r'at index \(1, 3\)'):
+    losses.q_cross_entropy(nan_logits, labels, targets.sft(nan_logits, labels))
+  nan_prior = prior_logits.at[0, 4, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match=r'target.log_residual holds NaN .* index \(0, 4\).*'
+                                       'prior_logits'):
+    losses.q_cross_entropy(logits, labels, targets.sft_kl(logits, labels, prior_logits=nan_prior,
+                                                           lam=0.5))
+  # Masked, the same NaN is fine.
+  where = jnp.ones(labels.shape, bool).at[1, 3].set(False).at[0, 4].set(False)
+  assert np.isfinite(losses.q_cross_entropy(nan_logits, labels, targets.sft(nan_logits, labels),
+                                            where=where)).all()
+  with pytest.raises(TypeError, match="hyperparameter eta must be a number .* string '0.5'"):
+    targets.target_sft(logits, labels, prior_logits=prior_logits, eta='0.5')

@@ -204,7 +204,7 @@ def forward(method_name, hidden_NxH, head_HxV, labels_N, weights_N, prior_hidden
   label_log_prob = s['label_logit'] - lse_s
   in_range = (labels_N >= 0) & (labels_N < vocab)
   label_log_prob = jnp.where(in_range, label_log_prob, jnp.nan)
-  trust = jnp.broadcast_to(method.trust(label_log_prob, **hyper_N), (n,)).astype(jnp.float32)
+  trust = method.checked_trust(label_log_prob, None, **hyper_N).astype(jnp.float32)
   # Both are >= 0 exactly; differences of two float32 numbers near the largest logit can round
   # a hair below.
   residual_ce = jnp.maximum(lse_s - s['dot_w'] / s['sum_w'], 0.0)
