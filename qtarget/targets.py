@@ -566,9 +566,12 @@ def resolve(method: 'str | Method') -> Method:
                    "('weighted' has a dense constructor only).")
 
 
-def needs_prior(name: str) -> bool:
-  """Whether the named method's target uses the prior (False for names outside the table)."""
-  return name in METHODS and METHODS[name].needs_prior
+def needs_prior(method: 'str | Method') -> bool:
+  """Whether a method (a name or a :class:`Method`) uses the prior (False for names outside
+  the table)."""
+  if isinstance(method, Method):
+    return method.needs_prior
+  return method in METHODS and METHODS[method].needs_prior
 
 
 def get(name: str) -> Callable[..., Target]:

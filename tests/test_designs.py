@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from qtarget import compile_check
+from qtarget import config_files
 from qtarget import fused
 from qtarget import losses
 from qtarget import targets
@@ -140,3 +141,28 @@ def get_config():
     assert np.exp(-dense_line['nll']) < dense_line['trust'] < 1
   for name in dense_params:
     np.testing.assert_allclose(fused_params[name], dense_params[name], atol=1e-6, err_msg=name)
+
+
+def test_the_cli_takes_a_config_whose_method_is_the_design_object(tmp_path, monkeypatch, capsys):
+  """The CLI's check of --config.KEY overrides reads the config as JSON before training: a
+  Method object there is resolved to its name first (it raised a TypeError before)."""
+  from qtarget.train import __main__ as cli  # pylint: disable=g-import-not-at-top
+  config_file = tmp_path / 'design_object_config.py'
+  tiny = pathlib.Path(test_train_cli.ROOT) / 'configs' / 'tiny.py'
+  config_file.write_text(DESIGN_SOURCE + f'''
+from qtarget import config_files
+
+
+def get_config():
+  config = config_files.load_module({str(tiny)!r}).get_config()
+  with config.ignore_type():
+    config.method = SQRT_TRUST_GEOMETRIC
+  config.hparams = {{}}
+  return config
+''')
+  cli._check_override_keys([f'--config={config_file}', '--config.steps=2'])  # no exit
+  with pytest.raises(SystemExit, match="unknown config key 'stepz' .*did you mean steps"):
+    cli._check_override_keys([f'--config={config_file}', '--config.stepz=2'])
+  # compile_check's summary line sees the design's prior.
+  config = config_files.load_module(config_file).get_config()
+  assert compile_check.model_configs(config)[1] is not None

@@ -30,7 +30,8 @@ def _check_override_keys(argv) -> None:
   try:
     module = config_files.load_module(file)
     config = module.get_config(argument) if argument else module.get_config()
-  except Exception:  # pylint: disable=broad-except  # config_flags reports a bad file itself
+    checks.resolve_method(config)  # a Method object in the config becomes its name (JSON)
+  except Exception:  # pylint: disable=broad-except  # config_flags / the trainer report these
     return
   valid = list(checks.flatten(config))
   prefixes = {key.rsplit('.', i)[0] for key in valid for i in range(key.count('.') + 1)}
