@@ -1,7 +1,7 @@
 """The embedded default: Target-SFT of SmolLM2-135M-Instruct on a reasoning-gym task, on CPU.
 
-The prior is the frozen initial model. Sized for the README's main job (a few minutes of
-training on 2 CPU cores); `configs/tiny.py` shrinks it for tests.
+The prior is the frozen initial model. Sized for the README's main job (100 steps, 10-20
+minutes of training on 2 CPU cores); `configs/tiny.py` shrinks it for tests.
 """
 
 import ml_collections

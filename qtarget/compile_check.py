@@ -12,9 +12,9 @@ collectives the partitioned program runs (count and bytes of their results), and
 fits, with what to change when it does not. ``--json`` writes the report, ``--hlo`` the compiled
 program's text. TPU topologies need the ``tpu`` extra (``pip install -e .[tpu]``).
 
-Model shapes come from the checkpoint's config.json when the path exists, else from
-``model.architecture`` / ``prior.architecture`` in the config, so a plan can be checked before
-the weights are downloaded.
+Model shapes come from the checkpoint's config.json (a GGUF source: the file's metadata) when
+the path exists, else from ``model.architecture`` / ``prior.architecture`` in the config, so a
+plan can be checked before the weights are downloaded.
 """
 
 import dataclasses
@@ -70,7 +70,8 @@ class Report:
 
   @property
   def total(self) -> int:
-    """Peak per-device bytes: arguments + outputs + temporaries, less donated (aliased) outputs."""
+    """Peak per-device bytes: arguments + outputs + temporaries + generated code, less donated
+    (aliased) outputs."""
     return self.arguments + self.outputs + self.temporaries + self.generated_code - self.aliased
 
   @property

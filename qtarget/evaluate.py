@@ -156,7 +156,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
   ``systems``: each prompt's system prompt (None: none), rendered by the chat template exactly
   as in training.
   ``temperature`` 0 decodes greedily; otherwise tokens are sampled from the top-p nucleus, with
-  keys derived from ``seed`` and the batch index (the same call gives the same samples).
+  keys derived from ``seed`` and the index of each batch's first prompt (the same call gives the
+  same samples; another ``batch_size`` gives other, equally distributed ones).
   """
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens must be at least 1; got {max_new_tokens}.')

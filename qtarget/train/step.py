@@ -267,12 +267,15 @@ def train_step(state: TrainState, batch: dict, layout=None) -> tuple[TrainState,
 
   Args:
     state: the :class:`TrainState`.
-    batch: ``[B, T]`` arrays (:data:`BATCH_KEYS`), B divisible by ``spec.accum_steps``.
+    batch: ``[B, T]`` arrays (:data:`BATCH_KEYS`; a cached prior adds its ``[B, T, k]`` and
+      ``[B, T]`` rows), B divisible by ``spec.accum_steps``.
     layout: a :class:`qtarget.train.sharding.Layout` (the mesh and its rules) that shards the
       activations; None leaves placement to XLA (one device). ``jit_train_step`` binds it.
 
   Returns:
-    The new state and scalar metrics (means over response tokens).
+    The new state and scalar metrics: means over response tokens (loss, nll, trust,
+    accuracy, ...), and ``grad_norm``, ``learning_rate``, ``response_tokens`` (a count) and
+    ``nonfinite`` (1 when the update was not finite).
   """
   if layout is None:
     return _train_step(state, batch)
