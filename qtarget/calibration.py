@@ -44,10 +44,6 @@ def _scores(graphdef, state, prefix_1xL, tokens_BxT, valid_BxT, scored_BxR, targ
   return target_log_prob, jnp.exp(jnp.max(log_probs, axis=-1)), top == targets_BxR
 
 
-def _padded(length: int, bucket: int) -> int:
-  return -(-length // bucket) * bucket
-
-
 def response_token_scores(model, tokenizer, examples: Sequence[tuple[str, str, str | None]], *,
                           batch_size: int = 32) -> list[TokenScores]:
   """Teacher-forced scores of each ``(prompt, response, system)``'s response tokens (the
@@ -69,8 +65,8 @@ def response_token_scores(model, tokenizer, examples: Sequence[tuple[str, str, s
   for start in range(0, len(encoded), batch_size):
     rests = [row[len(prefix):] for row in inputs[start:start + batch_size]]
     at_rest = [at - len(prefix) for at in scored[start:start + batch_size]]
-    length = _padded(max(len(r) for r in rests), _BUCKET)
-    width = _padded(max(max(len(a) for a in at_rest), 1), _RESPONSE_BUCKET)
+    length = evaluate.round_up(max(len(r) for r in rests), _BUCKET)
+    width = evaluate.round_up(max(max(len(a) for a in at_rest), 1), _RESPONSE_BUCKET)
     rows = batch_size if len(encoded) > batch_size else len(rests)  # a fixed number of rows
     tokens = np.zeros((rows, length), np.int32)
     valid = np.zeros((rows, length), bool)

@@ -132,13 +132,18 @@ def _generate(graphdef, state, prefix_1xL, tokens_BxP, valid_BxP, real_B, key, t
   return generated, steps  # [B, max_new_tokens], []
 
 
+def round_up(length: int, multiple: int) -> int:
+  """The smallest multiple of ``multiple`` at least ``length`` (padded widths: few programs)."""
+  return -(-length // multiple) * multiple
+
+
 def left_padded_batch(encoded: list[list[int]], rows: int):
   """``rows`` rows of token ids, each left-padded to a multiple of ``_BUCKET`` (one program per
   width): ``(tokens, valid, real)``; rows past ``len(encoded)`` are filler (``real`` False, one
   dummy token so that no row is empty)."""
   if not 0 < len(encoded) <= rows or not all(encoded):
     raise ValueError(f'{len(encoded)} prompts (each at least one token) for {rows} rows.')
-  width = -(-max(len(e) for e in encoded) // _BUCKET) * _BUCKET
+  width = round_up(max(len(e) for e in encoded), _BUCKET)
   tokens = np.zeros((rows, width), np.int32)
   valid = np.zeros((rows, width), bool)
   for i, ids in enumerate(encoded):
