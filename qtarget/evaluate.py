@@ -42,11 +42,13 @@ _NUCLEUS_CANDIDATES = 128  # top-p looks at this many top tokens first (a full s
 
 
 @jax.jit  # the branches close over arrays: eager calls would compile every time
-def _next_token(logits_BxV, key, temperature, top_p):
+def _next_token(logits_BxV, key, temperature, top_p, active_B=None):
   """Greedy when temperature is 0, else a sample from the top-p nucleus of p^(1/temperature).
 
-  The nucleus is searched among the top ``_NUCLEUS_CANDIDATES`` tokens; only when it does not fit
-  there for some row does the step sort the whole vocabulary (same distribution, ties aside).
+  The nucleus is searched among the top ``_NUCLEUS_CANDIDATES`` tokens; only a row whose nucleus
+  does not fit there takes its token from a sort of the whole vocabulary (same distribution,
+  ties aside), which runs when an ``active_B`` row (default: every row) needs it. A row's token
+  depends on its own logits and the key only, not on the other rows'.
   """
   def greedy(_):
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
@@ -66,12 +68,15 @@ def _next_token(logits_BxV, key, temperature, top_p):
       keep = jnp.arange(candidates) <= last_kept
       choice = jax.random.categorical(key, jnp.where(keep, top_logits, -jnp.inf), axis=-1)
       token = jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0]
-      return token.astype(jnp.int32), jnp.all(cumulative[:, -1] >= top_p)
+      return token.astype(jnp.int32), cumulative[:, -1] >= top_p
 
     def top_p_sample(_):
       candidates = min(_NUCLEUS_CANDIDATES, scaled.shape[-1])
-      token, fits = nucleus(candidates)
-      return jax.lax.cond(fits, lambda _: token, lambda _: nucleus(scaled.shape[-1])[0], None)
+      token, fits_B = nucleus(candidates)
+      needed = ~fits_B if active_B is None else ~fits_B & active_B
+      whole = jax.lax.cond(jnp.any(needed), lambda _: nucleus(scaled.shape[-1])[0],
+                           lambda _: token, None)
+      return jnp.where(fits_B, token, whole)
 
     return jax.lax.cond(top_p >= 1.0, whole_vocabulary, top_p_sample, None)
 
@@ -109,7 +114,7 @@ def _generate(graphdef, state, prefix_1xL, tokens_BxP, valid_BxP, real_B, key, t
   slots = prefix_1xL.shape[1] + prompt_len + max_new_tokens
   hidden, cache, next_position = prefill(model, prefix_1xL, tokens_BxP, valid_BxP, slots, lora)
   keys = jax.random.split(key, max_new_tokens + 1)
-  first = _next_token(model.logits(hidden[:, -1]), keys[0], temperature, top_p)
+  first = _next_token(model.logits(hidden[:, -1]), keys[0], temperature, top_p, real_B)
 
   # Step i emits token i and computes token i + 1. Once every row has emitted its end of turn,
   # every later token is eos_id: the loop stops there (the output is filled with eos_id).
@@ -119,7 +124,7 @@ def _generate(graphdef, state, prefix_1xL, tokens_BxP, valid_BxP, real_B, key, t
     done = done | (token == eos_id)
     hidden, cache = model.decode(token[:, None], cache, positions_BxT=position[:, None],
                                  lora=lora)
-    new_token = _next_token(model.logits(hidden[:, 0]), keys[i + 1], temperature, top_p)
+    new_token = _next_token(model.logits(hidden[:, 0]), keys[i + 1], temperature, top_p, ~done)
     return i + 1, jnp.where(done, eos_id, new_token), position + 1, cache, done, generated
 
   def unfinished(carry):

@@ -39,8 +39,10 @@ class FusedAux(NamedTuple):
   """Per-token values for metrics (not differentiable).
 
   Attributes:
-    per_token_loss: ``[N]`` CE(Q, p) of each token (unweighted).
-    trust: ``[N]`` the target's mass on the label.
+    per_token_loss: ``[N]`` CE(Q, p) of each token (unweighted; 0 at zero weight).
+    trust: ``[N]`` the target's mass on the label; NaN where the label is out of range or a
+      hyperparameter outside its range, whatever the weight (as the dense constructors give;
+      mask it with the weights before reducing).
     label_log_prob: ``[N]`` log p(label).
     predicted: ``[N]`` argmax of the student's logits.
     prior_entropy: ``[N]`` entropy of the prior (zeros without a prior; with a cached prior,

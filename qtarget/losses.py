@@ -70,7 +70,7 @@ def q_cross_entropy(logits: Array, labels: Array, target: targets_lib.Target,
     raise ValueError(f'target.trust of shape {jnp.shape(target.trust)} does not match labels of '
                      f'shape {jnp.shape(labels)}.')
   validation.check_label_range(labels, jnp.shape(logits)[-1], where)
-  validation.check_not_nan(logits, 'logits', where, vocab_axis=True)
+  validation.check_not_nan(logits, 'logits', where, vocab_axis=True, positive_inf=True)
   validation.check_not_nan(
       target.trust, 'target.trust', where,
       'The constructor got NaN logits there, NaN prior_logits (methods whose trust reads the '

@@ -100,18 +100,21 @@ def check_label_range(labels, vocab_size: int, where=None,
         f'is {int(labels_np[index])} at index {index}. {mask_hint}')
 
 
-def check_not_nan(x, name: str, where=None, cause: str = '', vocab_axis: bool = False) -> None:
-  """Raises if a concrete ``x`` (``[...]``, or ``[..., V]`` with ``vocab_axis``) holds NaN at
-  a position the ``[...]`` mask ``where`` keeps; ``cause`` says where such a NaN comes from."""
+def check_not_nan(x, name: str, where=None, cause: str = '', vocab_axis: bool = False,
+                  positive_inf: bool = False) -> None:
+  """Raises if a concrete ``x`` (``[...]``, or ``[..., V]`` with ``vocab_axis``) holds NaN (or,
+  with ``positive_inf``, +inf) at a position the ``[...]`` mask ``where`` keeps; ``cause`` says
+  where such a value comes from. Reduced on the device: only a per-position mask is copied."""
   if not (is_concrete(x) and (where is None or is_concrete(where))):
     return
-  bad = np.isnan(np.asarray(x, np.float32))
-  if vocab_axis:
-    bad = bad.any(axis=-1)
+  with jax.ensure_compile_time_eval():  # concrete inputs inside a jit trace are evaluated here
+    bad = jnp.isnan(x) | (jnp.isposinf(x) if positive_inf else False)
+    bad = np.asarray(bad.any(axis=-1) if vocab_axis else bad)
   failures = _unmasked_failures(bad, where)
   if failures:
     count, index = failures
-    raise ValueError(f'{name} holds NaN at {count} unmasked position(s), the first at index '
+    what = 'NaN or +inf' if positive_inf else 'NaN'
+    raise ValueError(f'{name} holds {what} at {count} unmasked position(s), the first at index '
                      f'{index}.{" " + cause if cause else ""}')
 
 

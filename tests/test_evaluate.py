@@ -179,6 +179,23 @@ def test_next_token_top_p_cutoff():
   assert int(evaluate._next_token(logits, keys[0], 0.0, 1.0)[0]) == 0  # temperature 0: argmax
 
 
+def test_a_rows_sample_does_not_depend_on_the_other_rows():
+  """A row whose nucleus fits the candidates keeps its token when another row needs the whole
+  vocabulary (a batch-wide switch drew other tokens for it: a part-filled last batch sampled
+  differently from the same prompts in a full one)."""
+  vocabulary = 1000  # above the 128 candidates
+  peaked = jnp.zeros(vocabulary).at[:3].set(jnp.asarray([9.0, 8.5, 8.0]))
+  flat = jnp.zeros(vocabulary)
+  for key in jax.random.split(jax.random.key(0), 30):
+    alone = evaluate._next_token(jnp.stack([peaked, peaked]), key, 1.0, 0.9)
+    beside_flat = evaluate._next_token(jnp.stack([peaked, flat]), key, 1.0, 0.9)
+    assert int(alone[0]) == int(beside_flat[0]) and int(alone[0]) < 3
+    assert int(beside_flat[1]) >= 0
+    inactive = evaluate._next_token(jnp.stack([peaked, flat]), key, 1.0, 0.9,
+                                    jnp.asarray([True, False]))
+    assert int(inactive[0]) == int(alone[0])
+
+
 @pytest.mark.parametrize('top_p', [0.3, 0.9, 0.999])
 def test_next_token_matches_the_nucleus_distribution(top_p):
   # 300 tokens with geometric-ish mass: top_p 0.999 needs more than the 128 candidates, so the

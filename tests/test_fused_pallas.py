@@ -117,3 +117,16 @@ def test_trust_rules_of_the_whole_distribution_are_refused():
   with pytest.raises(ValueError, match="needs implementation='xla'"):
     fused.q_cross_entropy_fused(hidden, head, jnp.abs(labels), 'eaft', k=4,
                                 implementation=IMPLEMENTATION)
+
+
+def test_bad_labels_and_hyperparameters_under_jit_give_nan():
+  """As in the XLA path: an out-of-range label at non-zero weight (distillation's zero trust
+  must not hide it) and a traced hyperparameter out of range give NaN; padding does not."""
+  hidden, head, prior_hidden, prior_head, labels, weights = test_fused._inputs()  # pylint: disable=protected-access
+  assert weights[1] > 0 and weights[0] == 0 and labels[0] == -100
+  loss = jax.jit(lambda y: _pallas_loss('distill', hidden, head, prior_hidden, prior_head, y,
+                                        weights)[0])
+  assert np.isfinite(loss(labels)) and np.isnan(loss(labels.at[1].set(10_000)))
+  eta_loss = jax.jit(lambda eta: _pallas_loss('target_sft', hidden, head, prior_hidden,
+                                              prior_head, labels, weights, eta=eta)[0])
+  assert np.isfinite(eta_loss(1.0)) and np.isnan(eta_loss(1.5))

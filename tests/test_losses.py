@@ -223,7 +223,7 @@ def test_a_residual_that_does_not_sum_to_one_is_refused():
 
 @pytest.mark.parametrize('name, hyper', [
     ('target_sft', {'eta': 1.5}), ('label_smoothing', {'lam': 2.0}), ('profit', {'tau': -0.1}),
-    ('sft_kl', {'lam': -0.5}), ('beyond_log', {'alpha': jnp.nan}), ('weighted', {'weights': -1.0})])
+    ('sft_kl', {'lam': -0.5}), ('beyond_log', {'alpha': -0.5}), ('weighted', {'weights': -1.0})])
 def test_traced_hyperparameters_outside_their_range_give_nan(name, hyper):
   """Under jit a value cannot be range-checked: the positions it reaches get a NaN loss, not the
   finite loss of a target with negative mass (profit's trust would be a finite 1 at tau < 0)."""
@@ -247,9 +247,15 @@ def test_traced_hyperparameters_outside_their_range_give_nan(name, hyper):
 def test_nan_inputs_are_named_when_concrete():
   logits, prior_logits, labels = cases.make_batch()
   nan_logits = logits.at[1, 3, 4].set(jnp.nan)
-  with pytest.raises(ValueError, match=r'^logits holds NaN at 1 unmasked position\(s\), the first '
-                                       r'at index \(1, 3\)'):
+  with pytest.raises(ValueError, match=r'^logits holds NaN or \+inf at 1 unmasked '
+                                       r'position\(s\), the first at index \(1, 3\)'):
     losses.q_cross_entropy(nan_logits, labels, targets.sft(nan_logits, labels))
+  inf_logits = logits.at[0, 1, 2].set(jnp.inf)  # softmax would be NaN; -inf stays allowed
+  with pytest.raises(ValueError, match=r'^logits holds NaN or \+inf .* index \(0, 1\)'):
+    losses.q_cross_entropy(inf_logits, labels, targets.sft(inf_logits, labels))
+  minus_inf = logits.at[0, 1, 2].set(-jnp.inf)
+  finite = losses.q_cross_entropy(minus_inf, labels, targets.sft(minus_inf, labels))
+  assert np.isfinite(finite).all()
   nan_prior = prior_logits.at[0, 4, 0].set(jnp.nan)
   with pytest.raises(ValueError, match=r'target.log_residual holds NaN .* index \(0, 4\).*'
                                        'prior_logits'):
