@@ -70,9 +70,7 @@ class Range:
 
   def contains(self, value: Array) -> Array:
     """Elementwise: whether ``value`` lies in the range (False for NaN)."""
-    above_low = value > self.low if self.low_open else value >= self.low
-    below_high = value < self.high if self.high_open else value <= self.high
-    return above_low & below_high
+    return validation.in_range(value, self.low, self.high, self.low_open, self.high_open)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # identity: equivalence is _same_design's

@@ -128,6 +128,13 @@ def check_where(where, labels) -> None:
         f'where of shape {jnp.shape(where)} must have the shape of labels {jnp.shape(labels)}.')
 
 
+def in_range(values, low: float, high: float, low_open: bool = False, high_open: bool = False):
+  """Elementwise: whether ``values`` (NumPy or JAX) lie in the interval (False for NaN)."""
+  above_low = values > low if low_open else values >= low
+  below_high = values < high if high_open else values <= high
+  return above_low & below_high
+
+
 def check_hyperparameter(name: str, value, labels_shape, low: float, high: float,
                          low_open: bool = False, high_open: bool = False) -> None:
   """Shape (scalar or broadcastable to labels) and, for concrete values, the range."""
@@ -148,11 +155,10 @@ def check_hyperparameter(name: str, value, labels_shape, low: float, high: float
   if not is_concrete(value):
     return
   values = np.asarray(value, np.float64)
-  below = values <= low if low_open else values < low
-  above = values >= high if high_open else values > high
-  if np.isnan(values).any() or below.any() or above.any():
+  outside = ~in_range(values, low, high, low_open, high_open)
+  if outside.any():
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    offending = values[np.isnan(values) | below | above].ravel()[0]
+    offending = values[outside].ravel()[0]
     raise ValueError(f'hyperparameter {name}={offending} is outside its valid range {interval}.')
 
 
