@@ -113,6 +113,7 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
            "scored by reasoning-gym's own scorer.", '']
   lines += _status(grid, records, planned)
   lines += _verdicts(grid, records)
+  lines += _power(grid, records)
   lines += _accuracy(grid, records)
   lines += _eta(grid, records)
   lines += _sweep(grid, records)
@@ -229,6 +230,43 @@ def _verdicts(grid, records):
             'added seeds were trained after the selection and carry no such bias.', '',
             *table, '']
   return lines
+
+
+def _seed_accuracies(records, setting, method) -> dict[int, float]:
+  return {int(r['name'].split('/')[2]): r['accuracy'] for r in _runs(records, setting, method)}
+
+
+def _power(grid, records):
+  """What the planned seeds can resolve, from the seed-to-seed spread seen so far (planning,
+  not a result): the pooled SD over seeds of a Target-SFT value minus a primary baseline."""
+  pooled = collections.defaultdict(lambda: [0.0, 0])  # task -> [sum of squares, df]
+  for setting in grid.SETTINGS:
+    for method in grid.TUNED['target_sft']:
+      ours = _seed_accuracies(records, setting, method)
+      for baseline in grid.PRIMARY_FIXED:
+        theirs = _seed_accuracies(records, setting, baseline)
+        diffs = np.array([ours[s] - theirs[s] for s in sorted(set(ours) & set(theirs))])
+        if len(diffs) > 1:
+          entry = pooled[grid.task_family_of(f'{setting}/{method}/0')]
+          entry[0] += float(np.sum((diffs - diffs.mean()) ** 2))
+          entry[1] += len(diffs) - 1
+  lines = ['## Power: what the planned seeds can resolve (planning, not a result)', '']
+  if not pooled:
+    return lines + ['Not estimable yet: no Target-SFT value and primary baseline share two '
+                    'seeds in any setting.', '']
+  n = len(grid.PRIMARY_SEEDS)
+  lines += [f'The SD over seeds of a paired difference (a Target-SFT value minus SFT, DFT or '
+            'distillation, all etas, pooled over the settings of a task) and the 95% half-width '
+            f'it implies for a paired comparison over the {n} primary seeds, which is about the '
+            'smallest gap the verdict table can call a win or a loss. The pairs share runs '
+            '(three etas against one baseline), so the degrees of freedom overstate the '
+            'information.', '', '| task | SD of a paired difference (points) | degrees of freedom '
+            f'| half-width at {n} seeds (points) |', '|---|---|---|---|']
+  for task, (squares, df) in sorted(pooled.items()):
+    sd = math.sqrt(squares / df)
+    half = stats.t_975(n - 1) * sd / math.sqrt(n)
+    lines.append(f'| {task} | {100 * sd:.1f} | {df} | {100 * half:.1f} |')
+  return lines + ['']
 
 
 def _accuracy(grid, records):

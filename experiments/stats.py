@@ -10,6 +10,11 @@ _T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365,
           9: 2.262, 10: 2.228}
 
 
+def t_975(df: int) -> float:
+  """The Student-t 97.5% quantile at ``df`` degrees of freedom (the normal's beyond 10)."""
+  return _T_975.get(df, 1.96)
+
+
 def mean_and_interval(values: list[float]) -> tuple[float, float]:
   """Mean and half-width of the 95% Student-t interval over seeds (nan with one value)."""
   n = len(values)
@@ -17,4 +22,4 @@ def mean_and_interval(values: list[float]) -> tuple[float, float]:
   if n < 2:
     return mean, math.nan
   sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-  return mean, _T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
+  return mean, t_975(n - 1) * sd / math.sqrt(n)

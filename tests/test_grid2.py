@@ -227,6 +227,10 @@ def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
   assert 'the runs still to go need about 0.2 h' in text
   assert '| chain3_clean | 0.5 | **win** +' in text and '**tie**' in text
   assert '| target_sft_eta0.5 | 1.30 / 1.30 |' in text  # step time relative to SFT
+  # Power: per-seed differences (in points) 35 35 25 40 30 against SFT and -5 5 -5 5 -5 against
+  # DFT; squared deviations 130 + 120 over 4 + 4 degrees of freedom: SD 5.59, and
+  # 2.776 * 5.59 / sqrt(5) = 6.9 points at 5 seeds.
+  assert '| chain3 | 5.6 | 8 | 6.9 |' in text, text[text.index('## Power'):][:1500]
   assert (tmp_path / 'grid2_eta.png').exists() and '![grid2_eta.png]' in text
   assert (tmp_path / 'grid2_calibration.png').exists()
   assert compare.is_teacher('teacher/chain3') and not compare.is_teacher('chain3/sft/0')
