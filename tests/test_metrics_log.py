@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qtarget.train import loop
+from qtarget.train import metrics_log
 
 tensorboardX = pytest.importorskip('tensorboardX')
 from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top,g-bad-import-order
@@ -25,12 +25,12 @@ def _scalars(event_file):
 
 
 def test_metrics_reach_jsonl_and_tensorboard_and_resume_rewinds_them(tmp_path):
-  log = loop._MetricsLog(tmp_path, start_step=0)
+  log = metrics_log.MetricsLog(tmp_path, start_step=0)
   for step in (1, 2, 3):
     log.write(step, {'loss': 1.0 / step, 'skipped_updates': step, 'note': 'not a number'})
   log.close()
   # A resume from the checkpoint at step 2 drops step 3 and writes it again.
-  log = loop._MetricsLog(tmp_path, start_step=2)
+  log = metrics_log.MetricsLog(tmp_path, start_step=2)
   log.write(3, {'loss': 0.25, 'skipped_updates': 3, 'note': 'again'})
   log.write(4, {'loss': float('nan'), 'skipped_updates': 3, 'note': ''})
   log.close()
@@ -49,8 +49,9 @@ def test_metrics_reach_jsonl_and_tensorboard_and_resume_rewinds_them(tmp_path):
 def test_the_summary_writer_is_imported_without_torch():
   # In a fresh process: this test process may have imported torch for other tests.
   pytest.importorskip('torch')  # the case to test: torch installed
-  code = ('import sys; from qtarget.train import loop; loop._import_summary_writer(); '
-          "import tensorboardX.writer; assert 'torch' not in sys.modules, 'torch imported'; "
+  code = ('import sys; from qtarget.train import metrics_log; '
+          'metrics_log.import_summary_writer(); import tensorboardX.writer; '
+          "assert 'torch' not in sys.modules, 'torch imported'; "
           'import torch')  # ... and torch still imports afterwards
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           check=False)

@@ -24,6 +24,7 @@ from qtarget.models import layout
 from qtarget.train import checkpointing
 from qtarget.train import checks
 from qtarget.train import loading
+from qtarget.train import metrics_log
 from qtarget.train import sharding as sharding_lib
 from qtarget.train import state as state_lib
 from qtarget.train.errors import ConfigError
@@ -147,65 +148,6 @@ def fetch_metrics(device_metrics: list[dict]) -> list[dict]:
   return jax.device_get(device_metrics)
 
 
-def _json_number(value):
-  """JSON has no NaN or infinity: such values are written as null."""
-  return value if not isinstance(value, float) or np.isfinite(value) else None
-
-
-def _import_summary_writer():
-  """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch whenever
-  it is installed (as it is beside transformers), only to accept torch tensors; that import adds
-  seconds to every run's start (2.9 s against 0.5 s on this project's CPU machine), and the
-  metrics are Python floats."""
-  if 'torch' in sys.modules:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    return SummaryWriter
-  sys.modules['torch'] = None  # `import torch` raises ImportError while this is set
-  try:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  finally:
-    del sys.modules['torch']
-  return SummaryWriter
-
-
-class _MetricsLog:
-  """metrics.jsonl (rewound to the restored step on resume) and TensorBoard events."""
-
-  def __init__(self, workdir: pathlib.Path, start_step: int):
-    self.path = workdir / 'metrics.jsonl'
-    self.active = jax.process_index() == 0
-    if not self.active:
-      return
-    if self.path.exists():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line and json.loads(line).get('step', 0) <= start_step]
-      self.path.write_text(''.join(line + '\n' for line in kept))
-    try:
-      summary_writer = _import_summary_writer()
-    except ImportError:
-      self.writer = None
-    else:
-      # The file is named by the second it opened in (tensorboardX truncates a name it reuses);
-      # the resume step in the name keeps two writers of one second apart.
-      self.writer = summary_writer(str(workdir / 'tensorboard'), purge_step=start_step + 1,
-                                   filename_suffix=f'.from_step{start_step}')
-
-  def write(self, step: int, metrics: dict) -> None:
-    if not self.active:
-      return
-    with self.path.open('a') as f:
-      f.write(json.dumps({'step': step, **{k: _json_number(v) for k, v in metrics.items()}},
-                         allow_nan=False) + '\n')
-    if self.writer is not None:
-      for name, value in metrics.items():
-        if isinstance(value, (int, float)):
-          self.writer.add_scalar(name, value, step)
-
-  def close(self):
-    if self.active and self.writer is not None:
-      self.writer.close()
-
-
 def _evaluate(label, state, tokenizer, eval_records, config, workdir, step, *,
               greedy: bool = False, num_problems: int | None = None):
   """Held-out Average@k and pass@k (``greedy``: one greedy answer each) on the first
@@ -302,7 +244,7 @@ def run(config) -> dict:
     if jax.process_index() == 0:
       summary_path.write_text(json.dumps(summary, indent=2))
 
-  log = _MetricsLog(workdir, start_step)
+  log = metrics_log.MetricsLog(workdir, start_step)
   progress = None
   if jax.process_index() == 0 and config.progress_bar:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
