@@ -238,8 +238,9 @@ def _seed_accuracies(records, setting, method) -> dict[int, float]:
 
 def _power(grid, records):
   """What the planned seeds can resolve, from the seed-to-seed spread seen so far (planning,
-  not a result): the pooled SD over seeds of a Target-SFT value minus a primary baseline."""
-  pooled = collections.defaultdict(lambda: [0.0, 0])  # task -> [sum of squares, df]
+  not a result): per task and primary baseline, the pooled SD over seeds of a Target-SFT value
+  minus the baseline."""
+  pooled = collections.defaultdict(lambda: [0.0, 0])  # (task, baseline) -> [squares, df]
   for setting in grid.SETTINGS:
     for method in grid.TUNED['target_sft']:
       ours = _seed_accuracies(records, setting, method)
@@ -247,25 +248,35 @@ def _power(grid, records):
         theirs = _seed_accuracies(records, setting, baseline)
         diffs = np.array([ours[s] - theirs[s] for s in sorted(set(ours) & set(theirs))])
         if len(diffs) > 1:
-          entry = pooled[grid.task_family_of(f'{setting}/{method}/0')]
+          entry = pooled[grid.task_family_of(f'{setting}/{method}/0'), baseline]
           entry[0] += float(np.sum((diffs - diffs.mean()) ** 2))
           entry[1] += len(diffs) - 1
   lines = ['## Power: what the planned seeds can resolve (planning, not a result)', '']
   if not pooled:
     return lines + ['Not estimable yet: no Target-SFT value and primary baseline share two '
                     'seeds in any setting.', '']
-  n = len(grid.PRIMARY_SEEDS)
-  lines += [f'The SD over seeds of a paired difference (a Target-SFT value minus SFT, DFT or '
-            'distillation, all etas, pooled over the settings of a task) and the 95% half-width '
-            f'it implies for a paired comparison over the {n} primary seeds, which is about the '
-            'smallest gap the verdict table can call a win or a loss. The pairs share runs '
-            '(three etas against one baseline), so the degrees of freedom overstate the '
-            'information.', '', '| task | SD of a paired difference (points) | degrees of freedom '
-            f'| half-width at {n} seeds (points) |', '|---|---|---|---|']
-  for task, (squares, df) in sorted(pooled.items()):
+  everyone = len(grid.PRIMARY_SEEDS)
+  added = len([s for s in grid.PRIMARY_SEEDS if s not in grid.SELECTION_SEEDS])
+  lines += [
+      'The SD over seeds of a paired difference (Target-SFT at each eta minus the baseline, '
+      'pooled over the settings of a task), and what it implies for the verdict tables, in '
+      'points: *called from* is the smallest observed gap they call a win or a loss (the 95% '
+      'half-width, t_0.975 x SD / sqrt(n); a true gap of that size is called only about half '
+      'the time), *80% power at* the true gap they call four times in five ((t_0.975 + t_0.80) '
+      f'x SD / sqrt(n)); for all {everyone} primary seeds and for the {added} seeds added after '
+      'the selection. The three etas share the baseline\'s runs, so the degrees of freedom '
+      'overstate what the SD rests on, and an SD from so few seeds is itself uncertain.', '',
+      f'| task | baseline | SD (points) | degrees of freedom | called from, {everyone} seeds '
+      f'| 80% power at, {everyone} seeds | called from, {added} seeds '
+      f'| 80% power at, {added} seeds |', '|---|---|---|---|---|---|---|---|']
+  for (task, baseline), (squares, df) in sorted(pooled.items()):
     sd = math.sqrt(squares / df)
-    half = stats.t_975(n - 1) * sd / math.sqrt(n)
-    lines.append(f'| {task} | {100 * sd:.1f} | {df} | {100 * half:.1f} |')
+    cells = []
+    for n in (everyone, added):
+      scale = 100 * sd / math.sqrt(n)
+      called = stats.t_975(n - 1) * scale
+      cells += [f'{called:.1f}', f'{called + stats.t_quantile(0.8, n - 1) * scale:.1f}']
+    lines.append(f'| {task} | {baseline} | {100 * sd:.1f} | {df} | ' + ' | '.join(cells) + ' |')
   return lines + ['']
 
 

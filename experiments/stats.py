@@ -5,14 +5,23 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# Student-t 97.5% quantiles by degrees of freedom (beyond 10: the normal's 1.96).
+# Student-t 97.5% quantiles by degrees of freedom, to three decimals.
 _T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
           9: 2.262, 10: 2.228}
 
 
+def t_quantile(probability: float, df: int) -> float:
+  """The Student-t quantile at ``df`` (at least 1) degrees of freedom."""
+  if df < 1:
+    raise ValueError(f'a Student-t quantile needs at least 1 degree of freedom, got {df}.')
+  import scipy.stats  # pylint: disable=g-import-not-at-top  (a JAX dependency)
+  return float(scipy.stats.t.ppf(probability, df))
+
+
 def t_975(df: int) -> float:
-  """The Student-t 97.5% quantile at ``df`` degrees of freedom (the normal's beyond 10)."""
-  return _T_975.get(df, 1.96)
+  """The Student-t 97.5% quantile at ``df`` degrees of freedom (the table's rounding up to 10,
+  as both grids' reports have always printed)."""
+  return _T_975[df] if df in _T_975 else t_quantile(0.975, df)
 
 
 def mean_and_interval(values: list[float]) -> tuple[float, float]:

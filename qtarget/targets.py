@@ -43,8 +43,8 @@ import jax.numpy as jnp
 from qtarget import cached_prior
 from qtarget import method as method_lib
 from qtarget import validation
-from qtarget.method import Method  # pylint: disable=unused-import  # public: targets.Method
-from qtarget.method import Range  # pylint: disable=unused-import  # public: targets.Range
+from qtarget.method import Method  # public as targets.Method too
+from qtarget.method import Range  # public as targets.Range too
 
 Array = jax.Array
 
@@ -410,7 +410,8 @@ def register(method: Method, *, replace: bool = False) -> Method:
                      f'directories), got {method.name!r}.')
   existing = METHODS.get(method.name)
   taken = existing is not None or method.name in CONSTRUCTORS
-  if taken and not (existing is not None and method_lib.same_design(existing, method)) and not replace:
+  same = existing is not None and method_lib.same_design(existing, method)
+  if taken and not same and not replace:
     raise ValueError(f'a method named {method.name!r} is already registered; choose another '
                      'name or pass replace=True.')
   overlap = set(method.hyperparameters) & set(method.static_hyperparameters)

@@ -3,6 +3,7 @@ on validation (frozen, never reading test), and experiments/measure.py end to en
 random model."""
 
 import json
+import math
 import pathlib
 import sys
 import types
@@ -203,6 +204,12 @@ def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
     add(f'chain3_clean/target_sft_eta0.5/{seed}', 15 + seed % 2, step=1.3)
     add(f'chain3_clean/sft/{seed}', 8 + seed % 3)  # clearly behind: a win for Target-SFT
     add(f'chain3_clean/dft/{seed}', 15 + (seed + 1) % 2)  # level: a tie
+  # Power rows: chain3_noisy adds three seeds of a wider spread against SFT (and one distill
+  # seed, which pairs with nothing).
+  for seed, right in enumerate((10, 14, 12)):
+    add(f'chain3_noisy/target_sft_eta0.5/{seed}', right)
+    add(f'chain3_noisy/sft/{seed}', 10)
+  add('chain3_noisy/distill/0', 10)
   win = report2.paired(records, 'chain3_clean', 'target_sft_eta0.5', 'sft')
   assert win['verdict'] == 'win' and win['seeds'] == [0, 1, 2, 3, 4]
   want = sum((15 + s % 2) - (8 + s % 3) for s in range(5)) / 5 / 20
@@ -227,10 +234,29 @@ def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
   assert 'the runs still to go need about 0.2 h' in text
   assert '| chain3_clean | 0.5 | **win** +' in text and '**tie**' in text
   assert '| target_sft_eta0.5 | 1.30 / 1.30 |' in text  # step time relative to SFT
-  # Power: per-seed differences (in points) 35 35 25 40 30 against SFT and -5 5 -5 5 -5 against
-  # DFT; squared deviations 130 + 120 over 4 + 4 degrees of freedom: SD 5.59, and
-  # 2.776 * 5.59 / sqrt(5) = 6.9 points at 5 seeds.
-  assert '| chain3 | 5.6 | 8 | 6.9 |' in text, text[text.index('## Power'):][:1500]
+  # Power, in points. Against SFT: differences 35 35 25 40 30 (chain3_clean) and 0 20 10
+  # (chain3_noisy), squared deviations 130 + 200 over 4 + 2 degrees of freedom: SD 7.42; at 5
+  # seeds 2.776 * 7.42 / sqrt(5) = 9.2 and (2.776 + 0.941) * 7.42 / sqrt(5) = 12.3; at 3 seeds
+  # 4.303 * 7.42 / sqrt(3) = 18.4 and (4.303 + 1.061) * 7.42 / sqrt(3) = 23.0. Against DFT:
+  # -5 5 -5 5 -5, 120 over 4: SD 5.48.
+  power = text[text.index('## Power'):text.index('## Accuracy')]
+  assert '| chain3 | sft | 7.4 | 6 | 9.2 | 12.3 | 18.4 | 23.0 |' in power, power
+  assert '| chain3 | dft | 5.5 | 4 | 6.8 | 9.1 | 13.6 | 17.0 |' in power, power
+  assert '| distill |' not in power  # one shared seed: no spread
+  assert 'Not estimable yet' in '\n'.join(report2._power(grid, {}))
   assert (tmp_path / 'grid2_eta.png').exists() and '![grid2_eta.png]' in text
   assert (tmp_path / 'grid2_calibration.png').exists()
   assert compare.is_teacher('teacher/chain3') and not compare.is_teacher('chain3/sft/0')
+
+
+def test_student_t_quantiles_against_published_values():
+  stats = _experiments_module('stats')
+  # Published two-sided 95% values (any t table): df 1, 4, 11, 30.
+  assert stats.t_975(1) == 12.706 and stats.t_975(4) == 2.776
+  assert stats.t_975(11) == pytest.approx(2.201, abs=5e-4)  # beyond the module's table
+  assert stats.t_975(30) == pytest.approx(2.042, abs=5e-4)
+  assert stats.t_quantile(0.8, 4) == pytest.approx(0.941, abs=5e-4)
+  mean, half = stats.mean_and_interval([0.0, 1.0])
+  assert mean == 0.5 and half == pytest.approx(12.706 * math.sqrt(0.5) / math.sqrt(2))
+  with pytest.raises(ValueError, match='at least 1 degree of freedom'):
+    stats.t_quantile(0.975, 0)

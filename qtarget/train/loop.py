@@ -198,6 +198,8 @@ def run(config) -> dict:
   sharding_lib.check_layout(mesh, batch_size=config.batch_size, accum_steps=config.accum_steps)
   rules = {**dict(config.sharding_rules), **dict(config.get('activation_rules', ()))}
   placement = dict(mesh=mesh, rules=rules)
+  if jax.process_index() == 0:
+    metrics_log.import_summary_writer()  # while no other thread runs (its docstring says why)
 
   student, tokenizer = loading.load_model(config.model, seed=config.seed, **placement)
   prior_model = None

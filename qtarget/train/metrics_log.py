@@ -1,7 +1,9 @@
 """The trainer's metrics log: metrics.jsonl (rewound to the restored step on resume) and
 TensorBoard scalars, written by process 0."""
 
+import functools
 import json
+import logging
 import pathlib
 import sys
 
@@ -14,20 +16,38 @@ def _json_number(value):
   return value if not isinstance(value, float) or np.isfinite(value) else None
 
 
+@functools.cache
 def import_summary_writer():
-  """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch whenever
-  it is installed (as it is beside transformers), only to accept torch tensors; that import adds
-  seconds to every run's start (2.9 s against 0.5 s on this project's CPU machine), and the
-  metrics are Python floats."""
-  if 'torch' in sys.modules:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    return SummaryWriter
-  sys.modules['torch'] = None  # `import torch` raises ImportError while this is set
+  """tensorboardX's SummaryWriter, imported without torch; None (with a warning) where
+  tensorboardX is not installed.
+
+  tensorboardX imports torch whenever it is installed (as it is beside transformers), only to
+  accept torch tensors; that import adds seconds to every run's start (2.9 s against 0.5 s on
+  this project's CPU machine), and the metrics are Python floats. The block is process-wide
+  while it lasts, so the trainer calls this on its main thread before its data and checkpoint
+  threads start.
+  """
   try:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  finally:
-    del sys.modules['torch']
-  return SummaryWriter
+    if 'torch' in sys.modules:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      return SummaryWriter
+    sys.modules['torch'] = None  # `import torch` raises ImportError while this is set
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      if e.name != 'torch':
+        raise
+      # A tensorboardX that needs torch: import it with torch after all.
+      del sys.modules['torch']
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    finally:
+      if 'torch' in sys.modules and sys.modules['torch'] is None:
+        del sys.modules['torch']
+    return SummaryWriter
+  except ImportError as e:
+    logging.warning('no TensorBoard events: tensorboardX does not import (%s); metrics.jsonl '
+                    'has every metric.', e)
+    return None
 
 
 class MetricsLog:
@@ -42,15 +62,13 @@ class MetricsLog:
       kept = [line for line in self.path.read_text().splitlines()
               if line and json.loads(line).get('step', 0) <= start_step]
       self.path.write_text(''.join(line + '\n' for line in kept))
-    try:
-      summary_writer = import_summary_writer()
-    except ImportError:
-      self.writer = None
-    else:
-      # The file is named by the second it opened in (tensorboardX truncates a name it reuses);
-      # the resume step in the name keeps two writers of one second apart.
-      self.writer = summary_writer(str(workdir / 'tensorboard'), purge_step=start_step + 1,
-                                   filename_suffix=f'.from_step{start_step}')
+    summary_writer = import_summary_writer()
+    # The file is named by the second it opened in (tensorboardX truncates a name it reuses);
+    # the resume step in the name (zero-padded, so names sort by it) keeps two writers of one
+    # second apart.
+    self.writer = summary_writer and summary_writer(
+        str(workdir / 'tensorboard'), purge_step=start_step + 1,
+        filename_suffix=f'.from_step{start_step:010d}')
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.active:
