@@ -160,9 +160,10 @@ def get_config():
   config.hparams = {{}}
   return config
 ''')
-  cli._check_override_keys([f'--config={config_file}', '--config.steps=2'])  # no exit
+  argv = [f'--config={config_file}', '--config.steps=2']
+  assert cli.prepare_argv(argv) == argv  # no exit
   with pytest.raises(SystemExit, match="unknown config key 'stepz' .*did you mean steps"):
-    cli._check_override_keys([f'--config={config_file}', '--config.stepz=2'])
+    cli.prepare_argv([f'--config={config_file}', '--config.stepz=2'])
   # compile_check's summary line sees the design's prior.
   config = config_files.load_module(config_file).get_config()
   assert compile_check.model_configs(config)[1] is not None

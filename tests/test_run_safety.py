@@ -2,6 +2,7 @@
 configs, ranges, and messages that name the key and the fix."""
 
 import json
+import os
 import pathlib
 import shutil
 import signal
@@ -16,7 +17,9 @@ import pytest
 
 from qtarget import checkpoints
 from qtarget import train
+from qtarget.train import loading
 from qtarget.train import loop
+from qtarget.train import metrics_log
 
 import availability
 import test_train_cli
@@ -257,6 +260,12 @@ def test_harmless_changes_resume_and_are_listed(finished_run, tmp_path, data_dir
                                r'gives none: set --config.prior.source'),
     ({'prior.source': 'hf'}, r"prior.path is empty: prior.source='hf' needs the teacher's"),
     ({'data.kind': 'files'}, r"data.train_path is empty: data.kind='files' needs"),
+    ({'data.kind': 'file'}, r"data.kind='file': must be one of .*did you mean 'files'"),
+    ({'data.task': 'chain_summ'}, r"data.task='chain_summ' is not a reasoning-gym task; did you "
+                                  r'mean chain_sum'),
+    ({'loss': 'fuse'}, r"loss='fuse': must be one of 'dense', 'fused'"),
+    ({'model.remat': 'ful'}, r"model.remat='ful': must be one of 'none', 'full'"),
+    ({'model.compute_dtype': 'bf16'}, r"model.compute_dtype='bf16': must name a floating dtype"),
 ])
 def test_bad_values_stop_before_anything_loads(overrides, message, tmp_path):
   # model.source 'hf' at a path that does not exist: any loading would fail differently.
@@ -320,3 +329,67 @@ def test_sigkill_during_the_fallback_still_resumes(finished_run, tmp_path, data_
   assert result.returncode == 0, result.stderr[-3000:]
   again = checkpoints.load_hf(workdir / 'hf')
   np.testing.assert_allclose(again.embed[...], finished_run[1].embed[...], rtol=1e-5, atol=1e-7)
+
+
+# Before anything loads: another run's workdir, a finished run. Interruption by a signal.
+
+def _no_loading(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError('loaded a model')
+  monkeypatch.setattr(loading, 'load_model', refuse)
+
+
+def test_another_runs_workdir_is_refused_before_anything_loads(finished_run, tmp_path, data_dir,
+                                                                monkeypatch):
+  workdir = _copy(finished_run[0], tmp_path)
+  _no_loading(monkeypatch)
+  with pytest.raises(train.ConfigError, match=r'another config .*steps: 4 -> 6.*train the finished '
+                                               r'run further.*--config.model.source=hf'):
+    train.run(_config(workdir, data_dir, steps=6))
+
+
+def test_a_finished_run_is_not_run_again(finished_run, tmp_path, data_dir, monkeypatch, capsys):
+  workdir = tmp_path / 'run'
+  shutil.copytree(finished_run[0], workdir)
+  before = (workdir / 'summary.json').read_text()
+  _no_loading(monkeypatch)
+  summary = train.run(_config(workdir, data_dir, export_hf=True))
+  assert 'is complete (4 of 4 steps): nothing to do' in capsys.readouterr().out
+  assert (workdir / 'summary.json').read_text() == before and summary == json.loads(before)
+
+
+def test_resumed_at_the_end_the_summary_keeps_the_logged_metrics(finished_run, tmp_path,
+                                                                  data_dir):
+  # Killed after the last checkpoint, before the summary: no step runs in the new process.
+  workdir = _copy(finished_run[0], tmp_path)
+  logged = _strict_json_lines(workdir / 'metrics.jsonl')[-1]
+  summary = train.run(_config(workdir, data_dir))
+  assert summary['resumed_at_step'] == 4
+  assert summary['final_metrics'] == {k: v for k, v in logged.items() if k != 'step'}
+  assert summary['final_metrics']['loss'] > 0
+  assert summary['mean_step_seconds'] is None and summary['tokens_per_second'] is None
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_step_in_flight_and_the_run_resumes(signum, tmp_path, data_dir,
+                                                                monkeypatch, capsys):
+  workdir = tmp_path / 'run'
+  config = _config(workdir, data_dir, **{'checkpoint.every': 4})  # no regular save before 4
+  write = metrics_log.MetricsLog.write
+
+  def write_then_signal(self, step, metrics):
+    write(self, step, metrics)
+    if step == 1:
+      os.kill(os.getpid(), signum)  # handled at once: the step-1 checkpoint follows
+
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  monkeypatch.setattr(metrics_log.MetricsLog, 'write', write_then_signal)
+  with pytest.raises(train.TrainingInterrupted,
+                     match=rf'{signal.Signals(signum).name} at step 1: its checkpoint is saved'):
+    train.run(config)
+  assert {s: signal.getsignal(s) for s in handlers} == handlers  # put back
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['1']
+  monkeypatch.setattr(metrics_log.MetricsLog, 'write', write)
+  train.run(config)
+  assert 'resumed from the checkpoint at step 1' in capsys.readouterr().out
+  assert [line['step'] for line in _strict_json_lines(workdir / 'metrics.jsonl')] == [1, 2, 3, 4]

@@ -11,15 +11,16 @@ Where to look:
 ``loading.py``         the student and the prior, loaded straight into their shards
 ``checks.py``          the config checked before anything loads; which fields define a run
 ``checkpointing.py``   checkpoints with the config, fallback, protected earlier results
-``loop.py``            the loop: data, logging, divergence, evaluation, export
+``loop.py``            the loop: data, divergence, SIGTERM/SIGINT, evaluation, export
+``metrics_log.py``     metrics.jsonl and TensorBoard scalars, rewound on resume
 ``__main__.py``        the command line
 =====================  ====================================================================
 """
 
 from qtarget.train.errors import ConfigError
 from qtarget.train.loading import check_same_vocabulary, load_model, model_overrides
-from qtarget.train.loop import (TrainingDiverged, dataset_builder, held_out_records,
-                                maybe_initialize_distributed, run)
+from qtarget.train.loop import (TrainingDiverged, TrainingInterrupted, dataset_builder,
+                                held_out_records, maybe_initialize_distributed, run)
 from qtarget.train.sharding import (MESH_AXES, Layout, batch_sharding, build_mesh, check_layout,
                                     jit_train_step, logical_to_spec, state_shardings)
 from qtarget.train.state import create_state, make_optimizer, place

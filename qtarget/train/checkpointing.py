@@ -64,6 +64,39 @@ def _first_line(error: Exception) -> str:
   return (text[0] if text else type(error).__name__)[:300]
 
 
+def check_same_run(workdir: pathlib.Path, saved: dict, current: dict, step: int) -> list[str]:
+  """ConfigError where the checkpoint's config differs from ``current`` (both flat) in a field
+  that defines the training; the harmless differences otherwise."""
+  defining, harmless = checks.config_differences(saved, current)
+  if defining:
+    further = ''
+    if saved.get('steps') == step and current.get('steps', 0) > step:  # finished: train more
+      further = (' To train the finished run further, start a new workdir from its export: '
+                 f'--config.model.source=hf --config.model.path={workdir / "hf"} (the optimizer '
+                 'state starts anew).')
+    raise ConfigError(
+        f'{workdir} holds a run with another config (checkpoint at step {step}); these fields '
+        'define what is trained and differ (checkpoint -> now): ' + '; '.join(defining) +
+        '. Resume with the checkpoint\'s values, or use another --config.workdir.' + further)
+  return harmless
+
+
+def latest_saved_config(workdir: pathlib.Path) -> tuple[int, dict] | None:
+  """``(step, flat config)`` of the newest checkpoint whose saved config reads, straight from
+  its file, before anything loads (None where there is none; a damaged checkpoint is left to
+  :meth:`RunCheckpoints.restore`, which compares again)."""
+  directory = workdir / 'checkpoints'
+  if not directory.is_dir():
+    return None
+  steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
+  for step in steps:
+    try:  # orbax's JsonSave item: checkpoints/<step>/config/metadata
+      return step, json.loads((directory / str(step) / 'config' / 'metadata').read_text())
+    except (OSError, ValueError):
+      continue
+  return None
+
+
 class RunCheckpoints:
   """The orbax manager of ``workdir/checkpoints`` and the resume rules above."""
 
@@ -151,12 +184,7 @@ class RunCheckpoints:
     if saved_config is None:
       _log(f'the checkpoint at step {step} predates saved configs: the config is not compared.')
       return
-    defining, harmless = checks.config_differences(dict(saved_config), self.config)
-    if defining:
-      raise ConfigError(
-          f'{self.workdir} holds a run with another config (checkpoint at step {step}); these '
-          'fields define what is trained and differ (checkpoint -> now): ' + '; '.join(defining)
-          + '. Resume with the checkpoint\'s values, or use another --config.workdir.')
+    harmless = check_same_run(self.workdir, dict(saved_config), self.config, step)
     if harmless:
       _log('resuming with changed fields that do not change the training: ' +
            '; '.join(harmless))

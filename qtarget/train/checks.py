@@ -28,6 +28,10 @@ HARMLESS_PREFIXES = ('workdir', 'log_every', 'progress_bar', 'eval.', 'checkpoin
 ADDED_WITH_DEFAULTS = {'loss_head_grad_accumulation': 'float32', 'prior.cache.source': 'initial',
                        'prior.cache.k': 64, 'prior.cache.dtype': 'float32'}
 MODEL_SOURCES = ('gguf', 'hf', 'random')
+LOSSES = ('dense', 'fused')
+HEAD_GRAD_ACCUMULATIONS = ('float32', 'head_dtype')
+FROZEN_WEIGHTS = ('compute_dtype', 'param_dtype')
+DATA_KINDS = ('reasoning_gym', 'files')
 PRIOR_SOURCES = ('initial',) + MODEL_SOURCES + ('cached',)
 
 
@@ -102,7 +106,52 @@ def check_config(config) -> None:
   if config.get('on_nonfinite', 'stop') not in ('stop', 'skip'):
     raise ConfigError(f"on_nonfinite={config.on_nonfinite!r}: must be 'stop' (end the run at "
                       "the first non-finite loss or gradient) or 'skip' (skip that update).")
+  _check_choices(config)
   _check_sources(config)
+
+
+def _choice(key: str, value, choices) -> None:
+  if value not in choices:
+    nearest = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    raise ConfigError(f'{key}={value!r}: must be one of {", ".join(map(repr, choices))}' +
+                      (f' (did you mean {nearest[0]!r}?)' if nearest else '') + '.')
+
+
+def _is_floating_dtype(name) -> bool:
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  try:
+    return bool(jnp.issubdtype(jnp.dtype(name), jnp.floating))
+  except TypeError:
+    return False
+
+
+def _check_choices(config) -> None:
+  """Fields with a fixed set of values, before anything loads (the model and the step check
+  them again where they are used)."""
+  from qtarget.models import attention  # pylint: disable=g-import-not-at-top
+  from qtarget.models import llama  # pylint: disable=g-import-not-at-top
+  _choice('loss', config.loss, LOSSES)
+  _choice('loss_head_grad_accumulation', config.get('loss_head_grad_accumulation', 'float32'),
+          HEAD_GRAD_ACCUMULATIONS)
+  _choice('frozen_weights', config.get('frozen_weights', 'compute_dtype'), FROZEN_WEIGHTS)
+  _choice('data.kind', config.data.kind, DATA_KINDS)
+  for section in ('model', 'prior'):
+    fields = config.get(section) or {}
+    if 'remat' in fields and not isinstance(fields['remat'], bool):
+      _choice(f'{section}.remat', fields['remat'], tuple(llama.REMAT_POLICIES))
+    if 'attention' in fields:
+      _choice(f'{section}.attention', fields['attention'], tuple(attention.IMPLEMENTATIONS))
+    for key in ('compute_dtype', 'param_dtype'):
+      if key in fields and not _is_floating_dtype(fields[key]):
+        raise ConfigError(f'{section}.{key}={fields[key]!r}: must name a floating dtype '
+                          "('float32', 'bfloat16', ...).")
+  if config.data.kind == 'reasoning_gym':
+    from reasoning_gym import factory  # pylint: disable=g-import-not-at-top
+    if config.data.task not in factory.DATASETS:
+      nearest = difflib.get_close_matches(config.data.task, list(factory.DATASETS), n=3)
+      raise ConfigError(f'data.task={config.data.task!r} is not a reasoning-gym task' +
+                        (f'; did you mean {", ".join(nearest)}?' if nearest else '.') +
+                        ' reasoning_gym.factory.DATASETS lists them.')
 
 
 def _check_sources(config) -> None:

@@ -11,7 +11,9 @@ JSON lines, evaluates before and after, and exports the model to a Hugging Face 
 import json
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -127,6 +129,47 @@ def _validation_records(config, test_records: list[dict]) -> list[dict]:
   return records
 
 
+class TrainingInterrupted(RuntimeError):
+  """SIGTERM or SIGINT stopped the run after saving the step it was on."""
+
+  def __init__(self, signum: int, step: int, directory):
+    self.signum = signum
+    super().__init__(f'{signal.Signals(signum).name} at step {step}: its checkpoint is saved in '
+                     f'{directory}; run the same command to resume from it.')
+
+
+class _StopSignals:
+  """While training, SIGTERM (a preemption, a scheduler's stop) and SIGINT (Ctrl-C) ask for a
+  checkpoint of the step in flight and a clean stop; a second one stops at once. Only in a
+  single-process run on the main thread: a multi-process save is collective, and processes
+  signalled at different steps would not agree on one, so a pod run keeps the default
+  handlers and resumes from its last regular checkpoint."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None:
+      self.__exit__()
+      raise KeyboardInterrupt(f'a second {signal.Signals(signum).name}: stopping without saving')
+    self.received = signum
+    _log(f'{signal.Signals(signum).name}: saving the current step, then stopping (send it again '
+         'to stop at once)')
+
+  def __exit__(self, *exc_info):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+
 class TrainingDiverged(RuntimeError):
   """The loss or the gradient stopped being usable; the run stops without saving or exporting."""
 
@@ -198,6 +241,17 @@ def run(config) -> dict:
   sharding_lib.check_layout(mesh, batch_size=config.batch_size, accum_steps=config.accum_steps)
   rules = {**dict(config.sharding_rules), **dict(config.get('activation_rules', ()))}
   placement = dict(mesh=mesh, rules=rules)
+  summary_path = workdir / 'summary.json'
+  saved = checkpointing.latest_saved_config(workdir)
+  if saved is not None:  # another run's workdir is refused before anything loads
+    checkpointing.check_same_run(workdir, saved[1], checks.flatten(config), saved[0])
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if (saved[0] == config.steps and summary.get('steps') == config.steps
+        and 'final_metrics' in summary and (not config.export_hf or 'exported_to' in summary)):
+      _log(f'the run in {workdir} is complete ({config.steps} of {config.steps} steps): nothing '
+           f'to do; {summary_path} is unchanged. To train it further, start a new workdir from '
+           f'its export: --config.model.source=hf --config.model.path={workdir / "hf"}.')
+      return summary
   if jax.process_index() == 0:
     metrics_log.import_summary_writer()  # while no other thread runs (its docstring says why)
 
@@ -237,7 +291,6 @@ def run(config) -> dict:
                           opt_state=restored['opt_state'])
     _log(f'resumed from the checkpoint at step {start_step}')
 
-  summary_path = workdir / 'summary.json'
   summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
   if config.eval.before and 'accuracy_before' not in summary:
     summary['eval_before'] = _evaluate('before', state, tokenizer, eval_records, config,
@@ -325,25 +378,37 @@ def run(config) -> dict:
     interval_start, interval_cpu_start = time.time(), time.process_time()
 
   eval_every = config.eval.get('every', 0)
-  for step in range(start_step, config.steps):
-    local = next(iterator)
-    batch = {key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key]))
-             for key in batch_keys(state.spec)}
-    state, metrics = step_fn(state, batch)  # dispatched: runs while the host goes on
-    real_tokens = int(np.sum(local['segment_ids'] > 0)) * jax.process_count()
-    pending.append((step, metrics, real_tokens))
-    done = step + 1
-    # The last step is always a checkpoint, so every step's metrics are flushed in the loop.
-    checkpoint_due = done % config.checkpoint.every == 0 or done == config.steps
-    eval_due = bool(eval_every) and done % eval_every == 0
-    if step == start_step or done % config.log_every == 0 or checkpoint_due or eval_due:
-      flush()  # metrics are checked before anything is saved or evaluated
-    if checkpoint_due:
-      save(done)
-    interval_eval(done)
-    if checkpoint_due or eval_due:
-      # step times exclude the checkpoint and the evaluation
-      interval_start, interval_cpu_start = time.time(), time.process_time()
+  with _StopSignals() as stop:
+    for step in range(start_step, config.steps):
+      local = next(iterator)
+      batch = {key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key]))
+               for key in batch_keys(state.spec)}
+      state, metrics = step_fn(state, batch)  # dispatched: runs while the host goes on
+      real_tokens = int(np.sum(local['segment_ids'] > 0)) * jax.process_count()
+      pending.append((step, metrics, real_tokens))
+      done = step + 1
+      # The last step is always a checkpoint, so every step's metrics are flushed in the loop.
+      checkpoint_due = done % config.checkpoint.every == 0 or done == config.steps
+      eval_due = bool(eval_every) and done % eval_every == 0
+      if step == start_step or done % config.log_every == 0 or checkpoint_due or eval_due:
+        flush()  # metrics are checked before anything is saved or evaluated
+      if checkpoint_due:
+        save(done)
+      interval_eval(done)
+      if checkpoint_due or eval_due:
+        # step times exclude the checkpoint and the evaluation
+        interval_start, interval_cpu_start = time.time(), time.process_time()
+      if stop.received is not None and done < config.steps:
+        flush()  # checked before it is saved
+        if not checkpoint_due:
+          save(done)
+        run_checkpoints.wait()
+        log.close()
+        if progress is not None:
+          progress.close()
+        if hasattr(iterator, 'close'):
+          iterator.close()
+        raise TrainingInterrupted(stop.received, done, run_checkpoints.directory)
   if progress is not None:
     progress.close()
   run_checkpoints.wait()  # an asynchronous save in flight finishes before anything reads it
@@ -376,11 +441,17 @@ def run(config) -> dict:
     if jax.process_index() == 0:
       checkpoints.export_hf(model, workdir / 'hf', tokenizer)
     summary['exported_to'] = str(workdir / 'hf')
+  timed_steps = config.steps - start_step - 1  # this process's steps after its first
+  if not last:  # resumed at the end (killed after the last checkpoint): its logged metrics
+    last = log.last_metrics(config.steps)
   summary.update(
       method=config.method, hyperparameters=dict(config.hparams), steps=config.steps,
-      final_metrics=last, train_data=str(report), wall_seconds=round(time.time() - started, 1),
-      mean_step_seconds=round(train_seconds / max(config.steps - start_step - 1, 1), 3),
-      mean_step_cpu_seconds=round(train_cpu_seconds / max(config.steps - start_step - 1, 1), 3),
+      final_metrics=last, train_data=str(report), resumed_at_step=start_step,
+      wall_seconds=round(time.time() - started, 1),
+      # The timing covers this process's steps (after a resume, those since resumed_at_step).
+      mean_step_seconds=round(train_seconds / timed_steps, 3) if timed_steps > 0 else None,
+      mean_step_cpu_seconds=(round(train_cpu_seconds / timed_steps, 3) if timed_steps > 0
+                             else None),
       tokens_per_second=round(tokens_seen / train_seconds, 1) if train_seconds else None)
   if jax.process_index() == 0:
     summary_path.write_text(json.dumps(summary, indent=2))

@@ -81,6 +81,16 @@ class MetricsLog:
         if isinstance(value, (int, float)):
           self.writer.add_scalar(name, value, step)
 
+  def last_metrics(self, step: int) -> dict:
+    """The training metrics logged for ``step`` ({} where there are none, or off process 0)."""
+    if not self.active or not self.path.exists():
+      return {}
+    for line in reversed(self.path.read_text().splitlines()):
+      entry = json.loads(line) if line else {}
+      if entry.get('step') == step and 'loss' in entry:
+        return {k: v for k, v in entry.items() if k != 'step'}
+    return {}
+
   def close(self):
     if self.active and self.writer is not None:
       self.writer.close()

@@ -45,13 +45,17 @@ def hyperparameters(config) -> tuple[dict, tuple]:
   try:
     method.check_hyperparameters(given, ())
   except (TypeError, ValueError) as error:
-    raise ConfigError(f'{error} Set --config.hparams.NAME=VALUE.') from error
+    names = sorted(set(method.hyperparameters) | set(method.static_hyperparameters))
+    fix = (' '.join(f'--config.hparams.{name}=VALUE' for name in names) if names
+           else "--config.hparams='{}'")
+    raise ConfigError(f'{error} On the command line: --config.method={method.name} {fix} '
+                      f'(or all at once, --config.hparams="{{...}}").') from error
   traced, static = method.split_hyperparameters(given)
   return ({name: jnp.asarray(value, jnp.float32) for name, value in traced.items()},
           tuple(sorted(static.items())))
 
 
-FROZEN_WEIGHTS = ('compute_dtype', 'param_dtype')
+FROZEN_WEIGHTS = checks.FROZEN_WEIGHTS
 
 
 def _frozen_in(state: nnx.State, dtype: str, mesh) -> nnx.State:
