@@ -35,6 +35,12 @@ def _parsed_hparams(argv):
     (['--config.hparams.lam=0.1'], 'target_sft', {'eta': 0.5, 'lam': 0.1}),
     (['--config.method=label_smoothing', '--config.hparams.lam=bad'], 'label_smoothing',
      {'lam': 'bad'}),  # a string: the method check refuses it by name
+    # The user's dict, with a named flag on top of it (a new name, so folded into it).
+    (['--config.method=sft_kl', "--config.hparams={'lam': 0.2}", '--config.hparams.eta=1'],
+     'sft_kl', {'lam': 0.2, 'eta': 1}),
+    # A new name beside the config's eta: eta keeps the config's type (1 -> 1.0).
+    (['--config.hparams.eta=1', '--config.hparams.lam=0.1'], 'target_sft',
+     {'eta': 1.0, 'lam': 0.1}),
 ])
 def test_hparams_flags_set_the_methods_own_names(flags_given, method, hparams):
   assert _parsed_hparams([f'--config={TINY}', *flags_given]) == (method, hparams)
@@ -49,3 +55,23 @@ def test_an_unknown_key_points_to_the_commented_key_list():
   with pytest.raises(SystemExit, match=r"unknown config key 'stpes'.*did you mean steps.*"
                                        r'smollm2_demo.py lists every key'):
     cli.prepare_argv([f'--config={TINY}', '--config.stpes=4'])
+
+
+def test_forms_it_does_not_read_are_left_to_config_flags():
+  for argv in ([f'--config={TINY}', '--config.method', 'dft'],
+               [f'--config={TINY}', '-config.hparams.eta=0.8'],
+               [f'--config={TINY}', '--config.hparams.eta', '0.8']):
+    assert cli.prepare_argv(argv) == argv
+
+
+def test_the_folded_flag_takes_the_first_ones_place_before_a_double_dash():
+  argv = [f'--config={TINY}', '--config.method=label_smoothing', '--config.hparams.lam=0.1',
+          '--config.steps=3', '--', 'positional']
+  assert cli.prepare_argv(argv) == [
+      f'--config={TINY}', '--config.method=label_smoothing', "--config.hparams={'lam': 0.1}",
+      '--config.steps=3', '--', 'positional']
+
+
+def test_single_dash_config_and_flagfiles_are_not_refused():
+  assert cli.prepare_argv([f'-config={TINY}', '--config.steps=3'])[0] == f'-config={TINY}'
+  assert cli.prepare_argv(['--flagfile=args.txt']) == ['--flagfile=args.txt']

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -393,3 +394,43 @@ def test_a_signal_saves_the_step_in_flight_and_the_run_resumes(signum, tmp_path,
   train.run(config)
   assert 'resumed from the checkpoint at step 1' in capsys.readouterr().out
   assert [line['step'] for line in _strict_json_lines(workdir / 'metrics.jsonl')] == [1, 2, 3, 4]
+
+
+def test_a_signal_at_the_last_step_stops_before_the_export(tmp_path, data_dir, monkeypatch):
+  workdir = tmp_path / 'run'
+  config = _config(workdir, data_dir, export_hf=True)
+  write = metrics_log.MetricsLog.write
+
+  def write_then_signal(self, step, metrics):
+    write(self, step, metrics)
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(metrics_log.MetricsLog, 'write', write_then_signal)
+  with pytest.raises(train.TrainingInterrupted, match='SIGTERM at step 4'):
+    train.run(config)
+  assert not (workdir / 'hf').exists() and not (workdir / 'summary.json').exists()
+  monkeypatch.setattr(metrics_log.MetricsLog, 'write', write)
+  summary = train.run(config)  # resumes at the end: the export and the summary
+  assert summary['resumed_at_step'] == 4 and (workdir / 'hf' / 'model.safetensors').exists()
+
+
+def test_a_finished_run_asked_for_more_does_it(finished_run, tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  shutil.copytree(finished_run[0], workdir)
+  assert 'accuracy_after' not in json.loads((workdir / 'summary.json').read_text())
+  summary = train.run(_config(workdir, data_dir, export_hf=True, **{'eval.after': True}))
+  assert summary['accuracy_after'] is not None and summary['resumed_at_step'] == 4
+
+
+def test_the_command_line_exits_with_the_signals_status(monkeypatch):
+  from qtarget.train import __main__ as cli  # pylint: disable=g-import-not-at-top
+
+  def interrupted(config):
+    raise train.TrainingInterrupted(signal.SIGTERM, 3, '/somewhere')
+
+  monkeypatch.setattr(loop, 'run', interrupted)
+  monkeypatch.setattr(cli, '_CONFIG', types.SimpleNamespace(value=None))
+  with pytest.raises(SystemExit) as exited:
+    cli.main([])
+  assert exited.value.code == 128 + signal.SIGTERM

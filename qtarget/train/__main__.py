@@ -1,6 +1,7 @@
 """``python -m qtarget.train --config configs/NAME.py [--config.key=value ...]``."""
 
 import ast
+import re
 import sys
 
 from absl import app
@@ -21,13 +22,17 @@ _KEYS_DOC = ('configs/smollm2_demo.py lists every key with a comment; the README
              'of the ones most runs change.')
 
 
+_CONFIG_FLAG = re.compile(r'^-{1,2}config(=|$)')
+
+
 def _config_path(argv) -> str | None:
   path = None
   for index, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      path = arg.split('=', 1)[1]
-    elif arg == '--config' and index + 1 < len(argv):
-      path = argv[index + 1]
+    if arg == '--':
+      break
+    if _CONFIG_FLAG.match(arg):
+      path = (arg.split('=', 1)[1] if '=' in arg else
+              argv[index + 1] if index + 1 < len(argv) else None)
   return path
 
 
@@ -52,31 +57,55 @@ def _literal(text: str):
     return text  # a string: the hyperparameter check names it
 
 
+def _typed(value: str, like):
+  """A flag's text as the type of the config's value (as config_flags parses it), else a
+  Python literal."""
+  if isinstance(like, float) or (isinstance(like, int) and not isinstance(like, bool)):
+    try:
+      return type(like)(value)
+    except ValueError:
+      return value  # the hyperparameter check names it
+  return _literal(value)
+
+
 def rewrite_hparams(argv, config) -> list[str]:
   """``argv`` with the ``--config.hparams.NAME=VALUE`` flags folded into one
-  ``--config.hparams={...}``, so a method's own names can be set although the config is locked:
-  on the config's hparams, or on none of them where ``--config.method`` names another method
-  (the config's hparams belong to its own method)."""
-  method_flags = [a.split('=', 1)[1] for a in argv if a.startswith('--config.method=')]
-  whole = [a for a in argv if a.startswith('--config.hparams=')]
-  named = [a for a in argv if a.startswith('--config.hparams.') and '=' in a]
+  ``--config.hparams={...}`` at the first one's place, so a method's own names can be set
+  although the config is locked: on the config's hparams (or the user's
+  ``--config.hparams={...}``), or on none of them where ``--config.method`` names another method
+  (the config's hparams belong to its own method). Forms it does not read (``--config.method
+  dft``, ``-config.hparams.lam=0.1``) leave the command line as it is, for config_flags."""
+  end = argv.index('--') if '--' in argv else len(argv)
+  flags_part, rest = list(argv[:end]), list(argv[end:])
+  related = [a for a in flags_part
+             if re.match(r'^-{1,2}config\.(method|hparams)(\.|=|$)', a)]
+  if any(not a.startswith('--') or '=' not in a for a in related):
+    return list(argv)
+  method_flags = [a.split('=', 1)[1] for a in related if a.startswith('--config.method=')]
+  whole = [a for a in related if a.startswith('--config.hparams=')]
+  named = [a for a in related if a.startswith('--config.hparams.')]
   base = dict(config.hparams)
   switched = bool(method_flags) and method_flags[-1] != config.method
-  if whole:  # the user's dict is the base; named flags on top of it are applied by absl
-    return list(argv)
-  if switched and base:
+  if whole:
+    base = _literal(whole[-1].split('=', 1)[1])
+    if not isinstance(base, dict):
+      return list(argv)  # config_flags names the bad value
+  elif switched and base:
     print(f'[qtarget] --config.method={method_flags[-1]}: the config\'s hparams {base} (for '
           f'{config.method}) are dropped; set the new method\'s with --config.hparams.NAME=VALUE.')
     base = {}
   new = {a[len('--config.hparams.'):].split('=', 1)[0] for a in named}
-  if not switched and new <= set(base):
+  if not whole and not switched and new <= set(base):
     return list(argv)  # only existing names: config_flags sets them
   values = dict(base)
   for arg in named:
     name, value = arg[len('--config.hparams.'):].split('=', 1)
-    values[name] = _literal(value)
-  rest = [a for a in argv if a not in named]
-  return rest + [f'--config.hparams={values!r}']
+    values[name] = _typed(value, base.get(name))
+  folded = [a for a in flags_part if a not in named and a not in whole]
+  first = min((flags_part.index(a) for a in named + whole), default=len(flags_part))
+  position = len([a for a in flags_part[:first] if a not in named and a not in whole])
+  folded.insert(position, f'--config.hparams={values!r}')
+  return folded + rest
 
 
 def _check_override_keys(argv, config, path) -> None:
@@ -99,7 +128,8 @@ def _check_override_keys(argv, config, path) -> None:
 def prepare_argv(argv) -> list[str]:
   """The command line checked (a config given, known keys) and hparams flags folded."""
   path = _config_path(argv)
-  if not path and not any(a in ('--help', '--helpfull', '-h') for a in argv):
+  if not path and not any(a.startswith(('--help', '-help', '-h', '--flagfile', '-flagfile'))
+                          for a in argv):
     sys.exit('[qtarget] no config: python -m qtarget.train --config configs/NAME.py '
              '[--config.KEY=VALUE ...] (configs/smollm2_demo.py is the main job; '
              f'configs/tiny.py a seconds-long smoke test). {_KEYS_DOC}')

@@ -71,9 +71,13 @@ def check_same_run(workdir: pathlib.Path, saved: dict, current: dict, step: int)
   if defining:
     further = ''
     if saved.get('steps') == step and current.get('steps', 0) > step:  # finished: train more
-      further = (' To train the finished run further, start a new workdir from its export: '
-                 f'--config.model.source=hf --config.model.path={workdir / "hf"} (the optimizer '
-                 'state starts anew).')
+      export = workdir / 'hf'
+      first = ('' if (export / 'model.safetensors').exists() else
+               f' (export it first: the same command as before with --config.export_hf=True)')
+      further = (' To train the finished run further, start a new workdir from its export, '
+                 f'{export}{first}: --config.model.source=hf --config.model.path={export}; the '
+                 "optimizer state and the warmup start anew, and prior.source='initial' would "
+                 'then be the fine-tuned model.')
     raise ConfigError(
         f'{workdir} holds a run with another config (checkpoint at step {step}); these fields '
         'define what is trained and differ (checkpoint -> now): ' + '; '.join(defining) +

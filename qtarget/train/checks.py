@@ -135,7 +135,8 @@ def _check_choices(config) -> None:
           HEAD_GRAD_ACCUMULATIONS)
   _choice('frozen_weights', config.get('frozen_weights', 'compute_dtype'), FROZEN_WEIGHTS)
   _choice('data.kind', config.data.kind, DATA_KINDS)
-  for section in ('model', 'prior'):
+  sections = ('model', 'prior') if targets.needs_prior(config.method) else ('model',)
+  for section in sections:
     fields = config.get(section) or {}
     if 'remat' in fields and not isinstance(fields['remat'], bool):
       _choice(f'{section}.remat', fields['remat'], tuple(llama.REMAT_POLICIES))
@@ -151,7 +152,8 @@ def _check_choices(config) -> None:
       nearest = difflib.get_close_matches(config.data.task, list(factory.DATASETS), n=3)
       raise ConfigError(f'data.task={config.data.task!r} is not a reasoning-gym task' +
                         (f'; did you mean {", ".join(nearest)}?' if nearest else '.') +
-                        ' reasoning_gym.factory.DATASETS lists them.')
+                        ' reasoning_gym.factory.DATASETS lists them (a dataset of your own: '
+                        'reasoning_gym.register_dataset it in the config file).')
 
 
 def _check_sources(config) -> None:

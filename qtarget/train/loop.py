@@ -129,8 +129,9 @@ def _validation_records(config, test_records: list[dict]) -> list[dict]:
   return records
 
 
-class TrainingInterrupted(RuntimeError):
-  """SIGTERM or SIGINT stopped the run after saving the step it was on."""
+class TrainingInterrupted(KeyboardInterrupt):
+  """SIGTERM or SIGINT stopped the run after saving the step it was on (a KeyboardInterrupt:
+  ``except Exception`` in a driver loop does not swallow it)."""
 
   def __init__(self, signum: int, step: int, directory):
     self.signum = signum
@@ -156,17 +157,24 @@ class _StopSignals:
     return self
 
   def _handle(self, signum, frame):
-    del frame
-    if self.received is not None:
+    del frame  # only the flag: printing here could re-enter a write to stdout
+    if self.received is not None:  # the second: the previous handler, as if never caught
       self.__exit__()
-      raise KeyboardInterrupt(f'a second {signal.Signals(signum).name}: stopping without saving')
+      signal.raise_signal(signum)
+      return
     self.received = signum
-    _log(f'{signal.Signals(signum).name}: saving the current step, then stopping (send it again '
-         'to stop at once)')
+
+  def pending(self) -> bool:
+    """Whether a signal arrived; says once what happens next."""
+    if self.received is not None and not getattr(self, '_said', False):
+      self._said = True
+      _log(f'{signal.Signals(self.received).name}: saving the current step, then stopping (send '
+           'it again to stop at once)')
+    return self.received is not None
 
   def __exit__(self, *exc_info):
     for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
+      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
     self._previous = {}
 
 
@@ -224,6 +232,19 @@ def _evaluate(label, state, tokenizer, eval_records, config, workdir, step, *,
           'problems': len(records), 'step': step, 'seconds': round(result.seconds, 1)}
 
 
+def _complete(summary: dict, config, workdir: pathlib.Path) -> bool:
+  """Whether a run's summary holds everything this config asks for: all its steps, each
+  requested evaluation and, with ``export_hf``, the exported weights."""
+  wanted = ['final_metrics']
+  wanted += ['accuracy_before'] if config.eval.before else []
+  wanted += ['accuracy_after'] if config.eval.after else []
+  if config.eval.after and config.eval.get('greedy_after', False) and config.eval.num_samples > 1:
+    wanted.append('accuracy_after_greedy')
+  wanted += ['accuracy_validation'] if config.eval.get('validation_problems', 0) else []
+  exported = not config.export_hf or (workdir / 'hf' / 'model.safetensors').exists()
+  return summary.get('steps') == config.steps and all(k in summary for k in wanted) and exported
+
+
 def run(config) -> dict:
   """Trains as configured; returns the summary (also written to ``workdir/summary.json``)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -246,8 +267,7 @@ def run(config) -> dict:
   if saved is not None:  # another run's workdir is refused before anything loads
     checkpointing.check_same_run(workdir, saved[1], checks.flatten(config), saved[0])
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if (saved[0] == config.steps and summary.get('steps') == config.steps
-        and 'final_metrics' in summary and (not config.export_hf or 'exported_to' in summary)):
+    if saved[0] == config.steps and _complete(summary, config, workdir):
       _log(f'the run in {workdir} is complete ({config.steps} of {config.steps} steps): nothing '
            f'to do; {summary_path} is unchanged. To train it further, start a new workdir from '
            f'its export: --config.model.source=hf --config.model.path={workdir / "hf"}.')
@@ -394,11 +414,7 @@ def run(config) -> dict:
         flush()  # metrics are checked before anything is saved or evaluated
       if checkpoint_due:
         save(done)
-      interval_eval(done)
-      if checkpoint_due or eval_due:
-        # step times exclude the checkpoint and the evaluation
-        interval_start, interval_cpu_start = time.time(), time.process_time()
-      if stop.received is not None and done < config.steps:
+      if stop.pending():  # before an evaluation: a preemption's grace is short
         flush()  # checked before it is saved
         if not checkpoint_due:
           save(done)
@@ -408,7 +424,13 @@ def run(config) -> dict:
           progress.close()
         if hasattr(iterator, 'close'):
           iterator.close()
+        # An evaluation due at this step runs on resume (its predictions file is absent); at
+        # the last step the final evaluation and the export do.
         raise TrainingInterrupted(stop.received, done, run_checkpoints.directory)
+      interval_eval(done)
+      if checkpoint_due or eval_due:
+        # step times exclude the checkpoint and the evaluation
+        interval_start, interval_cpu_start = time.time(), time.process_time()
   if progress is not None:
     progress.close()
   run_checkpoints.wait()  # an asynchronous save in flight finishes before anything reads it

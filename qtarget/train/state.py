@@ -115,10 +115,10 @@ def create_state(config, student, prior_model=None, mesh=None, rules=None) -> Tr
       prior_state = _frozen_in(prior_state, prior_model.config.compute_dtype, mesh)
   tx, schedule = make_optimizer(config)
   sharding_lib.check_batch(config.batch_size, config.accum_steps)
-  if config.loss not in ('dense', 'fused'):
+  if config.loss not in checks.LOSSES:
     raise ConfigError(f"loss must be 'dense' or 'fused', got {config.loss!r}.")
   head_grad_accumulation = config.get('loss_head_grad_accumulation', 'float32')
-  if head_grad_accumulation not in ('float32', 'head_dtype'):
+  if head_grad_accumulation not in checks.HEAD_GRAD_ACCUMULATIONS:
     raise ConfigError("loss_head_grad_accumulation must be 'float32' or 'head_dtype', got "
                       f'{head_grad_accumulation!r}.')
   if config.loss == 'fused':
