@@ -148,6 +148,7 @@ class _StopSignals:
 
   def __init__(self):
     self.received = None
+    self._said = False
     self._previous = {}
 
   def __enter__(self):
@@ -166,7 +167,7 @@ class _StopSignals:
 
   def pending(self) -> bool:
     """Whether a signal arrived; says once what happens next."""
-    if self.received is not None and not getattr(self, '_said', False):
+    if self.received is not None and not self._said:
       self._said = True
       _log(f'{signal.Signals(self.received).name}: saving the current step, then stopping (send '
            'it again to stop at once)')
