@@ -371,7 +371,10 @@ def test_resumed_at_the_end_the_summary_keeps_the_logged_metrics(finished_run, t
   assert summary['mean_step_seconds'] is None and summary['tokens_per_second'] is None
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize('signum', [
+    pytest.param(signal.SIGTERM, id='SIGTERM'),
+    # The same path by the other signal: slow (python -m pytest -m slow).
+    pytest.param(signal.SIGINT, id='SIGINT', marks=pytest.mark.slow)])
 def test_a_signal_saves_the_step_in_flight_and_the_run_resumes(signum, tmp_path, data_dir,
                                                                 monkeypatch, capsys):
   workdir = tmp_path / 'run'
