@@ -101,10 +101,10 @@ def rewrite_hparams(argv, config) -> list[str]:
   for arg in named:
     name, value = arg[len('--config.hparams.'):].split('=', 1)
     values[name] = _typed(value, base.get(name))
-  folded = [a for a in flags_part if a not in named and a not in whole]
+  # Nothing before the first hparams flag is one, so its index is the folded flag's place.
   first = min((flags_part.index(a) for a in named + whole), default=len(flags_part))
-  position = len([a for a in flags_part[:first] if a not in named and a not in whole])
-  folded.insert(position, f'--config.hparams={values!r}')
+  folded = [a for a in flags_part if a not in named and a not in whole]
+  folded.insert(first, f'--config.hparams={values!r}')
   return folded + rest
 
 

@@ -398,6 +398,16 @@ def run(config) -> dict:
     pending.clear()
     interval_start, interval_cpu_start = time.time(), time.process_time()
 
+  def end_training():
+    """After the last step or a signal: the saves finished, the logs and the bar closed, the
+    prefetch thread stopped."""
+    run_checkpoints.wait()
+    log.close()
+    if progress is not None:
+      progress.close()
+    if hasattr(iterator, 'close'):
+      iterator.close()
+
   eval_every = config.eval.get('every', 0)
   with _StopSignals() as stop:
     for step in range(start_step, config.steps):
@@ -419,12 +429,7 @@ def run(config) -> dict:
         flush()  # checked before it is saved
         if not checkpoint_due:
           save(done)
-        run_checkpoints.wait()
-        log.close()
-        if progress is not None:
-          progress.close()
-        if hasattr(iterator, 'close'):
-          iterator.close()
+        end_training()
         # An evaluation due at this step runs on resume (its predictions file is absent); at
         # the last step the final evaluation and the export do.
         raise TrainingInterrupted(stop.received, done, run_checkpoints.directory)
@@ -432,15 +437,10 @@ def run(config) -> dict:
       if checkpoint_due or eval_due:
         # step times exclude the checkpoint and the evaluation
         interval_start, interval_cpu_start = time.time(), time.process_time()
-  if progress is not None:
-    progress.close()
   run_checkpoints.wait()  # an asynchronous save in flight finishes before anything reads it
   if run_checkpoints.latest_step() != config.steps:
     save(config.steps)  # resumed at the end: make sure the final state is on disk
-  run_checkpoints.wait()
-  log.close()
-  if hasattr(iterator, 'close'):
-    iterator.close()  # stops the prefetch thread
+  end_training()
 
   if config.eval.after:
     summary['eval_after'] = _evaluate('after', state, tokenizer, eval_records, config, workdir,
