@@ -260,3 +260,68 @@ def test_student_t_quantiles_against_published_values():
   assert mean == 0.5 and half == pytest.approx(12.706 * math.sqrt(0.5) / math.sqrt(2))
   with pytest.raises(ValueError, match='at least 1 degree of freedom'):
     stats.t_quantile(0.975, 0)
+
+
+def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path):
+  findings2 = _experiments_module('findings2')
+  questions = [f'q{i}' for i in range(10)]
+  records = {}
+
+  def add(name, right, cpu_step, ece, train_nll, harder=None, easier=None):
+    path = tmp_path / (name.replace('/', '__') + '.jsonl')
+    path.write_text(''.join(json.dumps({'question': q, 'score': float(i < right)}) + '\n'
+                            for i, q in enumerate(questions)))
+    parts = name.split('/')
+    scored = {'test_greedy': {'accuracy': right / 10, 'predictions': str(path)}}
+    for label, value in (('harder', harder), ('easier', easier)):
+      if value is not None:
+        scored[label] = {'accuracy': value}
+    records[name] = {'name': name, 'method': parts[1], 'seed': int(parts[-1]) if len(parts) > 2
+                     else 0, 'accuracy': right / 10, 'mean_step_cpu_seconds': cpu_step,
+                     'scored': scored, 'calibration': {'ece': ece, 'held_out_nll': train_nll},
+                     'fit': {'train_nll': train_nll}}
+
+  add('base/chain3', 1, None, 0.2, 2.0, harder=0.1, easier=0.5)
+  for seed, sft_step in enumerate((2.0, 2.5, 3.0)):
+    variants = {'harder': 0.3, 'easier': 0.4} if seed < 2 else {}
+    add(f'chain3_clean/target_sft_eta0.5/{seed}', 8, 3.0, 0.05, 0.2 + 0.01 * seed, **variants)
+    add(f'chain3_clean/sft/{seed}', 2 + seed, sft_step, 0.10, 0.5 + 0.01 * seed,
+        **({'harder': 0.2, 'easier': 0.45} if seed < 2 else {}))
+  grid.selection_file.write_text(json.dumps({'chain3_clean/target_sft': {
+      'selected': 'target_sft_eta0.5'}}))
+
+  # Step-time ratios 1.5, 1.2, 1.0: mean 1.2333, SD 0.25166, half-width 4.303 x SD / sqrt(3).
+  mean, half, n = findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'sft',
+                                           'step CPU s (ratio)')
+  assert n == 3 and mean == pytest.approx(3.7 / 3)
+  assert half == pytest.approx(4.303 * math.sqrt(0.19 / 3) / math.sqrt(3), rel=1e-3)
+  assert findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'sft',
+                                  'ECE') == pytest.approx((-0.05, 0.0, 3))
+  mean, half, n = findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'sft',
+                                           'harder (points)')  # seeds 0-1 only
+  assert (n, mean, half) == (2, pytest.approx(10.0), 0.0)
+  assert findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'dft',
+                                  'ECE')[2] == 0  # no such runs
+
+  details = '\n'.join(findings2.details(grid, records))
+  assert ('| chain3_clean | sft | 1.23 ± 0.63 (3) | -0.050 ± 0.000 (3) | -0.300 ± 0.000 (3) | '
+          '-0.300 ± 0.000 (3) | +10.0 ± 0.0 (2) | -5.0 ± 0.0 (2) |') in details, details
+  # Against Base's 10 and 50: SFT +10 and -5, Target-SFT +20 and -10 (two seeds, no spread).
+  assert '| chain3_clean | harder | 10.0 | +10.0 ± 0.0 (2) | - | - | +20.0 ± 0.0 (2) |' in details
+  assert '| chain3_clean | easier | 50.0 | -5.0 ± 0.0 (2) | - | - | -10.0 ± 0.0 (2) |' in details
+  # Six runs: Target-SFT (NLL 0.20-0.22, 80%) and SFT (0.50-0.52, 20-40%). Ranks, seed by seed
+  # (Target-SFT then SFT): NLL 1 4 2 5 3 6, accuracy 5 1 5 2 5 3 (the three 80% share rank 5).
+  # Pearson on the ranks: -11.5 / sqrt(17.5 x 15.5) = -0.698.
+  rho = -11.5 / math.sqrt(17.5 * 15.5)
+  assert f'| chain3_clean | 6 | {rho:+.2f} | {rho:+.2f} | {rho:+.2f} (6) |' in details
+
+  summary = '\n'.join(findings2.summary(grid, records, list(records) + [
+      'chain3_clean/dft/0', 'chain3_clean/asft_lam0.05/0', 'chain3_noisy_weak/distill/0']))
+  # 60, 50, 40 points ahead: mean 50, half-width 4.303 x 10 / sqrt(3) = 24.8: a win.
+  assert '- Against sft: 1 win, 0 tie, 0 loss over 1 setting(s)' in summary, summary
+  assert 'chain3_clean (win +50.0)' in summary
+  assert 'on seeds 2, 3, 4 alone 0 win, 0 tie, 0 loss of 0' not in summary  # one seed: none
+  assert ('Not run yet: 1 primary run(s), 1 prior-quality axis run(s), 1 secondary run(s)'
+          in summary)
+  assert 'no comparison' not in summary.lower()
+  assert 'No comparison has two paired seeds yet' in '\n'.join(findings2.summary(grid, {}, []))
