@@ -34,34 +34,50 @@ def _points(value):
   return None if value is None else 100 * value
 
 
-def paired_measure(records, setting, method, baseline, measure) -> tuple[float, float, int]:
-  """``method`` against ``baseline`` on one of ``_MEASURES``, over the seeds where both have
-  it: mean and 95% Student-t half-width of the per-seed difference (or ratio), and the count."""
+def _usable(value, kind) -> bool:
+  """A value a comparison can use: present, finite, and (for a ratio) positive."""
+  return value is not None and math.isfinite(value) and (kind != 'ratio' or value > 0)
+
+
+def paired_measure(records, setting, method, baseline, measure) -> tuple:
+  """``method`` against ``baseline`` on one of ``_MEASURES``, over the seeds where both have a
+  usable value. A difference: its mean over seeds and the 95% Student-t half-width, and the
+  count. A ratio: the geometric mean of the per-seed ratios and its 95% interval (the t interval
+  of the log ratios, exponentiated: never below 0), and the count."""
   read, kind, _ = _MEASURES[measure]
   ours = {r['seed']: read(r) for r in report2._runs(records, setting, method)}
   theirs = {r['seed']: read(r) for r in report2._runs(records, setting, baseline)}
-  seeds = sorted(s for s in ours if ours[s] is not None and theirs.get(s) is not None)
+  seeds = sorted(s for s in ours if _usable(ours[s], kind) and _usable(theirs.get(s), kind))
   if not seeds:
     return math.nan, math.nan, 0
-  values = [ours[s] / theirs[s] if kind == 'ratio' else ours[s] - theirs[s] for s in seeds]
-  mean, half = stats.mean_and_interval(values)
+  if kind == 'ratio':
+    mean, half = stats.mean_and_interval([math.log(ours[s] / theirs[s]) for s in seeds])
+    return math.exp(mean), (math.exp(mean - half), math.exp(mean + half)), len(seeds)
+  mean, half = stats.mean_and_interval([ours[s] - theirs[s] for s in seeds])
   return mean, half, len(seeds)
 
 
 def _paired_cell(result, template) -> str:
-  mean, half, n = result
+  mean, spread, n = result
   if not n:
     return '-'
-  spread = '' if math.isnan(half) else f' ± {template.format(half).lstrip("+")}'
-  return f'{template.format(mean)}{spread} ({n})'
+  if isinstance(spread, tuple):  # a ratio's interval
+    low, high = spread
+    interval = '' if math.isnan(low) else f' [{template.format(low)}, {template.format(high)}]'
+  else:
+    interval = '' if math.isnan(spread) else f' ± {template.format(spread).lstrip("+")}'
+  return f'{template.format(mean)}{interval} ({n})'
 
 
 def _against_baselines(grid, records) -> list[str]:
   lines = ['### Target-SFT against each primary baseline on the other measurements', '',
-           'Target-SFT at the selected eta minus the baseline (step time: divided by it), paired '
-           'by seed: mean ± 95% Student-t half-width over seeds (n seeds). Negative ECE and NLL '
-           'differences mean Target-SFT is better calibrated or fits more tightly; the variants '
-           f'are measured for seeds {", ".join(map(str, grid.MEASURED_VARIANT_SEEDS))} only.', '',
+           'Target-SFT at the selected eta against the baseline, paired by seed (n seeds). Step '
+           'time: the geometric mean of the per-seed ratios of mean step CPU seconds, [95% '
+           'interval] (the Cost table above divides mean step times instead). The rest: '
+           'Target-SFT minus the baseline, mean ± 95% Student-t half-width over seeds. A '
+           'negative ECE difference means better calibrated tokens; a negative NLL difference, a '
+           'higher probability on the held-out (or training) demonstrations. The variants are '
+           f'measured for seeds {", ".join(map(str, grid.MEASURED_VARIANT_SEEDS))} only.', '',
            '| setting | baseline | ' + ' | '.join(_MEASURES) + ' |',
            '|---|---|' + '---|' * len(_MEASURES)]
   rows = 0
@@ -81,17 +97,29 @@ def _against_baselines(grid, records) -> list[str]:
   return lines + ['']
 
 
+def _spearman(xs, ys) -> str:
+  pairs = [(x, y) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y)]
+  if len(pairs) < 3 or len({x for x, _ in pairs}) < 2 or len({y for _, y in pairs}) < 2:
+    return 'undefined' if len(pairs) >= 3 else '-'
+  rho = scipy.stats.spearmanr(*zip(*pairs)).statistic
+  return f'{rho:+.2f} ({len(pairs)})'
+
+
 def _fit_and_generalisation(grid, records) -> list[str]:
-  """Across every trained run of a setting (all methods, all seeds): does fitting the training
-  demonstrations more tightly go with higher held-out accuracy?"""
+  """Across every trained run of a setting (all methods, all seeds): descriptive rank
+  correlations of how tightly the runs fit with how well they answer."""
   lines = ['### Fit against generalisation', '',
-           'Per setting, over all its trained runs (every method and seed): the Spearman rank '
-           'correlation of training NLL (first training examples, teacher-forced) and of '
-           'held-out NLL with greedy test accuracy. A negative value: runs that fit tighter '
-           'score higher. With noisy demonstrations the training NLL includes the corrupted '
-           'steps, so a tight fit there is partly a fit to the noise. DFT\'s runs, with the '
-           'highest NLL and the lowest accuracy, weigh on every correlation: the last column '
-           'leaves them out.', '',
+           'Per setting, over all its trained runs (every method, eta and seed, so between-method '
+           'differences dominate and runs sharing a seed are not independent): the Spearman '
+           'rank correlation, with the number of runs, of greedy test accuracy with the training '
+           f'NLL (the first {grid.MEASURE["fit_examples"]} training examples, teacher-forced) '
+           f'and with the held-out NLL (clean demonstrations of the first '
+           f'{grid.MEASURE["calibration_examples"]} test problems, whose answers are part of what '
+           'the accuracy scores, so that column is partly the same measurement twice). '
+           'Negative: the runs with the lower NLL answer more problems. Descriptive, with no '
+           'interval: with 6 independent runs a two-sided 5% test would need |rho| of about '
+           '0.89. With noisy demonstrations the training NLL includes the corrupted steps. The '
+           'last column leaves out DFT, whose target differs most from the others.', '',
            '| setting | runs | train NLL vs accuracy | held-out NLL vs accuracy | '
            'train NLL vs accuracy, without DFT |', '|---|---|---|---|---|']
   for setting in grid.SETTINGS:
@@ -99,15 +127,29 @@ def _fit_and_generalisation(grid, records) -> list[str]:
             and r.get('fit') and r.get('calibration')]
     if len(runs) < 3:
       continue
-    rho = lambda runs, read: scipy.stats.spearmanr(
-        [read(r) for r in runs], [r['accuracy'] for r in runs]).statistic
-    train_nll = lambda r: r['fit']['train_nll']
+    accuracy = lambda runs: [r['accuracy'] for r in runs]
+    train_nll = lambda runs: [r['fit']['train_nll'] for r in runs]
     without_dft = [r for r in runs if r['method'] != 'dft']
-    lines.append(f'| {setting} | {len(runs)} | {rho(runs, train_nll):+.2f} | '
-                 f'{rho(runs, lambda r: r["calibration"]["held_out_nll"]):+.2f} | ' +
-                 (f'{rho(without_dft, train_nll):+.2f} ({len(without_dft)})'
-                  if len(without_dft) >= 3 else '-') + ' |')
+    lines.append(
+        f'| {setting} | {len(runs)} | {_spearman(train_nll(runs), accuracy(runs))} | '
+        f'{_spearman([r["calibration"]["held_out_nll"] for r in runs], accuracy(runs))} | '
+        + (_spearman(train_nll(without_dft), accuracy(without_dft))
+           if len(without_dft) < len(runs) else '(no DFT run)') + ' |')
   return lines + ['']
+
+
+def _broken_and_fixed(base, run, variant) -> tuple[float, float] | None:
+  """The shares of a variant's problems the untouched model answered and the run does not, and
+  the reverse (score 1 counts as answered), from the two prediction files."""
+  if 'predictions' not in base['scored'][variant] or 'predictions' not in run['scored'][variant]:
+    return None
+  (base_questions, base_scores), (questions, scores) = (
+      report2._scores(base, variant), report2._scores(run, variant))
+  if questions != base_questions:
+    raise ValueError(f'{run["name"]} and {base["name"]} were not scored on the same {variant} '
+                     'problems in the same order.')
+  return (float(np.mean((base_scores == 1) & (scores < 1))),
+          float(np.mean((base_scores < 1) & (scores == 1))))
 
 
 def _variants_against_base(grid, records) -> list[str]:
@@ -116,9 +158,12 @@ def _variants_against_base(grid, records) -> list[str]:
   methods = list(grid.PRIMARY_FIXED) + ['target_sft']
   lines = ['### Harder and easier variants against Base', '',
            'Greedy accuracy on problems of the same task that no run trains on, in points: '
-           "Base's, then each primary method's minus Base's (mean ± 95% half-width over the "
-           'measured seeds; Target-SFT at the selected eta). Below zero on the easier variant is '
-           'what fine-tuning broke that the untouched model could do.', '',
+           "Base's (one evaluation, so its own sampling error of a few points is in every "
+           "cell), then each primary method's net change from Base (mean ± 95% half-width over "
+           'the measured seeds; Target-SFT at the selected eta), and the problems behind it: '
+           '*broke* the share Base answered and the run does not, *fixed* the reverse (means '
+           'over seeds). On the easier variant, *broke* is what fine-tuning took away that the '
+           'untouched model could do.', '',
            '| setting | variant | base | ' + ' | '.join(methods) + ' |',
            '|---|---|---|' + '---|' * len(methods)]
   for setting in grid.SETTINGS:
@@ -130,13 +175,21 @@ def _variants_against_base(grid, records) -> list[str]:
       cells = []
       for family in methods:
         method = report2.selected_method(grid, setting, family)
-        values = [100 * (v - base_value) for r in report2._runs(records, setting, method or '')
-                  for v in [report2._value(r, variant)] if method and v is not None]
-        cells.append(_paired_cell((*stats.mean_and_interval(values), len(values)), '{:+.1f}')
-                     if values else '-')
+        runs = [r for r in report2._runs(records, setting, method) if report2._value(
+            r, variant) is not None] if method else []
+        if not runs:
+          cells.append('-')
+          continue
+        values = [100 * (report2._value(r, variant) - base_value) for r in runs]
+        cell = _paired_cell((*stats.mean_and_interval(values), len(values)), '{:+.1f}')
+        shares = [_broken_and_fixed(base, r, variant) for r in runs]
+        if all(shares):
+          cell += (f'; broke {100 * np.mean([b for b, _ in shares]):.1f}, fixed '
+                   f'{100 * np.mean([f for _, f in shares]):.1f}')
+        cells.append(cell)
       if any(c != '-' for c in cells):
-        lines.append(f'| {setting} | {variant} | {100 * base_value:.1f} | ' + ' | '.join(cells)
-                     + ' |')
+        lines.append(f'| {setting} | {variant} | {100 * base_value:.1f} | ' +
+                     ' | '.join(cells) + ' |')
   return lines + ['']
 
 
@@ -150,10 +203,10 @@ def _kind(name: str, grid) -> str:
   return 'primary' if parts[1] in grid.PRIMARY_FIXED or family == 'target_sft' else 'secondary'
 
 
-def _verdict_counts(grid, records, seeds_allowed=None):
-  """Per baseline: the settings' verdicts with at least two paired seeds, as lists."""
+def _verdict_counts(grid, records, settings, seeds_allowed=None):
+  """Per baseline: the verdicts in ``settings`` with at least two paired seeds, as lists."""
   counts = collections.defaultdict(lambda: collections.defaultdict(list))
-  for setting in grid.SETTINGS:
+  for setting in settings:
     method = report2.selected_method(grid, setting, 'target_sft')
     for family in report2.BASELINES:
       baseline = report2.selected_method(grid, setting, family)
@@ -164,32 +217,47 @@ def _verdict_counts(grid, records, seeds_allowed=None):
   return counts
 
 
-def _summary(grid, records, planned) -> list[str]:
-  lines = ['## What held, what did not, what is untested (so far)', '']
-  counts = _verdict_counts(grid, records)
+def _tally(verdicts) -> str:
+  return (f'{len(verdicts.get("win", []))} win, {len(verdicts.get("tie", []))} tie, '
+          f'{len(verdicts.get("loss", []))} loss')
+
+
+def _verdict_lines(grid, records, settings, label) -> list[str]:
+  counts = _verdict_counts(grid, records, settings)
   added = tuple(s for s in grid.PRIMARY_SEEDS if s not in grid.SELECTION_SEEDS)
-  unbiased = _verdict_counts(grid, records, added)
-  if not counts:
-    lines.append('- No comparison has two paired seeds yet: nothing is decided.')
+  after = ', '.join(map(str, added))
+  unbiased = _verdict_counts(grid, records, settings, added)
+  lines = []
   for family, verdicts in counts.items():
     total = sum(map(len, verdicts.values()))
     late = unbiased.get(family, {})
     late_total = sum(map(len, late.values()))
     decided = [f'{s} ({v} {100 * r["mean"]:+.1f})' for v in ('win', 'loss')
                for s, r in verdicts.get(v, [])]
+    if late_total:
+      later = f'; on seeds {after} alone {_tally(late)} of {late_total}'
+    elif family in grid.TUNED:  # its runs are seeds 0-2: one seed after the selection
+      later = f'; on seeds {after} alone never (by design it has one seed after the selection)'
+    else:
+      later = f'; none yet on seeds {after} alone'
     bootstrap_only = [s for s, r in verdicts.get('tie', [])
                       if r['bootstrap'][0] > 0 or r['bootstrap'][1] < 0]
     lines.append(
-        f'- Against {family}: {len(verdicts.get("win", []))} win, '
-        f'{len(verdicts.get("tie", []))} tie, {len(verdicts.get("loss", []))} loss over '
-        f'{total} setting(s) with two or more seeds'
-        + (f' ({", ".join(decided)})' if decided else '')
-        + (f'; on seeds {", ".join(map(str, added))} alone {len(late.get("win", []))} win, '
-           f'{len(late.get("tie", []))} tie, {len(late.get("loss", []))} loss of {late_total}'
-           if late_total else f'; none yet on seeds {", ".join(map(str, added))} alone')
-        + (f'. The bootstrap over problems and seeds excludes 0 where the seed-level interval '
-           f'does not in {", ".join(bootstrap_only)}: a signal the planned seeds have not '
-           'confirmed' if bootstrap_only else '') + '.')
+        f'- {label} {family}: {_tally(verdicts)} over {total} setting(s) with two or '
+        'more seeds' + (f' ({", ".join(decided)})' if decided else '') + later +
+        (f'. The bootstrap interval over problems and seeds excludes 0 in '
+         f'{", ".join(bootstrap_only)}, but with so few seeds it does not capture the '
+         'seed-to-seed spread: not a verdict' if bootstrap_only else '') + '.')
+  return lines
+
+
+def _summary(grid, records, planned) -> list[str]:
+  lines = ['## What held, what did not, what is untested (so far)', '']
+  main = [s for s in grid.SETTINGS if s != _PRIOR_QUALITY]
+  lines += _verdict_lines(grid, records, main, 'Against') or [
+      '- No comparison has two paired seeds yet: nothing is decided.']
+  lines += _verdict_lines(grid, records, [_PRIOR_QUALITY],
+                          f'With the weaker prior ({_PRIOR_QUALITY}), against')
   # The paper's second claim: the margin over SFT is largest with noisy demonstrations.
   for task in grid.TASKS:
     margins = {}
@@ -200,12 +268,13 @@ def _summary(grid, records, planned) -> list[str]:
       if result and len(result['seeds']) > 1:
         margins[style] = result
     if len(margins) == 2:
-      clean, noisy = margins['clean'], margins['noisy']
+      margin = lambda r: (f'{100 * r["mean"]:+.1f} ± {100 * r["half"]:.1f} '
+                          f'({len(r["seeds"])} seeds)')
       lines.append(
-          f'- {task}: the margin over SFT is {100 * noisy["mean"]:+.1f} points with noisy '
-          f'demonstrations ({len(noisy["seeds"])} seeds) against {100 * clean["mean"]:+.1f} '
-          f'with clean ones ({len(clean["seeds"])}); the paper expects it larger with noise. '
-          'The two means are compared here by eye, not by a test.')
+          f'- {task}: the margin over SFT is {margin(margins["noisy"])} with noisy '
+          f'demonstrations and {margin(margins["clean"])} with clean ones, selection seeds '
+          'included; the paper expects it larger with noise. Where the two intervals overlap, '
+          'the data do not tell the margins apart.')
   missing = collections.Counter(_kind(n, grid) for n in planned if n not in records)
   unselected = [s for s in grid.SETTINGS
                 if report2.selected_method(grid, s, 'target_sft') is None]
@@ -213,11 +282,16 @@ def _summary(grid, records, planned) -> list[str]:
       missing.items())) if missing else 'nothing planned') + (
           f'; settings with no eta selected yet: {", ".join(unselected)}' if unselected
           else '') + '. Runs that wait for a selection are not counted until it is made.')
+  steps = grid.run_config(main[0], grid.PRIMARY_FIXED[0], 0).steps
+  teacher_steps = sorted({s for _, s in grid.TEACHERS.values()})
+  measure = grid.MEASURE
   lines.append(
-      '- Outside this grid: models other than SmolLM2-135M, training longer than 20 steps '
-      '(teachers: 100), Average@16 over sampled answers (the paper\'s metric; here greedy '
-      'accuracy, with Average@4 and pass@4 on 64 problems), the paper\'s datasets, and priors '
-      'other than an SFT teacher of the same model.')
+      f'- Outside this grid: models other than SmolLM2-135M, training longer than {steps} '
+      f'steps (teachers: {" or ".join(map(str, teacher_steps))}), Average@16 over sampled '
+      "answers (the paper's metric; here greedy accuracy, with Average@"
+      f'{measure["num_samples"]} and pass@{measure["num_samples"]} on '
+      f'{measure["sampled_problems"]} problems), the paper\'s datasets, and priors other than '
+      'an SFT teacher of the same model.')
   return lines + ['']
 
 

@@ -267,61 +267,115 @@ def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path)
   questions = [f'q{i}' for i in range(10)]
   records = {}
 
-  def add(name, right, cpu_step, ece, train_nll, harder=None, easier=None):
-    path = tmp_path / (name.replace('/', '__') + '.jsonl')
-    path.write_text(''.join(json.dumps({'question': q, 'score': float(i < right)}) + '\n'
+  def predictions(name, label, right):
+    path = tmp_path / f"{name.replace('/', '__')}__{label}.jsonl"
+    path.write_text(''.join(json.dumps({'question': q, 'score': float(i in right)}) + '\n'
                             for i, q in enumerate(questions)))
+    return {'accuracy': len(right) / 10, 'predictions': str(path)}
+
+  def add(name, right, cpu_step, ece, held_out_nll, train_nll, harder=None, easier=None):
     parts = name.split('/')
-    scored = {'test_greedy': {'accuracy': right / 10, 'predictions': str(path)}}
-    for label, value in (('harder', harder), ('easier', easier)):
-      if value is not None:
-        scored[label] = {'accuracy': value}
+    scored = {'test_greedy': predictions(name, 'test_greedy', range(right))}
+    for label, solved in (('harder', harder), ('easier', easier)):
+      if solved is not None:
+        scored[label] = predictions(name, label, solved)
     records[name] = {'name': name, 'method': parts[1], 'seed': int(parts[-1]) if len(parts) > 2
                      else 0, 'accuracy': right / 10, 'mean_step_cpu_seconds': cpu_step,
-                     'scored': scored, 'calibration': {'ece': ece, 'held_out_nll': train_nll},
+                     'scored': scored, 'calibration': {'ece': ece, 'held_out_nll': held_out_nll},
                      'fit': {'train_nll': train_nll}}
 
-  add('base/chain3', 1, None, 0.2, 2.0, harder=0.1, easier=0.5)
+  # Base answers the harder problems 0 and the easier 0-4.
+  add('base/chain3', 1, None, 0.2, 2.0, 2.0, harder={0}, easier={0, 1, 2, 3, 4})
   for seed, sft_step in enumerate((2.0, 2.5, 3.0)):
-    variants = {'harder': 0.3, 'easier': 0.4} if seed < 2 else {}
-    add(f'chain3_clean/target_sft_eta0.5/{seed}', 8, 3.0, 0.05, 0.2 + 0.01 * seed, **variants)
-    add(f'chain3_clean/sft/{seed}', 2 + seed, sft_step, 0.10, 0.5 + 0.01 * seed,
-        **({'harder': 0.2, 'easier': 0.45} if seed < 2 else {}))
-  grid.selection_file.write_text(json.dumps({'chain3_clean/target_sft': {
-      'selected': 'target_sft_eta0.5'}}))
+    first = seed < 2  # variants are measured for seeds 0-1
+    # Target-SFT: harder {0, 1, 2} (fixes 2), easier {0, 1, 2, 5} (breaks 2, fixes 1): the
+    # same easier accuracy as SFT's {0, 1, 2, 3} (breaks 1), with different problems.
+    add(f'chain3_clean/target_sft_eta0.5/{seed}', 8, 3.0, 0.05, 0.3 - 0.01 * seed,
+        0.2 + 0.01 * seed, harder={0, 1, 2} if first else None,
+        easier={0, 1, 2, 5} if first else None)
+    # SFT: harder {1, 2} (breaks 1, fixes 1).
+    add(f'chain3_clean/sft/{seed}', 2 + seed, sft_step, 0.10, 0.7 - 0.01 * seed,
+        0.5 + 0.01 * seed, harder={1, 2} if first else None,
+        easier={0, 1, 2, 3} if first else None)
+  add('chain3_clean/dft/0', 1, 2.0, 0.3, 0.1, 0.1)  # lowest NLL, lowest accuracy
+  grid.selection_file.write_text(json.dumps({
+      'chain3_clean/target_sft': {'selected': 'target_sft_eta0.5'},
+      'chain3_noisy/target_sft': {'selected': 'target_sft_eta0.5'}}))
 
-  # Step-time ratios 1.5, 1.2, 1.0: mean 1.2333, SD 0.25166, half-width 4.303 x SD / sqrt(3).
-  mean, half, n = findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'sft',
-                                           'step CPU s (ratio)')
-  assert n == 3 and mean == pytest.approx(3.7 / 3)
-  assert half == pytest.approx(4.303 * math.sqrt(0.19 / 3) / math.sqrt(3), rel=1e-3)
+  # Step-time ratios 1.5, 1.2, 1.0: the geometric mean is 1.8^(1/3) = 1.2164 and the interval
+  # is exp(mean log +- 4.303 x SD(log) / sqrt(3)).
+  logs = [math.log(1.5), math.log(1.2), 0.0]
+  mean_log = sum(logs) / 3
+  sd_log = math.sqrt(sum((x - mean_log) ** 2 for x in logs) / 2)
+  half_log = 4.303 * sd_log / math.sqrt(3)
+  mean, (low, high), n = findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5',
+                                                  'sft', 'step CPU s (ratio)')
+  assert n == 3 and mean == pytest.approx(1.8 ** (1 / 3))
+  assert (low, high) == pytest.approx((math.exp(mean_log - half_log),
+                                       math.exp(mean_log + half_log)))
+  assert low > 0
   assert findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'sft',
                                   'ECE') == pytest.approx((-0.05, 0.0, 3))
   mean, half, n = findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'sft',
                                            'harder (points)')  # seeds 0-1 only
   assert (n, mean, half) == (2, pytest.approx(10.0), 0.0)
-  assert findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'dft',
+  assert findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'distill',
                                   'ECE')[2] == 0  # no such runs
+  records['chain3_clean/dft/0']['calibration']['ece'] = math.nan
+  assert findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'dft',
+                                  'ECE')[2] == 0  # a NaN is not a value
+  records['chain3_clean/dft/0']['calibration']['ece'] = 0.3
 
   details = '\n'.join(findings2.details(grid, records))
-  assert ('| chain3_clean | sft | 1.23 ± 0.63 (3) | -0.050 ± 0.000 (3) | -0.300 ± 0.000 (3) | '
-          '-0.300 ± 0.000 (3) | +10.0 ± 0.0 (2) | -5.0 ± 0.0 (2) |') in details, details
-  # Against Base's 10 and 50: SFT +10 and -5, Target-SFT +20 and -10 (two seeds, no spread).
-  assert '| chain3_clean | harder | 10.0 | +10.0 ± 0.0 (2) | - | - | +20.0 ± 0.0 (2) |' in details
-  assert '| chain3_clean | easier | 50.0 | -5.0 ± 0.0 (2) | - | - | -10.0 ± 0.0 (2) |' in details
-  # Six runs: Target-SFT (NLL 0.20-0.22, 80%) and SFT (0.50-0.52, 20-40%). Ranks, seed by seed
-  # (Target-SFT then SFT): NLL 1 4 2 5 3 6, accuracy 5 1 5 2 5 3 (the three 80% share rank 5).
-  # Pearson on the ranks: -11.5 / sqrt(17.5 x 15.5) = -0.698.
-  rho = -11.5 / math.sqrt(17.5 * 15.5)
-  assert f'| chain3_clean | 6 | {rho:+.2f} | {rho:+.2f} | {rho:+.2f} (6) |' in details
+  ratio = f'1.22 [{low:.2f}, {high:.2f}] (3)'
+  # Held-out NLL: 0.3 - 0.01 s against 0.7 - 0.01 s; train NLL: 0.2 + 0.01 s against 0.5 + ...
+  assert (f'| chain3_clean | sft | {ratio} | -0.050 ± 0.000 (3) | -0.400 ± 0.000 (3) | '
+          '-0.300 ± 0.000 (3) | +10.0 ± 0.0 (2) | +0.0 ± 0.0 (2) |') in details, details
+  # Against Base's 10 and 50 points: SFT +10 (broke 10, fixed 20) and -10 (broke 10, fixed 0);
+  # Target-SFT +20 (broke 0, fixed 20) and -10 (broke 20, fixed 10).
+  assert ('| chain3_clean | harder | 10.0 | +10.0 ± 0.0 (2); broke 10.0, fixed 20.0 | - | - | '
+          '+20.0 ± 0.0 (2); broke 0.0, fixed 20.0 |') in details, details
+  assert ('| chain3_clean | easier | 50.0 | -10.0 ± 0.0 (2); broke 10.0, fixed 0.0 | - | - | '
+          '-10.0 ± 0.0 (2); broke 20.0, fixed 10.0 |') in details, details
+  # Seven runs, seed by seed Target-SFT then SFT, then DFT. Accuracy 80 20 80 30 80 40 10: ranks
+  # 6 2 6 3 6 4 1, deviations from the mean rank 4: 2 -2 2 -1 2 0 -3 (squares sum to 26).
+  # Train NLL 0.20 0.50 0.21 0.51 0.22 0.52 0.10: ranks 2 5 3 6 4 7 1, deviations -2 1 -1 2 0 3
+  # -3 (28); products -4 -2 -2 -2 0 0 9: Pearson on the ranks -1 / sqrt(26 x 28). Held-out NLL
+  # 0.30 0.70 0.29 0.69 0.28 0.68 0.10: deviations 0 3 -1 2 -2 1 -3, products summing to -5.
+  # Without DFT (six runs): accuracy ranks 5 1 5 2 5 3, train NLL ranks 1 4 2 5 3 6:
+  # -11.5 / sqrt(15.5 x 17.5).
+  with_dft = -1 / math.sqrt(26 * 28)
+  held_out = -5 / math.sqrt(26 * 28)
+  without_dft = -11.5 / math.sqrt(17.5 * 15.5)
+  assert (f'| chain3_clean | 7 | {with_dft:+.2f} (7) | {held_out:+.2f} (7) | '
+          f'{without_dft:+.2f} (6) |') in details, details
+  assert findings2._spearman([1.0, 1.0, 1.0], [0.1, 0.2, 0.3]) == 'undefined'
 
-  summary = '\n'.join(findings2.summary(grid, records, list(records) + [
-      'chain3_clean/dft/0', 'chain3_clean/asft_lam0.05/0', 'chain3_noisy_weak/distill/0']))
-  # 60, 50, 40 points ahead: mean 50, half-width 4.303 x 10 / sqrt(3) = 24.8: a win.
-  assert '- Against sft: 1 win, 0 tie, 0 loss over 1 setting(s)' in summary, summary
-  assert 'chain3_clean (win +50.0)' in summary
-  assert 'on seeds 2, 3, 4 alone 0 win, 0 tie, 0 loss of 0' not in summary  # one seed: none
-  assert ('Not run yet: 1 primary run(s), 1 prior-quality axis run(s), 1 secondary run(s)'
+  planned = list(records) + ['chain3_clean/distill/0', 'chain3_clean/asft_lam0.05/0',
+                             'chain3_noisy_weak/distill/0', 'teacher/chain3_weak']
+  summary = '\n'.join(findings2.summary(grid, records, planned))
+  # 60, 50, 40 points ahead: mean 50, half-width 4.303 x 10 / sqrt(3) = 24.8: a win. Seed 2
+  # alone is one seed: nothing on the post-selection seeds yet.
+  assert ('- Against sft: 1 win, 0 tie, 0 loss over 1 setting(s) with two or more seeds '
+          '(chain3_clean (win +50.0)); none yet on seeds 2, 3, 4 alone.') in summary, summary
+  assert '- Against dft' not in summary  # one seed
+  assert ('Not run yet: 1 primary run(s), 2 prior-quality axis run(s), 1 secondary run(s)'
           in summary)
-  assert 'no comparison' not in summary.lower()
+  assert 'With the weaker prior' not in summary
   assert 'No comparison has two paired seeds yet' in '\n'.join(findings2.summary(grid, {}, []))
+  assert 'training longer than 20 steps (teachers: 10 or 100)' in summary
+
+  # A tie whose bootstrap excludes 0, and the clean / noisy margin line: chain3_noisy, where
+  # Target-SFT is ahead by 50 and 90 points (seed-level half-width 12.706 x 28.28 / sqrt(2) =
+  # 254: a tie; a bootstrap draw at 0 needs seed 0 twice and none of its 5 differing problems,
+  # about 1 in 4000).
+  for seed, (ours, theirs) in enumerate(((6, 1), (10, 1))):
+    add(f'chain3_noisy/target_sft_eta0.5/{seed}', ours, 3.0, 0.05, 0.3, 0.2)
+    add(f'chain3_noisy/sft/{seed}', theirs, 2.0, 0.1, 0.7, 0.5)
+  summary = '\n'.join(findings2.summary(grid, records, planned))
+  assert ('- Against sft: 1 win, 1 tie, 0 loss over 2 setting(s) with two or more seeds '
+          '(chain3_clean (win +50.0)); none yet on seeds 2, 3, 4 alone. The bootstrap interval '
+          'over problems and seeds excludes 0 in chain3_noisy, but with so few seeds') in summary
+  half = 12.706 * math.sqrt(800) / math.sqrt(2)
+  assert (f'- chain3: the margin over SFT is +70.0 ± {half:.1f} (2 seeds) with noisy '
+          'demonstrations and +50.0 ± 24.8 (3 seeds) with clean ones') in summary, summary
