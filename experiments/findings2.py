@@ -45,9 +45,14 @@ def paired_measure(records, setting, method, baseline, measure) -> tuple:
   count. A ratio: the geometric mean of the per-seed ratios and its 95% interval (the t interval
   of the log ratios, exponentiated: never below 0), and the count."""
   read, kind, _ = _MEASURES[measure]
-  ours = {r['seed']: read(r) for r in report2._runs(records, setting, method)}
-  theirs = {r['seed']: read(r) for r in report2._runs(records, setting, baseline)}
-  seeds = sorted(s for s in ours if _usable(ours[s], kind) and _usable(theirs.get(s), kind))
+  ours = {r['seed']: r for r in report2._runs(records, setting, method)}
+  theirs = {r['seed']: r for r in report2._runs(records, setting, baseline)}
+  # A time is compared only with one on the same machine (the records' 'machine', when set).
+  seeds = [s for s in sorted(ours) if s in theirs and _usable(read(ours[s]), kind) and
+           _usable(read(theirs[s]), kind) and (kind != 'ratio' or ours[s].get('machine') ==
+                                                theirs[s].get('machine'))]
+  ours = {s: read(ours[s]) for s in seeds}
+  theirs = {s: read(theirs[s]) for s in seeds}
   if not seeds:
     return math.nan, math.nan, 0
   if kind == 'ratio':

@@ -233,7 +233,7 @@ def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
   assert 'the 2 planned runs still to go need about 0.1 h' in text
   assert 'the runs still to go need about 0.2 h' in text
   assert '| chain3_clean | 0.5 | **win** +' in text and '**tie**' in text
-  assert '| target_sft_eta0.5 | 1.30 / 1.30 |' in text  # step time relative to SFT
+  assert '| target_sft_eta0.5 | 1.30 / 1.30 (5) |' in text  # step time relative to SFT
   # Power, in points. Against SFT: differences 35 35 25 40 30 (chain3_clean) and 0 20 10
   # (chain3_noisy), squared deviations 130 + 200 over 4 + 2 degrees of freedom: SD 7.42; at 5
   # seeds 2.776 * 7.42 / sqrt(5) = 9.2 and (2.776 + 0.941) * 7.42 / sqrt(5) = 12.3; at 3 seeds
@@ -379,3 +379,40 @@ def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path)
   half = 12.706 * math.sqrt(800) / math.sqrt(2)
   assert (f'- chain3: the margin over SFT is +70.0 ± {half:.1f} (2 seeds) with noisy '
           'demonstrations and +50.0 ± 24.8 (3 seeds) with clean ones') in summary, summary
+
+
+def test_machines_listed_in_order_and_times_compared_on_one_machine(grid, tmp_path, monkeypatch):
+  machines = _experiments_module('machines')
+  findings2 = _experiments_module('findings2')
+  report2 = _experiments_module('report2')
+  cpuinfo = ('processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512f sse\n'
+             'processor\t: 1\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512f sse\n')
+  monkeypatch.setattr(machines.os, 'sched_getaffinity', lambda _: {0, 1}, raising=False)
+  assert machines.describe(cpuinfo) == 'Some CPU, 2 cores, avx2 avx512f'
+  path = tmp_path / 'machines.jsonl'
+  monkeypatch.setattr(machines, 'describe', lambda: 'A, 2 cores, avx2')
+  machines.record(path, '2026-01-01 00:00')
+  assert machines.record(path, '2026-01-05 00:00')['since'] == '2026-01-01 00:00'  # the same
+  monkeypatch.setattr(machines, 'describe', lambda: 'B, 2 cores, avx2 avx512f')
+  machines.record(path, '2026-01-02 10:00')
+  listed = machines.load(path)
+  assert [m['cpu'] for m in listed] == ['A, 2 cores, avx2', 'B, 2 cores, avx2 avx512f']
+  assert machines.machine_of({'finished': '2026-01-02 09:59'}, listed) == 'A, 2 cores, avx2'
+  assert machines.machine_of({'finished': '2026-01-02 10:00'}, listed).startswith('B')
+  assert machines.machine_of({'finished': '2025-12-31 23:00'}, listed) is None
+  assert machines.machine_of({}, listed) is None
+
+  # Seed 0's two runs ran on A, seed 1's Target-SFT on B but its SFT on A: only seed 0 pairs.
+  records = {}
+  for seed, (ours, theirs, machine) in enumerate(((3.0, 2.0, 'A'), (1.5, 2.0, 'B'))):
+    for method, step in (('target_sft_eta1', ours), ('sft', theirs)):
+      records[f'chain3_clean/{method}/{seed}'] = {
+          'name': f'chain3_clean/{method}/{seed}', 'method': method, 'seed': seed,
+          'mean_step_seconds': step, 'mean_step_cpu_seconds': step,
+          'machine': machine if method != 'sft' else 'A'}
+  assert findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta1', 'sft',
+                                  'step CPU s (ratio)')[0::2] == (1.5, 1)
+  # The Cost table: Target-SFT seed 0 against SFT's mean on A (2.0): 1.5; seed 1 on B has no
+  # SFT run there and is left out.
+  cost = '\n'.join(report2._cost(grid, records))
+  assert '| target_sft_eta1 | 1.50 / 1.50 (1) |' in cost, cost

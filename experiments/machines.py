@@ -1,0 +1,82 @@
+"""Which machine each grid run ran on: step times compare only within one machine.
+
+``results2/machines.jsonl`` lists the machines in the order they ran the grid, each with the time
+from which it did (``since``, as the records' ``finished``). A session starts with
+
+    python experiments/machines.py --record experiments/results2/machines.jsonl
+
+which appends this machine if it differs from the last one listed. A machine changes only
+between sessions, and an interrupted run restarts on the new one, so a run belongs to the last
+machine listed at or before its ``finished`` time.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import time
+
+# The instruction-set extensions that change XLA's CPU code (and so timings and rounding).
+_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16')
+
+
+def describe(cpuinfo: str | None = None) -> str:
+  """This machine's CPU in one line: model name, usable cores, the extensions above."""
+  if cpuinfo is None:
+    cpuinfo = pathlib.Path('/proc/cpuinfo').read_text()
+  fields = dict(line.split(':', 1) for line in cpuinfo.splitlines() if ':' in line)
+  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  flags = set(fields.get('flags', '').split())
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return (f"{fields.get('model name', 'unknown CPU')}, {cores} cores, "
+          + (' '.join(f for f in _FLAGS if f in flags) or 'none of ' + ' '.join(_FLAGS)))
+
+
+def load(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record(path: pathlib.Path, now: str | None = None) -> dict:
+  """Appends this machine to ``path`` unless it is the last one listed; returns the entry in
+  force."""
+  machines, cpu = load(path), describe()
+  if machines and machines[-1]['cpu'] == cpu:
+    return machines[-1]
+  entry = {'since': now or time.strftime('%Y-%m-%d %H:%M'), 'cpu': cpu,
+           'source': 'experiments/machines.py'}
+  with path.open('a') as f:
+    f.write(json.dumps(entry) + '\n')
+  return entry
+
+
+def machine_of(run: dict, machines: list[dict]) -> str | None:
+  """The ``cpu`` of the machine a record ran on (None when nothing is listed for its time)."""
+  finished = run.get('finished')
+  if not finished:
+    return None
+  chosen = None
+  for machine in machines:  # in order: the last one at or before the run's end
+    if machine['since'] <= finished:
+      chosen = machine['cpu']
+  return chosen
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--record', type=pathlib.Path,
+                      help='append this machine to this machines.jsonl if it is new there')
+  parser.add_argument('--since', default=None,
+                      help="'YYYY-MM-DD HH:MM' the machine started (default: now; first thing "
+                      'in a session, before any run finishes)')
+  args = parser.parse_args()
+  if args.record:
+    entry = record(args.record, args.since)
+    print(f"{args.record}: runs from {entry['since']} ran on {entry['cpu']}")
+  else:
+    print(describe())
+
+
+if __name__ == '__main__':
+  main()
