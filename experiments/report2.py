@@ -13,6 +13,7 @@ import numpy as np
 
 import findings2  # pylint: disable=import-error  (experiments/findings2.py; it imports this one)
 import machines  # pylint: disable=import-error  (experiments/machines.py)
+import plots2  # pylint: disable=import-error  (experiments/plots2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 CORES = 2  # the grid machine's; CPU seconds / CORES is a run's wall time alone
@@ -128,8 +129,14 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
   lines += _cost(grid, records)
   lines += _calibration_and_fit(grid, records)
   lines += findings2.details(grid, records)
-  figures = _plots(grid, records, output.parent)
-  lines += ['## Plots', ''] + [f'![{f}]({f})' for f in figures] + ([''] if figures else [
+  figures = plots2.write(grid, records, output.parent)
+  lines += ['## Plots', '', '`grid2_eta.png`: greedy accuracy against eta on validation and '
+            'test (seeds 0-1, mean ± 95% half-width). `grid2_calibration.png`: reliability, '
+            "pooled over each method's runs in every setting (Target-SFT at every eta): left, "
+            'token accuracy against top-token probability on held-out demonstrations; right, the '
+            'fraction of greedy test answers right against their confidence, which mixes '
+            "chain3's and products2's accuracies.", ''] + [
+                f'![{f}]({f})' for f in figures] + ([''] if figures else [
       '(none yet: no run of the sweep or with calibration bins is recorded)', ''])
   lines += _run_table(records)
   output.write_text('\n'.join(lines) + '\n')
@@ -423,71 +430,6 @@ def _calibration_and_fit(grid, records):
           f"{_cell([_value(r, 'harder') for r in runs if _value(r, 'harder') is not None])} | "
           f"{_cell([_value(r, 'easier') for r in runs if _value(r, 'easier') is not None])} |")
   return lines + ['']
-
-
-def _plots(grid, records, out_dir) -> list[str]:
-  """grid2_eta.png (validation and test accuracy against eta, seeds 0-1) and
-  grid2_calibration.png (reliability: token accuracy against confidence, bins pooled over each
-  method's runs in all settings)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  written = []
-  etas = {'dft': 0.0, **{m: grid.METHODS[m][1]['eta'] for m in grid.TUNED['target_sft']}}
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-  drawn = False
-  for ax, label in zip(axes, ('validation', 'test_greedy')):
-    for setting in grid.SETTINGS:
-      points = []
-      for method, eta in etas.items():
-        values = [_value(r, label) for r in _runs(records, setting, method)
-                  if r['seed'] in grid.SELECTION_SEEDS and _value(r, label) is not None]
-        if values:
-          points.append((eta, *stats.mean_and_interval(values)))
-      if points:
-        drawn = True
-        ax.errorbar([p[0] for p in points], [100 * p[1] for p in points],
-                    yerr=[0 if math.isnan(p[2]) else 100 * p[2] for p in points], marker='o',
-                    capsize=3, label=setting)
-    ax.set_xlabel('eta (0 = DFT; prior = the teacher)')
-    ax.set_title(f'{"validation (selects)" if label == "validation" else "test"}, seeds 0-1')
-  axes[0].set_ylabel('greedy accuracy (%)')
-  if drawn:
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / 'grid2_eta.png', dpi=120)
-    written.append('grid2_eta.png')
-  plt.close(fig)
-  fig, ax = plt.subplots(figsize=(5, 5))
-  ax.plot([0, 1], [0, 1], color='grey', linewidth=0.8)
-  drawn = False
-  for family in ('base',) + tuple(grid.PRIMARY_FIXED) + ('target_sft',):
-    pooled = collections.defaultdict(lambda: [0, 0.0, 0.0])  # lower edge -> count, conf, acc
-    for r in records.values():
-      method = r['method']
-      if not (method == family or (family == 'target_sft' and method.startswith(family))):
-        continue
-      for b in (r.get('calibration') or {}).get('bins', []):
-        if b['count']:
-          cell = pooled[b['lower']]
-          cell[0] += b['count']
-          cell[1] += b['count'] * b['mean_confidence']
-          cell[2] += b['count'] * b['accuracy']
-    if pooled:
-      drawn = True
-      edges = sorted(pooled)
-      ax.plot([pooled[e][1] / pooled[e][0] for e in edges],
-              [pooled[e][2] / pooled[e][0] for e in edges], marker='o', label=family)
-  if drawn:
-    ax.set_xlabel('confidence (top-token probability)')
-    ax.set_ylabel('token accuracy')
-    ax.set_title('Calibration on held-out demonstrations')
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / 'grid2_calibration.png', dpi=120)
-    written.append('grid2_calibration.png')
-  plt.close(fig)
-  return written
 
 
 def _run_table(records):

@@ -416,3 +416,17 @@ def test_machines_listed_in_order_and_times_compared_on_one_machine(grid, tmp_pa
   # SFT run there and is left out.
   cost = '\n'.join(report2._cost(grid, records))
   assert '| target_sft_eta1 | 1.50 / 1.50 (1) |' in cost, cost
+
+
+def test_answer_reliability_pools_runs_into_confidence_deciles(tmp_path):
+  plots2 = _experiments_module('plots2')
+  path = tmp_path / 'p.jsonl'
+  rows = ([{'confidence': 0.95, 'score': float(i < 15)} for i in range(20)] +  # 15 of 20 right
+          [{'confidence': 0.5, 'score': 1.0}] * 5 +  # too few for a point
+          [{'confidence': None, 'score': 1.0}] +  # no answer tokens: left out
+          [{'confidence': 1.0, 'score': 0.01}])  # the top bin; a partial score is wrong
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  run = {'scored': {'test_greedy': {'predictions': str(path)}}}
+  (confidence, right, count), = plots2._answer_reliability([run, {'scored': {}}])
+  assert count == 21 and right == pytest.approx(15 / 21)
+  assert confidence == pytest.approx((20 * 0.95 + 1.0) / 21)
