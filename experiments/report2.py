@@ -157,7 +157,11 @@ def _status(grid, records, planned):
     validated = lambda name: grid.measurements(name)['validation']
     walls = {True: [], False: []}
     cpus = {True: [], False: []}
-    for r in trained:
+    # The rates of the machine the grid runs on now, once it has a few runs (machines differ).
+    current = max(trained, key=lambda r: r.get('finished') or '').get('machine')
+    on_current = [r for r in trained if r.get('machine') == current]
+    timed = on_current if current and len(on_current) >= 3 else trained
+    for r in timed:
       walls[validated(r['name'])].append(r['wall_seconds'])
       if r.get('cpu_seconds'):
         cpus[validated(r['name'])].append(r['cpu_seconds'])
@@ -167,7 +171,9 @@ def _status(grid, records, planned):
     left = sum(rate(validated(n)) for n in missing if n.count('/') == 2)
     families = sorted({grid.task_family_of(r['name']) for r in trained})
     unmeasured = sorted(set(grid.TASKS) - set(families))
-    lines += ['', 'Measured wall time per run (training, export and measurement), median: '
+    lines += ['', 'Measured wall time per run (training, export and measurement), median' + (
+        f' on {current}, the machine the latest runs ran on' if timed is on_current else '') +
+              ': '
               f'{shown(walls[True])} for runs measured on validation too (pre-registered '
               f'estimate 330 s), {shown(walls[False])} for the others (estimate 260 s); CPU '
               f'seconds, recorded from PREREGISTRATION change 14 on: {shown(cpus[True])} and '

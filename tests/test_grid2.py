@@ -430,3 +430,21 @@ def test_answer_reliability_pools_runs_into_confidence_deciles(tmp_path):
   (confidence, right, count), = plots2._answer_reliability([run, {'scored': {}}])
   assert count == 21 and right == pytest.approx(15 / 21)
   assert confidence == pytest.approx((20 * 0.95 + 1.0) / 21)
+
+
+def test_budget_rates_come_from_the_machine_the_grid_runs_on_now(grid):
+  report2 = _experiments_module('report2')
+  records = {}
+  for seed, (machine, wall, finished) in enumerate((('A', 1000.0, '2026-01-01 10:00'),
+                                                    ('B', 100.0, '2026-01-02 10:00'),
+                                                    ('B', 120.0, '2026-01-02 10:10'),
+                                                    ('B', 80.0, '2026-01-02 10:20'))):
+    name = f'chain3_clean/sft/{seed}'
+    records[name] = {'name': name, 'method': 'sft', 'seed': seed, 'wall_seconds': wall,
+                     'machine': machine, 'finished': finished, 'accuracy': 0.5}
+  text = '\n'.join(report2._status(grid, records, list(records) + ['chain3_clean/sft/9']))
+  assert 'median on B, the machine the latest runs ran on' in text
+  assert '100 s (3 runs) for the others' in text  # A's 1000 s left out
+  del records['chain3_clean/sft/3']  # two runs on B: too few, every machine's runs count
+  text = '\n'.join(report2._status(grid, records, list(records)))
+  assert 'the machine the latest runs ran on' not in text and '(3 runs) for the others' in text
