@@ -95,6 +95,9 @@ def test_resume_after_sigkill_reaches_the_same_parameters(tmp_path):
                             text=True)
   assert finished.returncode == 0, finished.stderr[-3000:]
   assert 'resumed from the checkpoint at step' in finished.stdout
+  # Without a progress bar (the tiny config's), each logged step prints a line.
+  assert re.search(r'^\[qtarget\] step 8/8: loss \d+\.\d{4}, nll \d+\.\d{4}, accuracy '
+                   r'\d\.\d{3}, \d+ tokens/s$', finished.stdout, re.M), finished.stdout
   got = _exported(interrupted)
   assert set(got) == set(expected)
   for name in expected:

@@ -391,6 +391,10 @@ def run(config) -> dict:
       last = metrics
       if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
         log.write(step + 1, metrics)
+        if progress is None:  # no bar (pods, batch jobs): a line per logged step instead
+          _log(f"step {step + 1}/{config.steps}: loss {metrics['loss']:.4f}, nll "
+               f"{metrics['nll']:.4f}, accuracy {metrics['accuracy']:.3f}, "
+               f"{metrics['tokens_per_second']:.0f} tokens/s")
     if progress is not None:
       progress.update(len(pending))
       progress.set_postfix(loss=f"{last['loss']:.3f}", nll=f"{last['nll']:.3f}",
