@@ -448,3 +448,28 @@ def test_budget_rates_come_from_the_machine_the_grid_runs_on_now(grid):
   del records['chain3_clean/sft/3']  # two runs on B: too few, every machine's runs count
   text = '\n'.join(report2._status(grid, records, list(records)))
   assert 'the machine the latest runs ran on' not in text and '(3 runs) for the others' in text
+
+
+def test_pooled_over_settings_by_pairs_and_by_setting_means(grid):
+  findings2 = _experiments_module('findings2')
+  records = {}
+  # chain3_clean: Target-SFT ahead by 10 and 20 points (seeds 0, 1); chain3_noisy: by 30
+  # (seed 0; its seed 1 SFT run is missing, so it does not pair).
+  for setting, gains in (('chain3_clean', (0.1, 0.2)), ('chain3_noisy', (0.3, None))):
+    for seed, gain in enumerate(gains):
+      records[f'{setting}/target_sft_eta1/{seed}'] = {
+          'name': f'{setting}/target_sft_eta1/{seed}', 'seed': seed, 'accuracy': 0.5}
+      if gain is not None:
+        records[f'{setting}/sft/{seed}'] = {'name': f'{setting}/sft/{seed}', 'seed': seed,
+                                            'accuracy': 0.5 - gain}
+  grid.selection_file.write_text(json.dumps({f'{s}/target_sft': {'selected': 'target_sft_eta1'}
+                                             for s in ('chain3_clean', 'chain3_noisy')}))
+  result = findings2.pooled(grid, records, 'sft', ['chain3_clean', 'chain3_noisy'])
+  assert (result['settings'], result['pairs']) == (2, 3)
+  # Pairs 0.1 0.2 0.3: mean 0.2, SD 0.1, half-width 4.303 x 0.1 / sqrt(3).
+  assert result['over_pairs'] == pytest.approx((0.2, 4.303 * 0.1 / math.sqrt(3)))
+  # Setting means 0.15 and 0.3: mean 0.225, SD 0.075 x sqrt(2), half-width 12.706 x 0.075.
+  assert result['over_settings'] == pytest.approx((0.225, 12.706 * 0.075))
+  assert findings2.pooled(grid, records, 'sft', ['chain3_clean'], seeds_allowed=(2,)) is None
+  table = '\n'.join(findings2._pooled_table(grid, records))
+  assert '| chain3 | all | sft | 2 (3) | +20.0 ± 24.8 | +22.5 ± 95.3 |' in table, table
