@@ -12,7 +12,7 @@ import math
 import numpy as np
 import scipy.stats
 
-import report2  # pylint: disable=import-error  (experiments/report2.py)
+import records2  # pylint: disable=import-error  (experiments/records2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 # name: (how a record gives it, how two records compare, how the cell is written).
@@ -22,9 +22,9 @@ _MEASURES = {
     'held-out NLL': (lambda r: (r.get('calibration') or {}).get('held_out_nll'), 'difference',
                      '{:+.3f}'),
     'train NLL': (lambda r: (r.get('fit') or {}).get('train_nll'), 'difference', '{:+.3f}'),
-    'harder (points)': (lambda r: _points(report2._value(r, 'harder')), 'difference',
+    'harder (points)': (lambda r: _points(records2.value(r, 'harder')), 'difference',
                         '{:+.1f}'),
-    'easier (points)': (lambda r: _points(report2._value(r, 'easier')), 'difference',
+    'easier (points)': (lambda r: _points(records2.value(r, 'easier')), 'difference',
                         '{:+.1f}'),
 }
 _PRIOR_QUALITY = 'chain3_noisy_weak'
@@ -45,8 +45,8 @@ def paired_measure(records, setting, method, baseline, measure) -> tuple:
   count. A ratio: the geometric mean of the per-seed ratios and its 95% interval (the t interval
   of the log ratios, exponentiated: never below 0), and the count."""
   read, kind, _ = _MEASURES[measure]
-  ours = {r['seed']: r for r in report2._runs(records, setting, method)}
-  theirs = {r['seed']: r for r in report2._runs(records, setting, baseline)}
+  ours = {r['seed']: r for r in records2.runs(records, setting, method)}
+  theirs = {r['seed']: r for r in records2.runs(records, setting, baseline)}
   # A time is compared only with one on the same machine (the records' 'machine', when set).
   seeds = [s for s in sorted(ours) if s in theirs and _usable(read(ours[s]), kind) and
            _usable(read(theirs[s]), kind) and (kind != 'ratio' or ours[s].get('machine') ==
@@ -87,7 +87,7 @@ def _against_baselines(grid, records) -> list[str]:
            '|---|---|' + '---|' * len(_MEASURES)]
   rows = 0
   for setting in grid.SETTINGS:
-    method = report2.selected_method(grid, setting, 'target_sft')
+    method = records2.selected_method(grid, setting, 'target_sft')
     if method is None:
       continue
     for baseline in grid.PRIMARY_FIXED:
@@ -149,7 +149,7 @@ def _broken_and_fixed(base, run, variant) -> tuple[float, float] | None:
   if 'predictions' not in base['scored'][variant] or 'predictions' not in run['scored'][variant]:
     return None
   (base_questions, base_scores), (questions, scores) = (
-      report2._scores(base, variant), report2._scores(run, variant))
+      records2.scores(base, variant), records2.scores(run, variant))
   if questions != base_questions:
     raise ValueError(f'{run["name"]} and {base["name"]} were not scored on the same {variant} '
                      'problems in the same order.')
@@ -174,18 +174,18 @@ def _variants_against_base(grid, records) -> list[str]:
   for setting in grid.SETTINGS:
     base = records.get(f'base/{grid.SETTINGS[setting][0]}')
     for variant in ('harder', 'easier'):
-      base_value = report2._value(base, variant) if base else None
+      base_value = records2.value(base, variant) if base else None
       if base_value is None:
         continue
       cells = []
       for family in methods:
-        method = report2.selected_method(grid, setting, family)
-        runs = [r for r in report2._runs(records, setting, method) if report2._value(
+        method = records2.selected_method(grid, setting, family)
+        runs = [r for r in records2.runs(records, setting, method) if records2.value(
             r, variant) is not None] if method else []
         if not runs:
           cells.append('-')
           continue
-        values = [100 * (report2._value(r, variant) - base_value) for r in runs]
+        values = [100 * (records2.value(r, variant) - base_value) for r in runs]
         cell = _paired_cell((*stats.mean_and_interval(values), len(values)), '{:+.1f}')
         shares = [_broken_and_fixed(base, r, variant) for r in runs]
         if all(shares):
@@ -212,10 +212,10 @@ def _verdict_counts(grid, records, settings, seeds_allowed=None):
   """Per baseline: the verdicts in ``settings`` with at least two paired seeds, as lists."""
   counts = collections.defaultdict(lambda: collections.defaultdict(list))
   for setting in settings:
-    method = report2.selected_method(grid, setting, 'target_sft')
-    for family in report2.BASELINES:
-      baseline = report2.selected_method(grid, setting, family)
-      result = (report2.paired(records, setting, method, baseline, seeds_allowed)
+    method = records2.selected_method(grid, setting, 'target_sft')
+    for family in records2.BASELINES:
+      baseline = records2.selected_method(grid, setting, family)
+      result = (records2.paired(records, setting, method, baseline, seeds_allowed)
                 if method and baseline else None)
       if result and len(result['seeds']) > 1:
         counts[family][result['verdict']].append((setting, result))
@@ -268,8 +268,8 @@ def _summary(grid, records, planned) -> list[str]:
     margins = {}
     for style in ('clean', 'noisy'):
       setting = f'{task}_{style}'
-      method = report2.selected_method(grid, setting, 'target_sft')
-      result = report2.paired(records, setting, method, 'sft') if method else None
+      method = records2.selected_method(grid, setting, 'target_sft')
+      result = records2.paired(records, setting, method, 'sft') if method else None
       if result and len(result['seeds']) > 1:
         margins[style] = result
     if len(margins) == 2:
@@ -282,7 +282,7 @@ def _summary(grid, records, planned) -> list[str]:
           'the data do not tell the margins apart.')
   missing = collections.Counter(_kind(n, grid) for n in planned if n not in records)
   unselected = [s for s in grid.SETTINGS
-                if report2.selected_method(grid, s, 'target_sft') is None]
+                if records2.selected_method(grid, s, 'target_sft') is None]
   lines.append('- Not run yet: ' + (', '.join(f'{n} {kind} run(s)' for kind, n in sorted(
       missing.items())) if missing else 'nothing planned') + (
           f'; settings with no eta selected yet: {", ".join(unselected)}' if unselected
@@ -301,8 +301,8 @@ def _summary(grid, records, planned) -> list[str]:
 
 
 def _seed_differences(records, setting, method, baseline, seeds_allowed) -> list[float]:
-  ours = report2._seed_accuracies(records, setting, method)
-  theirs = report2._seed_accuracies(records, setting, baseline)
+  ours = records2.seed_accuracies(records, setting, method)
+  theirs = records2.seed_accuracies(records, setting, baseline)
   return [ours[s] - theirs[s] for s in sorted(set(ours) & set(theirs))
           if seeds_allowed is None or s in seeds_allowed]
 
@@ -313,8 +313,8 @@ def pooled(grid, records, family, settings, seeds_allowed=None) -> dict | None:
   interval over settings (which counts how much the gain varies between settings)."""
   per_setting = {}
   for setting in settings:
-    method = report2.selected_method(grid, setting, 'target_sft')
-    baseline = report2.selected_method(grid, setting, family)
+    method = records2.selected_method(grid, setting, 'target_sft')
+    baseline = records2.selected_method(grid, setting, family)
     if method and baseline:
       differences = _seed_differences(records, setting, method, baseline, seeds_allowed)
       if differences:

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-import report2  # pylint: disable=import-error  (experiments/report2.py)
+import records2  # pylint: disable=import-error  (experiments/records2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 
@@ -25,8 +25,8 @@ def write(grid, records, out_dir) -> list[str]:
     for setting in grid.SETTINGS:
       points = []
       for method, eta in etas.items():
-        values = [report2._value(r, label) for r in report2._runs(records, setting, method)
-                  if r['seed'] in grid.SELECTION_SEEDS and report2._value(r, label) is not None]
+        values = [records2.value(r, label) for r in records2.runs(records, setting, method)
+                  if r['seed'] in grid.SELECTION_SEEDS and records2.value(r, label) is not None]
         if values:
           points.append((eta, *stats.mean_and_interval(values)))
       if points:

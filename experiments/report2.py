@@ -14,62 +14,10 @@ import numpy as np
 import findings2  # pylint: disable=import-error  (experiments/findings2.py; it imports this one)
 import machines  # pylint: disable=import-error  (experiments/machines.py)
 import plots2  # pylint: disable=import-error  (experiments/plots2.py)
+import records2  # pylint: disable=import-error  (experiments/records2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 CORES = 2  # the grid machine's; CPU seconds / CORES is a run's wall time alone
-
-BASELINES = ('sft', 'dft', 'distill', 'label_smoothing', 'sft_kl', 'asft')
-BOOTSTRAP_RESAMPLES = 10_000
-
-
-def _scores(record, label='test_greedy') -> tuple[list[str], np.ndarray]:
-  """The questions and scores of a run's greedy predictions, row by row (the test split's
-  order; a question that occurs twice in the split counts twice, as in the accuracy)."""
-  path = stats.ROOT / record['scored'][label]['predictions']
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-  return [r['question'] for r in rows], np.array([r['score'] for r in rows], np.float64)
-
-
-def selected_method(grid, setting: str, family: str) -> str | None:
-  """The grid method standing for ``family`` in ``setting``: fixed methods are themselves; a
-  tuned family's frozen selection (None before it exists)."""
-  if family not in grid.TUNED:
-    return family
-  frozen = json.loads(grid.selection_file.read_text()) if grid.selection_file.exists() else {}
-  key = 'chain3_noisy' if setting == 'chain3_noisy_weak' else setting
-  entry = frozen.get(f'{key}/{family}')
-  return entry['selected'] if entry else None
-
-
-def paired(records: dict, setting: str, method: str, baseline: str,
-           seeds_allowed=None) -> dict | None:
-  """Target-SFT's (``method``) greedy test accuracy minus ``baseline``'s, seed by seed (the
-  Student-t interval over seeds) and by a bootstrap over seeds and problems together; only
-  ``seeds_allowed`` when given."""
-  seeds = sorted(int(n.split('/')[2]) for n in records
-                 if n.startswith(f'{setting}/{method}/') and
-                 f'{setting}/{baseline}/{n.split("/")[2]}' in records and
-                 (seeds_allowed is None or int(n.split('/')[2]) in seeds_allowed))
-  if not seeds:
-    return None
-  runs = [_scores(records[f'{setting}/{m}/{s}']) for s in seeds for m in (method, baseline)]
-  questions = runs[0][0]
-  if any(q != questions for q, _ in runs):
-    raise ValueError(f'{setting}: {method} and {baseline} were not scored on the same problems '
-                     'in the same order.')
-  diff = np.array([runs[2 * i][1] - runs[2 * i + 1][1] for i in range(len(seeds))])
-  per_seed = diff.mean(axis=1)
-  mean, half = stats.mean_and_interval(list(per_seed))
-  rng = np.random.default_rng(0)
-  seed_draw = rng.integers(0, len(seeds), (BOOTSTRAP_RESAMPLES, len(seeds)))
-  problem_draw = rng.integers(0, len(questions), (BOOTSTRAP_RESAMPLES, len(questions)))
-  means = np.array([diff[s][:, p].mean() for s, p in zip(seed_draw, problem_draw)])
-  low, high = np.quantile(means, [0.025, 0.975])
-  verdict = ('tie' if math.isnan(half) or abs(mean) <= half else 'win' if mean > 0 else 'loss')
-  return {'seeds': seeds, 'mean': mean, 'half': half, 'bootstrap': (low, high),
-          'verdict': verdict if len(seeds) > 1 else 'n/a', 'problems': len(questions),
-          'ahead': int(np.sum(per_seed > 0))}
-
 
 def _cell(values, scale=100.0, digits=1) -> str:
   if not values:
@@ -77,16 +25,6 @@ def _cell(values, scale=100.0, digits=1) -> str:
   mean, half = stats.mean_and_interval(values)
   interval = '' if math.isnan(half) else f' ± {scale * half:.{digits}f}'
   return f'{scale * mean:.{digits}f}{interval} ({len(values)})'
-
-
-def _runs(records, setting, method):
-  return [r for n, r in sorted(records.items())
-          if n.startswith(f'{setting}/{method}/') and n.count('/') == 2]
-
-
-def _value(record, label, field='accuracy'):
-  entry = (record.get('scored') or {}).get(label)
-  return None if entry is None else entry.get(field)
 
 
 def _answer_confidence(record) -> tuple[float, float] | None:
@@ -211,18 +149,18 @@ def _status(grid, records, planned):
 
 def _verdict_table(grid, records, seeds_allowed=None):
   """The verdict rows and the number of comparisons with at least two paired seeds."""
-  lines = ['| setting | eta | ' + ' | '.join(BASELINES) + ' |',
-           '|---|---|' + '---|' * len(BASELINES)]
+  lines = ['| setting | eta | ' + ' | '.join(records2.BASELINES) + ' |',
+           '|---|---|' + '---|' * len(records2.BASELINES)]
   compared = 0
   for setting in grid.SETTINGS:
-    method = selected_method(grid, setting, 'target_sft')
+    method = records2.selected_method(grid, setting, 'target_sft')
     if method is None:
-      lines.append(f'| {setting} | (not selected yet) |' + ' - |' * len(BASELINES))
+      lines.append(f'| {setting} | (not selected yet) |' + ' - |' * len(records2.BASELINES))
       continue
     cells = []
-    for family in BASELINES:
-      baseline = selected_method(grid, setting, family)
-      result = (paired(records, setting, method, baseline, seeds_allowed) if baseline
+    for family in records2.BASELINES:
+      baseline = records2.selected_method(grid, setting, family)
+      result = (records2.paired(records, setting, method, baseline, seeds_allowed) if baseline
                 else None)
       if result is None:
         cells.append('-')
@@ -259,10 +197,6 @@ def _verdicts(grid, records):
   return lines
 
 
-def _seed_accuracies(records, setting, method) -> dict[int, float]:
-  return {int(r['name'].split('/')[2]): r['accuracy'] for r in _runs(records, setting, method)}
-
-
 def _power(grid, records):
   """What the planned seeds can resolve, from the seed-to-seed spread seen so far (planning,
   not a result): per task and primary baseline, the pooled SD over seeds of a Target-SFT value
@@ -270,9 +204,9 @@ def _power(grid, records):
   pooled = collections.defaultdict(lambda: [0.0, 0])  # (task, baseline) -> [squares, df]
   for setting in grid.SETTINGS:
     for method in grid.TUNED['target_sft']:
-      ours = _seed_accuracies(records, setting, method)
+      ours = records2.seed_accuracies(records, setting, method)
       for baseline in grid.PRIMARY_FIXED:
-        theirs = _seed_accuracies(records, setting, baseline)
+        theirs = records2.seed_accuracies(records, setting, baseline)
         diffs = np.array([ours[s] - theirs[s] for s in sorted(set(ours) & set(theirs))])
         if len(diffs) > 1:
           entry = pooled[grid.task_family_of(f'{setting}/{method}/0'), baseline]
@@ -318,9 +252,9 @@ def _accuracy(grid, records):
       _cell([base[grid.SETTINGS[s][0]]['accuracy']]) if grid.SETTINGS[s][0] in base else '-'
       for s in grid.SETTINGS) + ' |')
   families = list(grid.PRIMARY_FIXED) + list(grid.TUNED)
-  chosen = lambda s, f: selected_method(grid, s, f)
+  chosen = lambda s, f: records2.selected_method(grid, s, f)
   for family in families:
-    row = [_cell([r['accuracy'] for r in _runs(records, s, chosen(s, f))]) if chosen(s, f)
+    row = [_cell([r['accuracy'] for r in records2.runs(records, s, chosen(s, f))]) if chosen(s, f)
            else '-' for s in grid.SETTINGS for f in [family]]
     if any(c != '-' for c in row):
       lines.append(f'| {family} (selected) | ' + ' | '.join(row) + ' |' if family in grid.TUNED
@@ -331,11 +265,11 @@ def _accuracy(grid, records):
     row = []
     for s in grid.SETTINGS:
       method = chosen(s, family)
-      runs = [r for r in _runs(records, s, method) if _value(r, 'test_sampled') is not None
+      runs = [r for r in records2.runs(records, s, method) if records2.value(r, 'test_sampled') is not None
               ] if method else []
       row.append('-' if not runs else
-                 f"{_cell([_value(r, 'test_sampled') for r in runs])} / "
-                 f"{_cell([_value(r, 'test_sampled', 'pass_at_4') for r in runs])}")
+                 f"{_cell([records2.value(r, 'test_sampled') for r in runs])} / "
+                 f"{_cell([records2.value(r, 'test_sampled', 'pass_at_4') for r in runs])}")
     if any(c != '-' for c in row):
       lines.append(f'| {family} | ' + ' | '.join(row) + ' |')
   return lines + ['']
@@ -354,11 +288,11 @@ def _sweep(grid, records):
       if family == 'target_sft':
         continue
       for method in values:
-        runs = [r for r in _runs(records, setting, method) if r['seed'] in grid.SELECTION_SEEDS]
-        valid = [_value(r, 'validation') for r in runs if _value(r, 'validation') is not None]
+        runs = [r for r in records2.runs(records, setting, method) if r['seed'] in grid.SELECTION_SEEDS]
+        valid = [records2.value(r, 'validation') for r in runs if records2.value(r, 'validation') is not None]
         text = (f'{100 * np.mean(valid):.1f} / {100 * np.mean([r["accuracy"] for r in runs]):.1f}'
                 if valid else '-')
-        cells.append(f'**{text}**' if method == selected_method(grid, setting, family) else text)
+        cells.append(f'**{text}**' if method == records2.selected_method(grid, setting, family) else text)
     if any(c != '-' for c in cells):
       lines.append(f'| {setting} | ' + ' | '.join(cells) + ' |')
   return lines + ['']
@@ -374,11 +308,11 @@ def _eta(grid, records):
   for setting in grid.SETTINGS:
     cells = []
     for method in ('dft',) + grid.TUNED['target_sft']:
-      runs = [r for r in _runs(records, setting, method) if r['seed'] in grid.SELECTION_SEEDS]
-      valid = [_value(r, 'validation') for r in runs if _value(r, 'validation') is not None]
+      runs = [r for r in records2.runs(records, setting, method) if r['seed'] in grid.SELECTION_SEEDS]
+      valid = [records2.value(r, 'validation') for r in runs if records2.value(r, 'validation') is not None]
       cells.append(f"val {_cell(valid)}; test {_cell([r['accuracy'] for r in runs])}"
                    if runs else '-')
-    chosen = selected_method(grid, setting, 'target_sft')
+    chosen = records2.selected_method(grid, setting, 'target_sft')
     lines.append(f'| {setting} | ' + ' | '.join(cells) + f' | {chosen or "-"} |')
   return lines + ['']
 
@@ -395,8 +329,8 @@ def _cost(grid, records):
     row = []
     for s in grid.SETTINGS:
       ratios = {'mean_step_seconds': [], 'mean_step_cpu_seconds': []}
-      sft = _runs(records, s, 'sft')
-      for run in _runs(records, s, method):
+      sft = records2.runs(records, s, 'sft')
+      for run in records2.runs(records, s, method):
         for field, kept in ratios.items():
           same = [r[field] for r in sft if r.get(field) and r.get('machine') == run.get('machine')]
           if run.get(field) and same:
@@ -423,7 +357,7 @@ def _calibration_and_fit(grid, records):
   for setting in grid.SETTINGS:
     base = records.get(f'base/{grid.SETTINGS[setting][0]}')
     for method, runs in [('base', [base] if base else [])] + [
-        (m, _runs(records, setting, m)) for m in grid.METHODS]:
+        (m, records2.runs(records, setting, m)) for m in grid.METHODS]:
       if not runs:
         continue
       confidence = [c for c in map(_answer_confidence, runs) if c]
@@ -433,8 +367,8 @@ def _calibration_and_fit(grid, records):
           f"{mean([r['calibration']['held_out_nll'] for r in runs])} | "
           f"{mean([r['fit']['train_nll'] for r in runs])} | "
           f"{mean([c[0] for c in confidence], 2)} / {mean([c[1] for c in confidence], 2)} | "
-          f"{_cell([_value(r, 'harder') for r in runs if _value(r, 'harder') is not None])} | "
-          f"{_cell([_value(r, 'easier') for r in runs if _value(r, 'easier') is not None])} |")
+          f"{_cell([records2.value(r, 'harder') for r in runs if records2.value(r, 'harder') is not None])} | "
+          f"{_cell([records2.value(r, 'easier') for r in runs if records2.value(r, 'easier') is not None])} |")
   return lines + ['']
 
 

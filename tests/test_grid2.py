@@ -180,6 +180,7 @@ def _experiments_module(name):
 
 def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
   report2 = _experiments_module('report2')
+  records2 = _experiments_module('records2')
   compare = _experiments_module('compare')
   questions = [f'q{i}' for i in range(20)]
   records = {}
@@ -210,15 +211,15 @@ def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
     add(f'chain3_noisy/target_sft_eta0.5/{seed}', right)
     add(f'chain3_noisy/sft/{seed}', 10)
   add('chain3_noisy/distill/0', 10)
-  win = report2.paired(records, 'chain3_clean', 'target_sft_eta0.5', 'sft')
+  win = records2.paired(records, 'chain3_clean', 'target_sft_eta0.5', 'sft')
   assert win['verdict'] == 'win' and win['seeds'] == [0, 1, 2, 3, 4]
   want = sum((15 + s % 2) - (8 + s % 3) for s in range(5)) / 5 / 20
   assert win['mean'] == pytest.approx(want)
   low, high = win['bootstrap']
   assert low < want < high and low > 0
-  tie = report2.paired(records, 'chain3_clean', 'target_sft_eta0.5', 'dft')
+  tie = records2.paired(records, 'chain3_clean', 'target_sft_eta0.5', 'dft')
   assert tie['verdict'] == 'tie' and tie['bootstrap'][0] < 0 < tie['bootstrap'][1]
-  assert report2.paired(records, 'chain3_clean', 'target_sft_eta0.5', 'distill') is None
+  assert records2.paired(records, 'chain3_clean', 'target_sft_eta0.5', 'distill') is None
 
   grid.selection_file.write_text(json.dumps({'chain3_clean/target_sft': {
       'selected': 'target_sft_eta0.5'}}))

@@ -1,0 +1,76 @@
+"""The pre-registered grid's records: a run's scores, the runs of a method, the selected value of
+a tuned family, and Target-SFT paired with a baseline seed by seed (experiments/report2.py,
+findings2.py and plots2.py build on these)."""
+
+import json
+import math
+
+import numpy as np
+
+import stats  # pylint: disable=import-error  (experiments/stats.py)
+
+BASELINES = ('sft', 'dft', 'distill', 'label_smoothing', 'sft_kl', 'asft')
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def scores(record, label='test_greedy') -> tuple[list[str], np.ndarray]:
+  """The questions and scores of a run's greedy predictions, row by row (the test split's
+  order; a question that occurs twice in the split counts twice, as in the accuracy)."""
+  path = stats.ROOT / record['scored'][label]['predictions']
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+  return [r['question'] for r in rows], np.array([r['score'] for r in rows], np.float64)
+
+
+def selected_method(grid, setting: str, family: str) -> str | None:
+  """The grid method standing for ``family`` in ``setting``: fixed methods are themselves; a
+  tuned family's frozen selection (None before it exists)."""
+  if family not in grid.TUNED:
+    return family
+  frozen = json.loads(grid.selection_file.read_text()) if grid.selection_file.exists() else {}
+  key = 'chain3_noisy' if setting == 'chain3_noisy_weak' else setting
+  entry = frozen.get(f'{key}/{family}')
+  return entry['selected'] if entry else None
+
+
+def paired(records: dict, setting: str, method: str, baseline: str,
+           seeds_allowed=None) -> dict | None:
+  """Target-SFT's (``method``) greedy test accuracy minus ``baseline``'s, seed by seed (the
+  Student-t interval over seeds) and by a bootstrap over seeds and problems together; only
+  ``seeds_allowed`` when given."""
+  seeds = sorted(int(n.split('/')[2]) for n in records
+                 if n.startswith(f'{setting}/{method}/') and
+                 f'{setting}/{baseline}/{n.split("/")[2]}' in records and
+                 (seeds_allowed is None or int(n.split('/')[2]) in seeds_allowed))
+  if not seeds:
+    return None
+  runs = [scores(records[f'{setting}/{m}/{s}']) for s in seeds for m in (method, baseline)]
+  questions = runs[0][0]
+  if any(q != questions for q, _ in runs):
+    raise ValueError(f'{setting}: {method} and {baseline} were not scored on the same problems '
+                     'in the same order.')
+  diff = np.array([runs[2 * i][1] - runs[2 * i + 1][1] for i in range(len(seeds))])
+  per_seed = diff.mean(axis=1)
+  mean, half = stats.mean_and_interval(list(per_seed))
+  rng = np.random.default_rng(0)
+  seed_draw = rng.integers(0, len(seeds), (BOOTSTRAP_RESAMPLES, len(seeds)))
+  problem_draw = rng.integers(0, len(questions), (BOOTSTRAP_RESAMPLES, len(questions)))
+  means = np.array([diff[s][:, p].mean() for s, p in zip(seed_draw, problem_draw)])
+  low, high = np.quantile(means, [0.025, 0.975])
+  verdict = ('tie' if math.isnan(half) or abs(mean) <= half else 'win' if mean > 0 else 'loss')
+  return {'seeds': seeds, 'mean': mean, 'half': half, 'bootstrap': (low, high),
+          'verdict': verdict if len(seeds) > 1 else 'n/a', 'problems': len(questions),
+          'ahead': int(np.sum(per_seed > 0))}
+
+
+def runs(records, setting, method):
+  return [r for n, r in sorted(records.items())
+          if n.startswith(f'{setting}/{method}/') and n.count('/') == 2]
+
+
+def value(record, label, field='accuracy'):
+  entry = (record.get('scored') or {}).get(label)
+  return None if entry is None else entry.get(field)
+
+
+def seed_accuracies(records, setting, method) -> dict[int, float]:
+  return {int(r['name'].split('/')[2]): r['accuracy'] for r in runs(records, setting, method)}
