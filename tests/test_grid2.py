@@ -76,6 +76,19 @@ def test_selection_reads_validation_only_breaks_ties_to_the_first_and_is_frozen(
   assert grid.select(tied, 'chain3_clean', 'target_sft')['selected'] == etas[0]
 
 
+def test_selection_counts_full_credit_only(grid, tmp_path):
+  # Validation answers scored 1, 0.5 (reasoning-gym's partial credit), 0, 1: full credit 2 of 4.
+  path = tmp_path / 'validation.jsonl'
+  path.write_text(''.join(json.dumps({'score': s}) + '\n' for s in (1.0, 0.5, 0.0, 1.0)))
+  assert grid.full_credit_accuracy({'accuracy': 0.625, 'predictions': str(path)}) == 0.5
+  # eta 0.25's recorded (partial-credit) accuracy is the higher, its full-credit one the lower.
+  partial = {'accuracy': 0.625, 'predictions': str(path)}
+  records = {f'chain3_clean/target_sft_eta{eta}/{seed}': {'scored': {'validation': (
+      partial if eta == '0.25' else {'accuracy': 0.55})}}
+             for eta in ('0.25', '0.5', '1') for seed in (0, 1)}
+  assert grid.select(records, 'chain3_clean', 'target_sft')['selected'] == 'target_sft_eta0.5'
+
+
 def test_measured_runs_and_what_they_get(grid):
   assert grid.measurements('chain3_clean/sft/0') == {
       'validation': False, 'variants': True, 'sampled': True}
