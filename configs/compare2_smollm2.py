@@ -226,11 +226,23 @@ def measurements(name: str) -> dict:
 selection_file = pathlib.Path(__file__).resolve().parent.parent / RESULTS_DIR / 'selection.json'
 
 
+def full_credit_accuracy(scored: dict) -> float:
+  """The share of a scored split's problems answered with full credit (score 1, the
+  pre-registered primary metric), from its prediction file; reasoning-gym's scorer also gives
+  partial credit (0.5 for a sign error, for instance), which a recorded ``accuracy`` averages in.
+  An entry without a prediction file (a test's) gives its ``accuracy``."""
+  if 'predictions' not in scored:
+    return scored['accuracy']
+  path = pathlib.Path(__file__).resolve().parent.parent / scored['predictions']
+  scores = [json.loads(line)['score'] for line in path.read_text().splitlines() if line]
+  return sum(score == 1 for score in scores) / len(scores)
+
+
 def select(records: dict, setting: str, tuned_family: str) -> dict | None:
-  """The value of ``tuned_family`` with the highest mean greedy validation accuracy over
-  SELECTION_SEEDS in ``setting`` (a tie goes to the value listed first), or None while any of
-  those runs is unrecorded. Test numbers are not read. The first selection is frozen in
-  ``results2/selection.json`` with the numbers it was made from."""
+  """The value of ``tuned_family`` with the highest mean greedy validation accuracy (full
+  credit) over SELECTION_SEEDS in ``setting`` (a tie goes to the value listed first), or None
+  while any of those runs is unrecorded. Test numbers are not read. The first selection is
+  frozen in ``results2/selection.json`` with the numbers it was made from."""
   path = pathlib.Path(selection_file)
   frozen = json.loads(path.read_text()) if path.exists() else {}
   key = f'{setting}/{tuned_family}'
@@ -243,7 +255,7 @@ def select(records: dict, setting: str, tuned_family: str) -> dict | None:
       record = records.get(f'{setting}/{method}/{seed}')
       if record is None:
         return None
-      values.append(record['scored']['validation']['accuracy'])
+      values.append(full_credit_accuracy(record['scored']['validation']))
     table[method] = values
   best = max(TUNED[tuned_family], key=lambda m: (sum(table[m]) / len(table[m]),
                                                  -TUNED[tuned_family].index(m)))
