@@ -14,11 +14,27 @@ BOOTSTRAP_RESAMPLES = 10_000
 
 
 def scores(record, label='test_greedy') -> tuple[list[str], np.ndarray]:
-  """The questions and scores of a run's greedy predictions, row by row (the test split's
-  order; a question that occurs twice in the split counts twice, as in the accuracy)."""
+  """The questions of a run's predictions and whether each got full credit (1.0 or 0.0), row
+  by row (the split's order; a question that occurs twice counts twice, as in the accuracy)."""
   path = stats.ROOT / record['scored'][label]['predictions']
   rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-  return [r['question'] for r in rows], np.array([r['score'] for r in rows], np.float64)
+  return [r['question'] for r in rows], np.array([r['score'] == 1 for r in rows], np.float64)
+
+
+def with_full_credit(records: dict) -> dict:
+  """The records with every scored accuracy recomputed from its prediction file as full credit
+  only (score 1), the pre-registered primary metric. reasoning-gym's scorer also gives partial
+  credit (0.5 for a sign error, for instance), which the recorded ``accuracy`` (what
+  ``compare.py rescore`` checks) averages in; it is kept as ``recorded_accuracy``. An entry
+  without a prediction file keeps its accuracy."""
+  for record in records.values():
+    for label, entry in (record.get('scored') or {}).items():
+      if 'predictions' in entry and 'recorded_accuracy' not in entry:
+        entry['recorded_accuracy'] = entry['accuracy']
+        entry['accuracy'] = float(np.mean(scores(record, label)[1]))
+    if 'test_greedy' in (record.get('scored') or {}):
+      record['accuracy'] = record['scored']['test_greedy']['accuracy']
+  return records
 
 
 def selected_method(grid, setting: str, family: str) -> str | None:

@@ -39,7 +39,7 @@ def _answer_confidence(record) -> tuple[float, float] | None:
 
 
 def write(grid, registry, output, args, planned: list[str]) -> None:
-  records = registry.records()
+  records = records2.with_full_credit(registry.records())
   listed = machines.load(pathlib.Path(registry.dir) / 'machines.jsonl') if hasattr(
       registry, 'dir') else []
   for record in records.values():  # step times compare only within one machine
@@ -56,7 +56,11 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
            'of its demonstrations (clean, 30% noisy, several valid orders) and the teacher that '
            'distillation and Target-SFT use as the prior. The primary metric is greedy accuracy '
            f'on the same {grid.MEASURE["test_problems"]} test problems for every run of a task, '
-           "scored by reasoning-gym's own scorer.", '']
+           "scored by reasoning-gym's own scorer, full credit only: every accuracy here counts "
+           'an answer right only at score 1, recomputed from the prediction files (the scorer '
+           'also gives partial credit, 0.5 for a sign error for instance; the accuracies '
+           '`runs.jsonl` records, which `rescore` checks, average it in: see PREREGISTRATION '
+           'change 22).', '']
   lines += _status(grid, records, planned)
   lines += _verdicts(grid, records)
   lines += findings2.summary(grid, records, planned)
@@ -76,9 +80,19 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
             "chain3's and products2's accuracies.", ''] + [
                 f'![{f}]({f})' for f in figures] + ([''] if figures else [
       '(none yet: no run of the sweep or with calibration bins is recorded)', ''])
-  lines += _run_table(records)
+  lines += _run_table(records, _superseded(registry))
   output.write_text('\n'.join(lines) + '\n')
   print(f'wrote {output}')
+
+
+def _superseded(registry) -> list[dict]:
+  """The records of runs.jsonl that a later line of the same name replaced."""
+  path = getattr(registry, 'path', None)
+  if path is None or not path.exists():
+    return []
+  lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  last = {r['name']: i for i, r in enumerate(lines)}
+  return [r for i, r in enumerate(lines) if last[r['name']] != i]
 
 
 def _status(grid, records, planned):
@@ -372,14 +386,32 @@ def _calibration_and_fit(grid, records):
   return lines + ['']
 
 
-def _run_table(records):
-  lines = ['## Runs', '', '| run | greedy test | wall s | step s (CPU s) | commit | command |',
-           '|---|---|---|---|---|---|']
+def _run_table(records, superseded=()):
+  lines = ['## Runs', '', 'Greedy test accuracy with full credit only (the metric above) and as '
+           '`runs.jsonl` records it (partial credit averaged in; what `compare.py rescore` '
+           'checks); the machine is the CPU model of `results2/machines.jsonl`.', '',
+           '| run | greedy test | recorded | wall s | step s (CPU s) | machine | commit | command |',
+           '|---|---|---|---|---|---|---|---|']
   for name, r in sorted(records.items()):
     code = r.get('code') or {}
     commit = (code.get('commit') or '?')[:10] + (' (dirty)' if code.get('dirty') else '')
     step = (f"{r['mean_step_seconds']:.2f} ({r.get('mean_step_cpu_seconds') or math.nan:.2f})"
             if r.get('mean_step_seconds') else '-')
-    lines.append(f"| {name} | {100 * r['accuracy']:.1f} | {r['wall_seconds']:.0f} | {step} | "
-                 f"{commit} | `{r['command']}` |")
+    recorded = (r.get('scored') or {}).get('test_greedy', {}).get('recorded_accuracy',
+                                                                  r['accuracy'])
+    machine = (r.get('machine') or '-').split(',')[0]
+    lines.append(f"| {name} | {100 * r['accuracy']:.1f} | {100 * recorded:.1f} | "
+                 f"{r['wall_seconds']:.0f} | {step} | {machine} | {commit} | `{r['command']}` |")
+  if superseded:
+    lines += ['', 'Records a later record of the same name replaced (a teacher trained again on '
+              'a machine without its export: PREREGISTRATION change 21); the runs recorded '
+              'before the replacement used these as their prior. Their prediction files were '
+              'overwritten by the replacement\'s.', '',
+              '| run | recorded greedy test | finished | commit | final training loss |',
+              '|---|---|---|---|---|']
+    for r in superseded:
+      loss = (r.get('final_metrics') or {}).get('loss')
+      lines.append(f"| {r['name']} | {100 * r['accuracy']:.1f} | {r.get('finished', '-')} | "
+                   f"{((r.get('code') or {}).get('commit') or '?')[:10]} | "
+                   f"{'-' if loss is None else f'{loss:.6f}'} |")
   return lines

@@ -487,3 +487,26 @@ def test_pooled_over_settings_by_pairs_and_by_setting_means(grid):
   assert findings2.pooled(grid, records, 'sft', ['chain3_clean'], seeds_allowed=(2,)) is None
   table = '\n'.join(findings2._pooled_table(grid, records))
   assert '| chain3 | all | sft | 2 (3) | +20.0 ± 24.8 | +22.5 ± 95.3 |' in table, table
+
+
+def test_report_counts_full_credit_and_lists_replaced_records(tmp_path):
+  records2 = _experiments_module('records2')
+  report2 = _experiments_module('report2')
+  path = tmp_path / 'greedy.jsonl'
+  path.write_text(''.join(json.dumps({'question': f'q{i}', 'score': s}) + '\n'
+                          for i, s in enumerate((1.0, 0.5, 0.0, 1.0))))
+  records = {'chain3_clean/sft/0': {'accuracy': 0.625, 'scored': {
+      'test_greedy': {'accuracy': 0.625, 'predictions': str(path)},
+      'harder': {'accuracy': 0.3}}}}  # no prediction file: kept
+  records2.with_full_credit(records)
+  records2.with_full_credit(records)  # twice: the same
+  entry = records['chain3_clean/sft/0']
+  assert entry['accuracy'] == 0.5 and entry['scored']['test_greedy']['recorded_accuracy'] == 0.625
+  assert entry['scored']['harder'] == {'accuracy': 0.3}
+  lines = tmp_path / 'runs.jsonl'
+  lines.write_text(''.join(json.dumps(r) + '\n' for r in (
+      {'name': 'teacher/chain3', 'accuracy': 0.9}, {'name': 'base/chain3', 'accuracy': 0.1},
+      {'name': 'teacher/chain3', 'accuracy': 0.91})))
+  replaced = report2._superseded(types.SimpleNamespace(path=lines))
+  assert replaced == [{'name': 'teacher/chain3', 'accuracy': 0.9}]
+  assert report2._superseded(types.SimpleNamespace(records=dict)) == []
