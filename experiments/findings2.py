@@ -12,6 +12,7 @@ import math
 import numpy as np
 import scipy.stats
 
+import questions2  # pylint: disable=import-error  (experiments/questions2.py)
 import records2  # pylint: disable=import-error  (experiments/records2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
@@ -22,6 +23,8 @@ _MEASURES = {
     'held-out NLL': (lambda r: (r.get('calibration') or {}).get('held_out_nll'), 'difference',
                      '{:+.3f}'),
     'train NLL': (lambda r: (r.get('fit') or {}).get('train_nll'), 'difference', '{:+.3f}'),
+    'answer ECE': (lambda r: (questions2.answer_calibration(r) or {}).get('ece'), 'difference',
+                   '{:+.3f}'),
     'harder (points)': (lambda r: _points(records2.value(r, 'harder')), 'difference',
                         '{:+.1f}'),
     'easier (points)': (lambda r: _points(records2.value(r, 'easier')), 'difference',

@@ -14,6 +14,7 @@ import numpy as np
 import findings2  # pylint: disable=import-error  (experiments/findings2.py; it imports this one)
 import machines  # pylint: disable=import-error  (experiments/machines.py)
 import plots2  # pylint: disable=import-error  (experiments/plots2.py)
+import questions2  # pylint: disable=import-error  (experiments/questions2.py)
 import records2  # pylint: disable=import-error  (experiments/records2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
@@ -67,9 +68,11 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
   lines += _power(grid, records)
   lines += _accuracy(grid, records)
   lines += _eta(grid, records)
+  lines += questions2.eta_table(grid, records)
   lines += _sweep(grid, records)
   lines += _cost(grid, records)
   lines += _calibration_and_fit(grid, records)
+  lines += questions2.answer_calibration_table(grid, records)
   lines += findings2.details(grid, records)
   figures = plots2.write(grid, records, output.parent)
   lines += ['## Plots', '', '`grid2_eta.png`: greedy accuracy against eta on validation and '

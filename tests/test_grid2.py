@@ -344,7 +344,8 @@ def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path)
   ratio = f'1.22 [{low:.2f}, {high:.2f}] (3)'
   # Held-out NLL: 0.3 - 0.01 s against 0.7 - 0.01 s; train NLL: 0.2 + 0.01 s against 0.5 + ...
   assert (f'| chain3_clean | sft | {ratio} | -0.050 ± 0.000 (3) | -0.400 ± 0.000 (3) | '
-          '-0.300 ± 0.000 (3) | +10.0 ± 0.0 (2) | +0.0 ± 0.0 (2) |') in details, details
+          '-0.300 ± 0.000 (3) | - | +10.0 ± 0.0 (2) | +0.0 ± 0.0 (2) |') in details, details
+  # (no answer confidences in these prediction files: no answer ECE)
   # Against Base's 10 and 50 points: SFT +10 (broke 10, fixed 20) and -10 (broke 10, fixed 0);
   # Target-SFT +20 (broke 0, fixed 20) and -10 (broke 20, fixed 10).
   assert ('| chain3_clean | harder | 10.0 | +10.0 ± 0.0 (2); broke 10.0, fixed 20.0 | - | - | '
@@ -510,3 +511,39 @@ def test_report_counts_full_credit_and_lists_replaced_records(tmp_path):
   replaced = report2._superseded(types.SimpleNamespace(path=lines))
   assert replaced == [{'name': 'teacher/chain3', 'accuracy': 0.9}]
   assert report2._superseded(types.SimpleNamespace(records=dict)) == []
+
+
+def test_answer_calibration_and_the_paired_eta_table(grid, tmp_path):
+  questions2 = _experiments_module('questions2')
+  path = tmp_path / 'greedy.jsonl'
+  # Confidences 0.95 (right), 0.95 (wrong), 0.55 (right, scored 1), 0.55 (partial credit: wrong),
+  # and one answer without a confidence.
+  rows = [(0.95, 1.0), (0.95, 0.0), (0.55, 1.0), (0.55, 0.5), (None, 1.0)]
+  path.write_text(''.join(json.dumps({'confidence': c, 'score': s}) + '\n' for c, s in rows))
+  result = questions2.answer_calibration({'scored': {'test_greedy': {'predictions': str(path)}}})
+  # Both bins are half right: |0.5 - 0.95| and |0.5 - 0.55|, two answers each: ECE 0.25.
+  assert result['count'] == 4 and result['ece'] == pytest.approx(0.25)
+  assert result['brier'] == pytest.approx((0.05 ** 2 + 0.95 ** 2 + 0.45 ** 2 + 0.55 ** 2) / 4)
+  assert questions2.answer_calibration({'scored': {}}) is None
+
+  records = {}
+  # chain3_clean, validation / test per seed: eta 0.25 at 0.5 / 0.6 and 0.4 / 0.5; eta 0.5 at
+  # 0.6 / 0.7 both seeds; eta 1 at 0.55 / 0.65 and 0.45 / 0.55. DFT test 0.1 and 0.2.
+  accuracies = {'target_sft_eta0.25': ((0.5, 0.6), (0.4, 0.5)),
+                'target_sft_eta0.5': ((0.6, 0.7), (0.6, 0.7)),
+                'target_sft_eta1': ((0.55, 0.65), (0.45, 0.55)), 'dft': ((None, 0.1), (None, 0.2))}
+  for method, per_seed in accuracies.items():
+    for seed, (validation, test) in enumerate(per_seed):
+      scored = {'test_greedy': {'accuracy': test}}
+      if validation is not None:
+        scored['validation'] = {'accuracy': validation}
+      records[f'chain3_clean/{method}/{seed}'] = {'seed': seed, 'scored': scored}
+  grid.selection_file.write_text(json.dumps({'chain3_clean/target_sft': {
+      'selected': 'target_sft_eta1'}}))
+  table = '\n'.join(questions2.eta_table(grid, records))
+  # 0.25 - 1: -5 and -5 (validation), -5 and -5 (test); 0.5 - 1: +5 and +15, +5 and +15
+  # (mean 10, half-width 12.706 x 7.07 / sqrt(2) = 63.5); DFT - 1 on test: -55 and -35.
+  # Best on test: 0.5 (70) against the selected 1 (60): 10 points lost.
+  assert ('| chain3_clean | - / -45.0 ± 127.1 (2) | -5.0 ± 0.0 (2) / -5.0 ± 0.0 (2) | '
+          '+10.0 ± 63.5 (2) / +10.0 ± 63.5 (2) | 1 | 0.5 | 10.0 |') in table, table
+  assert '| chain3 (pooled) | - / -45.0 ± 127.1 (2) |' in table
