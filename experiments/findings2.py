@@ -278,11 +278,17 @@ def _summary(grid, records, planned) -> list[str]:
     if len(margins) == 2:
       margin = lambda r: (f'{100 * r["mean"]:+.1f} ± {100 * r["half"]:.1f} '
                           f'({len(r["seeds"])} seeds)')
+      noisy, clean = (_seed_differences(records, f'{task}_{style}', records2.selected_method(
+          grid, f'{task}_{style}', 'target_sft'), 'sft', None) for style in ('noisy', 'clean'))
+      welch = scipy.stats.ttest_ind(noisy, clean, equal_var=False).confidence_interval(0.95)
       lines.append(
           f'- {task}: the margin over SFT is {margin(margins["noisy"])} with noisy '
           f'demonstrations and {margin(margins["clean"])} with clean ones, selection seeds '
-          'included; the paper expects it larger with noise. Where the two intervals overlap, '
-          'the data do not tell the margins apart.')
+          'included; the paper expects it larger with noise. Noisy minus clean: '
+          f'{100 * (np.mean(noisy) - np.mean(clean)):+.1f} points, 95% interval '
+          f'[{100 * welch.low:+.1f}, {100 * welch.high:+.1f}] (Welch, the two settings\' seeds '
+          'taken as independent).')
+  lines += _question_bullets(grid, records)
   missing = collections.Counter(_kind(n, grid) for n in planned if n not in records)
   unselected = [s for s in grid.SETTINGS
                 if records2.selected_method(grid, s, 'target_sft') is None]
@@ -357,6 +363,61 @@ def _pooled_table(grid, records) -> list[str]:
                        f'({result["pairs"]}) | {points(*result["over_pairs"])} | '
                        f'{points(*result["over_settings"])} |')
   return lines + ['']
+
+
+_FLOOR = 0.10  # a task whose every trained run scores below this is reported as at the floor
+
+
+def _question_bullets(grid, records) -> list[str]:
+  """One line each on the floor, cost, calibration and eta, from the tables below."""
+  lines = []
+  for task in grid.TASKS:
+    trained = [r['accuracy'] for n, r in records.items() if n.count('/') == 2 and
+               n.split('/')[0] in grid.MAIN_SETTINGS and grid.SETTINGS[n.split('/')[0]][0] == task]
+    base, teacher = records.get(f'base/{task}'), records.get(f'teacher/{task}')
+    if trained and max(trained) < _FLOOR:
+      lines.append(
+          f'- {task} is at the floor: every one of its {len(trained)} trained runs scores '
+          f'{100 * min(trained):.1f}-{100 * max(trained):.1f}%' +
+          (f' (Base {100 * base["accuracy"]:.1f}%' if base else ' (') +
+          (f', its teacher {100 * teacher["accuracy"]:.1f}%)' if teacher else ')') +
+          ': its verdicts can only be ties and say little about the methods.')
+  main = [s for s in grid.SETTINGS if s in grid.MAIN_SETTINGS]
+  selected = {s: records2.selected_method(grid, s, 'target_sft') for s in main}
+  costs = {s: paired_measure(records, s, m, 'sft', 'step CPU s (ratio)')
+           for s, m in selected.items() if m}
+  costs = {s: c for s, c in costs.items() if c[2]}
+  if costs:
+    lines.append('- Cost: a Target-SFT step (selected eta, prior in the step) takes '
+                 f'{min(c[0] for c in costs.values()):.2f}-{max(c[0] for c in costs.values()):.2f}'
+                 " times SFT's CPU seconds (geometric means over paired seeds on one machine, "
+                 f'{len(costs)} setting(s)).')
+  primaries = [r for s in main for f in tuple(grid.PRIMARY_FIXED) + ('target_sft',)
+               for m in [records2.selected_method(grid, s, f)] if m
+               for r in records2.runs(records, s, m)]
+  answers = [(r, c) for r in primaries for c in [questions2.answer_calibration(r)] if c]
+  if answers:
+    over = sum(c['mean_confidence'] > c['accuracy'] for _, c in answers)
+    token = [r['calibration']['ece'] for r, _ in answers if (r.get('calibration') or {}).get(
+        'ece') is not None]
+    base = [c for t in grid.TASKS for b in [records.get(f'base/{t}')] if b
+            for c in [questions2.answer_calibration(b)] if c]
+    lines.append(
+        f'- Calibration: the greedy answers of {over} of {len(answers)} runs of the primary '
+        'methods are overconfident (mean answer confidence above their accuracy), with '
+        f'answer-level ECE {min(c["ece"] for _, c in answers):.2f}-'
+        f'{max(c["ece"] for _, c in answers):.2f}' +
+        (f' (Base: {", ".join(format(c["ece"], ".2f") for c in base)})' if base else '') +
+        (f'; token-level ECE on held-out demonstrations is {min(token):.3f}-{max(token):.3f}'
+         if token else '') + '.')
+  costs_of_selection = [(s, questions2.selection_cost(grid, records, s)) for s in main]
+  costs_of_selection = [(s, c) for s, c in costs_of_selection if c]
+  if costs_of_selection:
+    lines.append('- Eta: ' + '; '.join(
+        f'{s} selected {chosen}, best on test {best} ({100 * lost:.1f} points lost)'
+        for s, (chosen, best, lost) in costs_of_selection) + ' (test means over the selection '
+        'seeds).')
+  return lines
 
 
 def summary(grid, records, planned) -> list[str]:

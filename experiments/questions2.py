@@ -37,6 +37,7 @@ def answer_calibration(record) -> dict | None:
   ece = sum(abs(right[bins == b].mean() - confidence[bins == b].mean()) * np.sum(bins == b)
             for b in np.unique(bins)) / len(confidence)
   return {'ece': float(ece), 'brier': float(np.mean((confidence - right) ** 2)),
+          'mean_confidence': float(confidence.mean()), 'accuracy': float(right.mean()),
           'count': len(confidence)}
 
 
@@ -48,6 +49,21 @@ def _eta_values(grid, records, setting, label) -> dict[str, dict[int, float]]:
         records, setting, method) if r['seed'] in grid.SELECTION_SEEDS and
                       records2.value(r, label) is not None}
   return values
+
+
+def selection_cost(grid, records, setting) -> tuple[str, str, float] | None:
+  """The selected eta, the eta with the best test mean over the selection seeds (ties to the
+  first listed), and the test accuracy the selected one is below it; None before the selection
+  or while a selection seed's test run is missing."""
+  etas = grid.TUNED['target_sft']
+  chosen = records2.selected_method(grid, setting, 'target_sft')
+  test = _eta_values(grid, records, setting, 'test_greedy')
+  if not chosen or any(len(test[m]) != len(grid.SELECTION_SEEDS) for m in etas):
+    return None
+  means = {m: float(np.mean(list(test[m].values()))) for m in etas}
+  best = max(etas, key=lambda m: (means[m], -etas.index(m)))
+  label = lambda m: m.split('eta')[-1]
+  return label(chosen), label(best), means[best] - means[chosen]
 
 
 def eta_table(grid, records) -> list[str]:
@@ -85,15 +101,9 @@ def eta_table(grid, records) -> list[str]:
         split[split_label] = differences
       cells.append(f"{points(split['validation'])} / {points(split['test_greedy'])}"
                    if split['test_greedy'] else '-')
-    if len(settings) == 1:
-      setting = settings[0]
-      chosen = records2.selected_method(grid, setting, 'target_sft')
-      test = _eta_values(grid, records, setting, 'test_greedy')
-      complete = all(len(test[m]) == len(grid.SELECTION_SEEDS) for m in etas)
-      if chosen and complete:
-        means = {m: float(np.mean(list(test[m].values()))) for m in etas}
-        best = max(etas, key=lambda m: (means[m], -etas.index(m)))
-        selections = [label(chosen), label(best), f'{100 * (means[best] - means[chosen]):.1f}']
+    cost = selection_cost(grid, records, settings[0]) if len(settings) == 1 else None
+    if cost:
+      selections = [cost[0], cost[1], f'{100 * cost[2]:.1f}']
     if any(c != '-' for c in cells):
       lines.append(f'| {name} | ' + ' | '.join(cells) + ' | ' +
                    ' | '.join(selections or ['-', '-', '-']) + ' |')

@@ -394,6 +394,16 @@ def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path)
   half = 12.706 * math.sqrt(800) / math.sqrt(2)
   assert (f'- chain3: the margin over SFT is +70.0 ± {half:.1f} (2 seeds) with noisy '
           'demonstrations and +50.0 ± 24.8 (3 seeds) with clean ones') in summary, summary
+  assert 'Noisy minus clean: +20.0 points, 95% interval [' in summary  # 70 - 50
+  # Cost: chain3_clean's geometric mean 1.22 (above), chain3_noisy's 3.0 / 2.0 = 1.5.
+  assert "takes 1.22-1.50 times SFT's CPU seconds" in summary and '2 setting(s)' in summary
+  assert 'is at the floor' not in summary
+  for seed in (0, 1):
+    add(f'products2_clean/sft/{seed}', 0, 2.0, 0.1, 0.7, 0.5)
+  add('base/products2', 1, None, 0.2, 2.0, 2.0)
+  summary = '\n'.join(findings2.summary(grid, records, planned))
+  assert ('- products2 is at the floor: every one of its 2 trained runs scores 0.0-0.0% '
+          '(Base 10.0%)') in summary, summary
 
 
 def test_machines_listed_in_order_and_times_compared_on_one_machine(grid, tmp_path, monkeypatch):
