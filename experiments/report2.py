@@ -184,6 +184,8 @@ def _verdict_table(grid, records, seeds_allowed=None):
         continue
       compared += len(result['seeds']) > 1
       half = '' if math.isnan(result['half']) else f' ± {100 * result["half"]:.1f}'
+      if result['half'] == 0:  # every seed the same difference: a degenerate t interval
+        half += ' (zero spread: the interval is degenerate, not evidence)'
       low, high = result['bootstrap']
       cells.append(f'**{result["verdict"]}** {100 * result["mean"]:+.1f}{half} '
                    f'[{100 * low:+.1f}, {100 * high:+.1f}] ({len(result["seeds"])})')
