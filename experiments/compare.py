@@ -390,9 +390,8 @@ def rescore_file(path: pathlib.Path) -> float:
   """Average score of a predictions file, re-extracted and re-scored with the task's scorer."""
   from qtarget import evaluate  # pylint: disable=g-import-not-at-top
   from qtarget.data import records  # pylint: disable=g-import-not-at-top
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line]
   scores = []
-  for row in rows:
+  for row in evaluate.read_predictions(path, fields=('task', 'gold', 'output')):
     record = {'task': row['task'], 'answer': row['gold'], 'metadata': row.get('metadata', '')}
     scores.append(evaluate.score(record, records.extract_answer(row['output'], row['gold'])))
   return sum(scores) / len(scores)

@@ -65,18 +65,6 @@ def paired_measure(records, setting, method, baseline, measure) -> tuple:
   return mean, half, len(seeds)
 
 
-def _paired_cell(result, template) -> str:
-  mean, spread, n = result
-  if not n:
-    return '-'
-  if isinstance(spread, tuple):  # a ratio's interval
-    low, high = spread
-    interval = '' if math.isnan(low) else f' [{template.format(low)}, {template.format(high)}]'
-  else:
-    interval = '' if math.isnan(spread) else f' ± {template.format(spread).lstrip("+")}'
-  return f'{template.format(mean)}{interval} ({n})'
-
-
 def _against_baselines(grid, records) -> list[str]:
   lines = ['### Target-SFT against each primary baseline on the other measurements', '',
            'Target-SFT at the selected eta against the baseline, paired by seed (n seeds). Step '
@@ -94,7 +82,7 @@ def _against_baselines(grid, records) -> list[str]:
     if method is None:
       continue
     for baseline in grid.PRIMARY_FIXED:
-      cells = [_paired_cell(paired_measure(records, setting, method, baseline, m), spec[2])
+      cells = [records2.interval_cell(*paired_measure(records, setting, method, baseline, m), spec[2])
                for m, spec in _MEASURES.items()]
       if any(c != '-' for c in cells):
         rows += 1
@@ -116,7 +104,8 @@ def _spearman(xs, ys) -> str:
 def _fit_and_generalisation(grid, records) -> list[str]:
   """Across every trained run of a setting (all methods, all seeds): descriptive rank
   correlations of how tightly the runs fit with how well they answer."""
-  lines = ['### Fit against generalisation', '',
+  lines = ['### Fit against generalisation (the measurements are pre-registered; the rank '
+           'correlation is a summary added after the pre-registration)', '',
            'Per setting, over all its trained runs (every method, eta and seed, so between-method '
            'differences dominate and runs sharing a seed are not independent): the Spearman '
            'rank correlation, with the number of runs, of greedy test accuracy with the training '
@@ -171,7 +160,8 @@ def _variants_against_base(grid, records) -> list[str]:
            'the measured seeds; Target-SFT at the selected eta), and the problems behind it: '
            '*broke* the share Base answered and the run does not, *fixed* the reverse (means '
            'over seeds). On the easier variant, *broke* is what fine-tuning took away that the '
-           'untouched model could do.', '',
+           'untouched model could do. The variants and Base are pre-registered; the broke and '
+           'fixed shares were added after the pre-registration and are descriptive.', '',
            '| setting | variant | base | ' + ' | '.join(methods) + ' |',
            '|---|---|---|' + '---|' * len(methods)]
   for setting in grid.SETTINGS:
@@ -189,7 +179,7 @@ def _variants_against_base(grid, records) -> list[str]:
           cells.append('-')
           continue
         values = [100 * (records2.value(r, variant) - base_value) for r in runs]
-        cell = _paired_cell((*stats.mean_and_interval(values), len(values)), '{:+.1f}')
+        cell = records2.interval_cell(*stats.mean_and_interval(values), len(values), '{:+.1f}')
         shares = [_broken_and_fixed(base, r, variant) for r in runs]
         if all(shares):
           cell += (f'; broke {100 * np.mean([b for b, _ in shares]):.1f}, fixed '
@@ -278,16 +268,22 @@ def _summary(grid, records, planned) -> list[str]:
     if len(margins) == 2:
       margin = lambda r: (f'{100 * r["mean"]:+.1f} ± {100 * r["half"]:.1f} '
                           f'({len(r["seeds"])} seeds)')
-      noisy, clean = (_seed_differences(records, f'{task}_{style}', records2.selected_method(
-          grid, f'{task}_{style}', 'target_sft'), 'sft', None) for style in ('noisy', 'clean'))
-      welch = scipy.stats.ttest_ind(noisy, clean, equal_var=False).confidence_interval(0.95)
+      noisy, clean = (records2.seed_differences(
+          records, f'{task}_{style}', records2.selected_method(grid, f'{task}_{style}',
+                                                               'target_sft'), 'sft')
+                      for style in ('noisy', 'clean'))
+      if np.ptp(noisy) == 0 and np.ptp(clean) == 0:  # Welch's interval divides by zero
+        interval = ('no interval (each setting\'s seeds give the same difference: zero '
+                    'spread, degenerate)')
+      else:
+        welch = scipy.stats.ttest_ind(noisy, clean, equal_var=False).confidence_interval(0.95)
+        interval = (f'95% interval [{100 * welch.low:+.1f}, {100 * welch.high:+.1f}] (Welch, '
+                    'the two settings\' seeds taken as independent)')
       lines.append(
           f'- {task}: the margin over SFT is {margin(margins["noisy"])} with noisy '
           f'demonstrations and {margin(margins["clean"])} with clean ones, selection seeds '
           'included; the paper expects it larger with noise. Noisy minus clean: '
-          f'{100 * (np.mean(noisy) - np.mean(clean)):+.1f} points, 95% interval '
-          f'[{100 * welch.low:+.1f}, {100 * welch.high:+.1f}] (Welch, the two settings\' seeds '
-          'taken as independent).')
+          f'{100 * (np.mean(noisy) - np.mean(clean)):+.1f} points, {interval}.')
   lines += _question_bullets(grid, records)
   missing = collections.Counter(_kind(n, grid) for n in planned if n not in records)
   unselected = [s for s in grid.SETTINGS
@@ -309,13 +305,6 @@ def _summary(grid, records, planned) -> list[str]:
   return lines + ['']
 
 
-def _seed_differences(records, setting, method, baseline, seeds_allowed) -> list[float]:
-  ours = records2.seed_accuracies(records, setting, method)
-  theirs = records2.seed_accuracies(records, setting, baseline)
-  return [ours[s] - theirs[s] for s in sorted(set(ours) & set(theirs))
-          if seeds_allowed is None or s in seeds_allowed]
-
-
 def pooled(grid, records, family, settings, seeds_allowed=None) -> dict | None:
   """Target-SFT (selected eta) minus ``family`` over ``settings`` together: the mean over every
   (setting, seed) pair with its t interval, and the mean of the settings' means with the t
@@ -325,7 +314,7 @@ def pooled(grid, records, family, settings, seeds_allowed=None) -> dict | None:
     method = records2.selected_method(grid, setting, 'target_sft')
     baseline = records2.selected_method(grid, setting, family)
     if method and baseline:
-      differences = _seed_differences(records, setting, method, baseline, seeds_allowed)
+      differences = records2.seed_differences(records, setting, method, baseline, seeds_allowed)
       if differences:
         per_setting[setting] = differences
   if not per_setting:

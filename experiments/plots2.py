@@ -1,7 +1,6 @@
 """The pre-registered grid's figures for experiments/RESULTS.md (matplotlib, written beside it)."""
 
 import collections
-import json
 import math
 
 import numpy as np
@@ -90,12 +89,8 @@ def _answer_reliability(runs) -> list[tuple[float, float, int]]:
   bin with at least _MIN_PER_BIN answers, (mean confidence, fraction right, count)."""
   bins = collections.defaultdict(list)
   for r in runs:
-    scored = (r.get('scored') or {}).get('test_greedy')
-    if not scored:
-      continue
-    path = stats.ROOT / scored['predictions']
-    for row in map(json.loads, path.read_text().splitlines()):
-      if row.get('confidence') is not None:
-        bins[min(int(row['confidence'] * 10), 9)].append((row['confidence'], row['score'] == 1))
+    answers = records2.answer_confidences(r)
+    for confidence, right in zip(*answers) if answers else ():
+      bins[min(int(confidence * 10), 9)].append((float(confidence), bool(right)))
   return [(float(np.mean([c for c, _ in rows])), float(np.mean([ok for _, ok in rows])),
            len(rows)) for _, rows in sorted(bins.items()) if len(rows) >= _MIN_PER_BIN]

@@ -3,8 +3,6 @@ the trained models' answers are, and how much the choice of eta matters (paired 
 Added in session 29, after the pre-registration: secondary analyses, labelled so in RESULTS.md.
 """
 
-import functools
-import json
 
 import numpy as np
 
@@ -14,25 +12,15 @@ import stats  # pylint: disable=import-error  (experiments/stats.py)
 ANSWER_BINS = 10
 
 
-@functools.lru_cache(maxsize=None)
-def _confidences(path: str) -> tuple[np.ndarray, np.ndarray]:
-  rows = [json.loads(line) for line in (stats.ROOT / path).read_text().splitlines() if line]
-  rows = [r for r in rows if r.get('confidence') is not None]
-  return (np.array([r['confidence'] for r in rows], np.float64),
-          np.array([r['score'] == 1 for r in rows], np.float64))
-
-
 def answer_calibration(record) -> dict | None:
   """Answer-level calibration of a run's greedy test answers: confidence (the mean probability
   of the answer's own tokens) against full-credit correctness. ECE over ANSWER_BINS equal-width
   bins (the count-weighted mean |accuracy - confidence|), the Brier score, and the count; None
   without confidences."""
-  scored = (record.get('scored') or {}).get('test_greedy') or {}
-  if 'predictions' not in scored:
+  answers = records2.answer_confidences(record)
+  if answers is None or not len(answers[0]):
     return None
-  confidence, right = _confidences(scored['predictions'])
-  if not len(confidence):
-    return None
+  confidence, right = answers
   bins = np.minimum((confidence * ANSWER_BINS).astype(int), ANSWER_BINS - 1)
   ece = sum(abs(right[bins == b].mean() - confidence[bins == b].mean()) * np.sum(bins == b)
             for b in np.unique(bins)) / len(confidence)

@@ -2,10 +2,12 @@
 a tuned family, and Target-SFT paired with a baseline seed by seed (experiments/report2.py,
 findings2.py and plots2.py build on these)."""
 
+import functools
 import json
 import math
 
 import numpy as np
+from qtarget import evaluate
 
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
@@ -16,9 +18,25 @@ BOOTSTRAP_RESAMPLES = 10_000
 def scores(record, label='test_greedy') -> tuple[list[str], np.ndarray]:
   """The questions of a run's predictions and whether each got full credit (1.0 or 0.0), row
   by row (the split's order; a question that occurs twice counts twice, as in the accuracy)."""
-  path = stats.ROOT / record['scored'][label]['predictions']
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-  return [r['question'] for r in rows], np.array([r['score'] == 1 for r in rows], np.float64)
+  rows = evaluate.read_predictions(stats.ROOT / record['scored'][label]['predictions'])
+  return ([r['question'] for r in rows],
+          np.array([evaluate.full_credit(r['score']) for r in rows], np.float64))
+
+
+@functools.lru_cache(maxsize=None)
+def _confidences(path: str) -> tuple[np.ndarray, np.ndarray]:
+  rows = [r for r in evaluate.read_predictions(stats.ROOT / path, fields=('score',))
+          if r.get('confidence') is not None]
+  return (np.array([r['confidence'] for r in rows], np.float64),
+          np.array([evaluate.full_credit(r['score']) for r in rows], np.float64))
+
+
+def answer_confidences(record) -> tuple[np.ndarray, np.ndarray] | None:
+  """A run's greedy test answers that have a confidence (the mean probability of the answer's
+  own tokens): the confidences and whether each got full credit (1.0 or 0.0); None for a run
+  without greedy test predictions."""
+  scored = (record.get('scored') or {}).get('test_greedy') or {}
+  return _confidences(scored['predictions']) if 'predictions' in scored else None
 
 
 def with_full_credit(records: dict) -> dict:
@@ -37,14 +55,19 @@ def with_full_credit(records: dict) -> dict:
   return records
 
 
+def tuned_from(setting: str) -> str:
+  """The setting whose selections ``setting`` uses: the weaker prior reuses chain3_noisy's
+  (pre-registered), every other setting its own."""
+  return 'chain3_noisy' if setting == 'chain3_noisy_weak' else setting
+
+
 def selected_method(grid, setting: str, family: str) -> str | None:
   """The grid method standing for ``family`` in ``setting``: fixed methods are themselves; a
   tuned family's frozen selection (None before it exists)."""
   if family not in grid.TUNED:
     return family
   frozen = json.loads(grid.selection_file.read_text()) if grid.selection_file.exists() else {}
-  key = 'chain3_noisy' if setting == 'chain3_noisy_weak' else setting
-  entry = frozen.get(f'{key}/{family}')
+  entry = frozen.get(f'{tuned_from(setting)}/{family}')
   return entry['selected'] if entry else None
 
 
@@ -67,15 +90,47 @@ def paired(records: dict, setting: str, method: str, baseline: str,
   diff = np.array([runs[2 * i][1] - runs[2 * i + 1][1] for i in range(len(seeds))])
   per_seed = diff.mean(axis=1)
   mean, half = stats.mean_and_interval(list(per_seed))
-  rng = np.random.default_rng(0)
-  seed_draw = rng.integers(0, len(seeds), (BOOTSTRAP_RESAMPLES, len(seeds)))
-  problem_draw = rng.integers(0, len(questions), (BOOTSTRAP_RESAMPLES, len(questions)))
-  means = np.array([diff[s][:, p].mean() for s, p in zip(seed_draw, problem_draw)])
-  low, high = np.quantile(means, [0.025, 0.975])
+  low, high = _bootstrap_interval(diff.tobytes(), diff.shape)
   verdict = ('tie' if math.isnan(half) or abs(mean) <= half else 'win' if mean > 0 else 'loss')
   return {'seeds': seeds, 'mean': mean, 'half': half, 'bootstrap': (low, high),
           'verdict': verdict if len(seeds) > 1 else 'n/a', 'problems': len(questions),
           'ahead': int(np.sum(per_seed > 0))}
+
+
+@functools.lru_cache(maxsize=None)
+def _bootstrap_interval(diff_bytes: bytes, shape: tuple[int, int]) -> tuple[float, float]:
+  """The 95% interval of the mean paired difference, resampling seeds and problems together
+  (seeded: the same differences give the same interval; cached, as the verdict table and the
+  summary's counts ask for the same comparisons)."""
+  diff = np.frombuffer(diff_bytes, np.float64).reshape(shape)
+  rng = np.random.default_rng(0)
+  seed_draw = rng.integers(0, shape[0], (BOOTSTRAP_RESAMPLES, shape[0]))
+  problem_draw = rng.integers(0, shape[1], (BOOTSTRAP_RESAMPLES, shape[1]))
+  means = np.array([diff[s][:, p].mean() for s, p in zip(seed_draw, problem_draw)])
+  low, high = np.quantile(means, [0.025, 0.975])
+  return float(low), float(high)
+
+
+def seed_differences(records, setting, method, baseline, seeds_allowed=None) -> list[float]:
+  """``method``'s greedy test accuracy minus ``baseline``'s in ``setting``, one per seed both
+  have (only ``seeds_allowed`` when given), in seed order."""
+  ours = seed_accuracies(records, setting, method)
+  theirs = seed_accuracies(records, setting, baseline)
+  return [ours[s] - theirs[s] for s in sorted(set(ours) & set(theirs))
+          if seeds_allowed is None or s in seeds_allowed]
+
+
+def interval_cell(mean, spread, count, template='{:.1f}') -> str:
+  """``mean ± half-width (count)``, or ``mean [low, high] (count)`` when ``spread`` is an
+  interval's ends; '-' for no values, and no interval where it is undefined (one value)."""
+  if not count:
+    return '-'
+  if isinstance(spread, tuple):
+    low, high = spread
+    interval = '' if math.isnan(low) else f' [{template.format(low)}, {template.format(high)}]'
+  else:
+    interval = '' if math.isnan(spread) else f' ± {template.format(spread).lstrip("+")}'
+  return f'{template.format(mean)}{interval} ({count})'
 
 
 def runs(records, setting, method):

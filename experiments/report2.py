@@ -19,24 +19,26 @@ import records2  # pylint: disable=import-error  (experiments/records2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 CORES = 2  # the grid machine's; CPU seconds / CORES is a run's wall time alone
+BUDGET_HOURS = 12  # issue 18: the whole grid within about 12 hours of machine time
+
 
 def _cell(values, scale=100.0, digits=1) -> str:
+  """Mean ± 95% half-width over ``values`` (scaled, to points by default) and their count."""
   if not values:
     return '-'
   mean, half = stats.mean_and_interval(values)
-  interval = '' if math.isnan(half) else f' ± {scale * half:.{digits}f}'
-  return f'{scale * mean:.{digits}f}{interval} ({len(values)})'
+  return records2.interval_cell(scale * mean, scale * half, len(values), f'{{:.{digits}f}}')
 
 
 def _answer_confidence(record) -> tuple[float, float] | None:
   """Mean answer confidence of correct and of wrong greedy test answers."""
-  path = stats.ROOT / record['scored']['test_greedy']['predictions']
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-  right = [r['confidence'] for r in rows if r.get('confidence') is not None and r['score'] == 1]
-  wrong = [r['confidence'] for r in rows if r.get('confidence') is not None and r['score'] < 1]
-  if not right or not wrong:
+  answers = records2.answer_confidences(record)
+  if answers is None:
     return None
-  return float(np.mean(right)), float(np.mean(wrong))
+  confidence, right = answers
+  if right.all() or not right.any():
+    return None
+  return float(confidence[right == 1].mean()), float(confidence[right == 0].mean())
 
 
 def write(grid, registry, output, args, planned: list[str]) -> None:
@@ -62,7 +64,8 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
            'also gives partial credit, 0.5 for a sign error for instance; the accuracies '
            '`runs.jsonl` records, which `rescore` checks, average it in: see PREREGISTRATION '
            'change 22).', '']
-  lines += _status(grid, records, planned)
+  replaced = _superseded(registry)
+  lines += _status(grid, records, planned, replaced)
   lines += _verdicts(grid, records)
   lines += findings2.summary(grid, records, planned)
   lines += _power(grid, records)
@@ -83,7 +86,7 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
             "chain3's and products2's accuracies.", ''] + [
                 f'![{f}]({f})' for f in figures] + ([''] if figures else [
       '(none yet: no run of the sweep or with calibration bins is recorded)', ''])
-  lines += _run_table(records, _superseded(registry))
+  lines += _run_table(records, replaced)
   output.write_text('\n'.join(lines) + '\n')
   print(f'wrote {output}')
 
@@ -98,7 +101,7 @@ def _superseded(registry) -> list[dict]:
   return [r for i, r in enumerate(lines) if last[r['name']] != i]
 
 
-def _status(grid, records, planned):
+def _status(grid, records, planned, replaced=()):
   missing = [n for n in planned if n not in records]
   trained = [r for r in records.values() if r['method'] not in ('base', 'teacher')]
   lines = ['## Status and budget', '',
@@ -130,7 +133,9 @@ def _status(grid, records, planned):
         f' on {current}, the machine the latest runs ran on' if timed is on_current else '') +
               ': '
               f'{shown(walls[True])} for runs measured on validation too (pre-registered '
-              f'estimate 330 s), {shown(walls[False])} for the others (estimate 260 s); CPU '
+              f'estimate 330 s), {shown(walls[False])} for the others (estimate 260 s; '
+              'PREREGISTRATION change 11 found the first runs on the first machine about twice '
+              'the estimates); CPU '
               f'seconds, recorded from PREREGISTRATION change 14 on: {shown(cpus[True])} and '
               f'{shown(cpus[False])}. At these rates the {len(missing)} planned runs still to go '
               f'need about {left / 3600:.1f} h' + (
@@ -149,6 +154,16 @@ def _status(grid, records, planned):
             '20.5 h of this machine in all, 11.9 h for the teachers, Base and the primaries of '
             'the six settings, which run first; over the issue\'s 12 h the secondaries and the '
             'prior-quality axis are cut first. Whatever has not run is reported as not run.']
+  attempts = list(records.values()) + list(replaced)
+  spent = sum(r.get('wall_seconds') or 0 for r in attempts) / 3600
+  if spent > BUDGET_HOURS:
+    lines += ['', f'**The budget is spent.** The {len(attempts)} records of `runs.jsonl` '
+              f'(replaced teacher records included; a run interrupted and restarted counts only '
+              f'its finished attempt) took {spent:.1f} h of wall time, against the issue\'s '
+              f'about {BUDGET_HOURS} h. As PREREGISTRATION change 23 records: the primaries run '
+              'on to all their seeds (never cut); then the prior-quality axis (about an hour); '
+              'the secondaries, the first cut, last. Whether to spend the machine time they '
+              'need is the planners\' decision; until it is made the grid runs on in this order.']
   teachers = [r for n, r in sorted(records.items()) if n.startswith('teacher/')]
   if teachers:
     lines += ['', 'Teachers (the priors), greedy test accuracy: ' + ', '.join(
@@ -189,7 +204,10 @@ def _verdict_table(grid, records, seeds_allowed=None):
       low, high = result['bootstrap']
       cells.append(f'**{result["verdict"]}** {100 * result["mean"]:+.1f}{half} '
                    f'[{100 * low:+.1f}, {100 * high:+.1f}] ({len(result["seeds"])})')
-    lines.append(f'| {setting} | {method.split("eta")[-1]} | ' + ' | '.join(cells) + ' |')
+    eta = method.split('eta')[-1]
+    inherited = records2.tuned_from(setting)
+    eta += f" ({inherited}'s)" if inherited != setting else ''
+    lines.append(f'| {setting} | {eta} | ' + ' | '.join(cells) + ' |')
   return lines, compared
 
 
@@ -211,7 +229,11 @@ def _verdicts(grid, records):
             f'Seeds {", ".join(map(str, grid.SELECTION_SEEDS))} of a tuned value are the runs '
             'its selection was made on: their test scores share the luck that won the '
             'selection, which favours the tuned method (pre-registered, so kept above). The '
-            'added seeds were trained after the selection and carry no such bias.', '',
+            'added seeds were trained after the selection and carry no such bias. They also '
+            'ran later, on other machines and with retrained teachers (whose greedy test '
+            'answers are the same text; PREREGISTRATION changes 21 and 23; the Runs table names '
+            'each run\'s machine), so a difference between the two tables can come from either; '
+            'no analysis here separates them.', '',
             *table, '']
   return lines
 
@@ -223,10 +245,8 @@ def _power(grid, records):
   pooled = collections.defaultdict(lambda: [0.0, 0])  # (task, baseline) -> [squares, df]
   for setting in grid.SETTINGS:
     for method in grid.TUNED['target_sft']:
-      ours = records2.seed_accuracies(records, setting, method)
       for baseline in grid.PRIMARY_FIXED:
-        theirs = records2.seed_accuracies(records, setting, baseline)
-        diffs = np.array([ours[s] - theirs[s] for s in sorted(set(ours) & set(theirs))])
+        diffs = np.array(records2.seed_differences(records, setting, method, baseline))
         if len(diffs) > 1:
           entry = pooled[grid.task_family_of(f'{setting}/{method}/0'), baseline]
           entry[0] += float(np.sum((diffs - diffs.mean()) ** 2))
@@ -276,8 +296,7 @@ def _accuracy(grid, records):
     row = [_cell([r['accuracy'] for r in records2.runs(records, s, chosen(s, f))]) if chosen(s, f)
            else '-' for s in grid.SETTINGS for f in [family]]
     if any(c != '-' for c in row):
-      lines.append(f'| {family} (selected) | ' + ' | '.join(row) + ' |' if family in grid.TUNED
-                   else f'| {family} | ' + ' | '.join(row) + ' |')
+      lines.append(f'| {_family_label(grid, family)} | ' + ' | '.join(row) + ' |')
   lines += ['', '| method (Average@4 / pass@4) | ' + ' | '.join(grid.SETTINGS) + ' |',
             '|---|' + '---|' * len(grid.SETTINGS)]
   for family in families:
@@ -290,8 +309,12 @@ def _accuracy(grid, records):
                  f"{_cell([records2.value(r, 'test_sampled') for r in runs])} / "
                  f"{_cell([records2.value(r, 'test_sampled', 'pass_at_4') for r in runs])}")
     if any(c != '-' for c in row):
-      lines.append(f'| {family} | ' + ' | '.join(row) + ' |')
+      lines.append(f'| {_family_label(grid, family)} | ' + ' | '.join(row) + ' |')
   return lines + ['']
+
+
+def _family_label(grid, family) -> str:
+  return f'{family} (selected)' if family in grid.TUNED else family
 
 
 def _sweep(grid, records):
@@ -314,6 +337,8 @@ def _sweep(grid, records):
         cells.append(f'**{text}**' if method == records2.selected_method(grid, setting, family) else text)
     if any(c != '-' for c in cells):
       lines.append(f'| {setting} | ' + ' | '.join(cells) + ' |')
+  if not lines[-1].startswith('| ') or lines[-1].startswith('|---'):
+    lines[-2:] = ['(none yet: the secondaries run after the primaries; see the budget above)']
   return lines + ['']
 
 

@@ -12,6 +12,7 @@ by reasoning-gym's ``score_answer`` for reasoning-gym tasks, or by MATH-style eq
 import dataclasses
 import functools
 import json
+import pathlib
 import time
 
 import jax
@@ -228,6 +229,40 @@ def score(record: dict, extracted: str) -> float:
              'metadata': metadata['metadata']}
     return float(_reasoning_gym_dataset(record['task']).score_answer(extracted, entry))
   return float(math_equal(extracted, record['answer']))
+
+
+def full_credit(score_value: float) -> bool:
+  """Whether a :func:`score` is full credit: reasoning-gym also gives partial credit (0.5 for a
+  sign error, for instance), which counts as wrong here."""
+  return score_value == 1.0
+
+
+def read_predictions(path, fields=('question', 'score')) -> list[dict]:
+  """The predictions saved as JSON lines (one of :func:`evaluate`'s predictions per line; blank
+  lines skipped), each checked to hold ``fields``: a clear error naming the file and line instead
+  of a ``KeyError`` or an average over nothing later."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: no such predictions file.')
+  rows = []
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as error:
+      raise ValueError(f'{path}, line {number}: not JSON ({error.msg}).') from None
+    if not isinstance(row, dict):
+      raise ValueError(f'{path}, line {number}: a prediction is a JSON object, got '
+                       f'{type(row).__name__}.')
+    missing = [f for f in fields if f not in row]
+    if missing:
+      raise ValueError(f'{path}, line {number}: the prediction has no {", ".join(missing)} '
+                       f'(it has {", ".join(sorted(row)) or "nothing"}).')
+    rows.append(row)
+  if not rows:
+    raise ValueError(f'{path}: no predictions in the file.')
+  return rows
 
 
 @dataclasses.dataclass

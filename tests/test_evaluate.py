@@ -313,3 +313,27 @@ def test_evaluation_prompts_carry_the_system_prompt_as_training_does():
 def test_generation_needs_at_least_one_new_token():
   with pytest.raises(ValueError, match='max_new_tokens must be at least 1'):
     evaluate.generate(_small_model(), _DigitsTokenizer(), ['5 6'], max_new_tokens=0, batch_size=1)
+
+
+def test_read_predictions_names_the_file_and_line_of_a_bad_prediction(tmp_path):
+  path = tmp_path / 'predictions.jsonl'
+  path.write_text('{"question": "q0", "score": 1.0}\n\n{"question": "q1", "score": 0.5}\n')
+  rows = evaluate.read_predictions(path)  # the blank line is skipped
+  assert [r['question'] for r in rows] == ['q0', 'q1']
+  assert [evaluate.full_credit(r['score']) for r in rows] == [True, False]  # 0.5 is partial
+  path.write_text('{"question": "q0", "score": 1.0}\n{"question": "q1"}\n')
+  with pytest.raises(ValueError, match=r'predictions.jsonl, line 2: the prediction has no '
+                                       r'score \(it has question\)'):
+    evaluate.read_predictions(path)
+  assert evaluate.read_predictions(path, fields=('question',))[1] == {'question': 'q1'}
+  path.write_text('{"question": "q0", "score": 1.0}\n{"question": \n')
+  with pytest.raises(ValueError, match='line 2: not JSON'):
+    evaluate.read_predictions(path)
+  path.write_text('[1, 2]\n')
+  with pytest.raises(ValueError, match='line 1: a prediction is a JSON object, got list'):
+    evaluate.read_predictions(path)
+  path.write_text('\n')
+  with pytest.raises(ValueError, match='no predictions in the file'):
+    evaluate.read_predictions(path)
+  with pytest.raises(FileNotFoundError, match='missing.jsonl: no such predictions file'):
+    evaluate.read_predictions(tmp_path / 'missing.jsonl')

@@ -40,9 +40,15 @@ def test_plan_starts_with_teachers_and_base_then_primaries_seed_by_seed(grid):
   late = [n for n in primaries if int(n.split('/')[2]) >= 2]
   assert len(early) == 2 * 6 * 6  # three fixed methods and three etas, six settings
   assert len(late) == 3 * 6 * 3 and not any('target_sft' in n for n in late)  # no selection yet
-  assert plan.index(primaries[-1]) < plan.index('chain3_clean/label_smoothing_lam0.05/0')
-  assert plan[-6:] == ['teacher/chain3_weak'] + [f'chain3_noisy_weak/distill/{s}'
-                                                  for s in range(5)]
+  weak = plan.index('teacher/chain3_weak')  # the prior-quality axis after the primaries
+  assert plan.index(primaries[-1]) < weak
+  assert plan[weak:weak + 6] == ['teacher/chain3_weak'] + [f'chain3_noisy_weak/distill/{s}'
+                                                            for s in range(5)]
+  secondaries = plan[weak + 6:]  # then the secondaries, last
+  assert secondaries[0] == 'chain3_clean/label_smoothing_lam0.05/0'
+  assert len(secondaries) == 6 * 3 * 2 * 2 and all(
+      n.split('/')[1].split('_lam')[0] in ('label_smoothing', 'sft_kl', 'asft')
+      for n in secondaries)
   assert len(plan) == len(set(plan))
   for name in plan:  # every planned name is a config
     assert grid.get_config(name).workdir
@@ -87,6 +93,9 @@ def test_selection_counts_full_credit_only(grid, tmp_path):
       partial if eta == '0.25' else {'accuracy': 0.55})}}
              for eta in ('0.25', '0.5', '1') for seed in (0, 1)}
   assert grid.select(records, 'chain3_clean', 'target_sft')['selected'] == 'target_sft_eta0.5'
+  path.write_text(json.dumps({'score': 1.0}) + '\n' + json.dumps({'question': 'q1'}) + '\n')
+  with pytest.raises(ValueError, match='validation.jsonl, line 2: the prediction has no score'):
+    grid.full_credit_accuracy({'accuracy': 0.5, 'predictions': str(path)})
 
 
 def test_measured_runs_and_what_they_get(grid):
@@ -513,6 +522,9 @@ def test_report_counts_full_credit_and_lists_replaced_records(tmp_path):
   records2.with_full_credit(records)  # twice: the same
   entry = records['chain3_clean/sft/0']
   assert entry['accuracy'] == 0.5 and entry['scored']['test_greedy']['recorded_accuracy'] == 0.625
+  path.write_text(json.dumps({'question': 'q0'}) + '\n')  # a prediction without its score
+  with pytest.raises(ValueError, match='greedy.jsonl, line 1: the prediction has no score'):
+    records2.scores(records['chain3_clean/sft/0'])
   assert entry['scored']['harder'] == {'accuracy': 0.3}
   lines = tmp_path / 'runs.jsonl'
   lines.write_text(''.join(json.dumps(r) + '\n' for r in (
