@@ -82,7 +82,8 @@ def _against_baselines(grid, records) -> list[str]:
     if method is None:
       continue
     for baseline in grid.PRIMARY_FIXED:
-      cells = [records2.interval_cell(*paired_measure(records, setting, method, baseline, m), spec[2])
+      cells = [records2.interval_cell(*paired_measure(records, setting, method, baseline, m),
+                                      spec[2])
                for m, spec in _MEASURES.items()]
       if any(c != '-' for c in cells):
         rows += 1
@@ -230,8 +231,9 @@ def _verdict_lines(grid, records, settings, label) -> list[str]:
     total = sum(map(len, verdicts.values()))
     late = unbiased.get(family, {})
     late_total = sum(map(len, late.values()))
-    decided = [f'{s} ({v} {100 * r["mean"]:+.1f})' for v in ('win', 'loss')
-               for s, r in verdicts.get(v, [])]
+    decided = [f'{s} ({v} {100 * r["mean"]:+.1f}' + (
+        ', zero spread: degenerate)' if r['zero_spread'] else ')')
+               for v in ('win', 'loss') for s, r in verdicts.get(v, [])]
     if late_total:
       later = f'; on seeds {after} alone {_tally(late)} of {late_total}'
     elif family in grid.TUNED:  # its runs are seeds 0-2: one seed after the selection
@@ -272,7 +274,7 @@ def _summary(grid, records, planned) -> list[str]:
           records, f'{task}_{style}', records2.selected_method(grid, f'{task}_{style}',
                                                                'target_sft'), 'sft')
                       for style in ('noisy', 'clean'))
-      if np.ptp(noisy) == 0 and np.ptp(clean) == 0:  # Welch's interval divides by zero
+      if records2.zero_spread(noisy) and records2.zero_spread(clean):  # a zero-width interval
         interval = ('no interval (each setting\'s seeds give the same difference: zero '
                     'spread, degenerate)')
       else:

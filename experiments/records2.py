@@ -13,6 +13,7 @@ import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 BASELINES = ('sft', 'dft', 'distill', 'label_smoothing', 'sft_kl', 'asft')
 BOOTSTRAP_RESAMPLES = 10_000
+ZERO_SPREAD = 1e-9  # a standard deviation below this is rounding (accuracies are k / problems)
 
 
 def scores(record, label='test_greedy') -> tuple[list[str], np.ndarray]:
@@ -24,19 +25,27 @@ def scores(record, label='test_greedy') -> tuple[list[str], np.ndarray]:
 
 
 @functools.lru_cache(maxsize=None)
-def _confidences(path: str) -> tuple[np.ndarray, np.ndarray]:
-  rows = [r for r in evaluate.read_predictions(stats.ROOT / path, fields=('score',))
+def _confidences(path, modified_ns, size) -> tuple[np.ndarray, np.ndarray]:
+  del modified_ns, size  # in the cache key only: a rewritten file is read again
+  rows = [r for r in evaluate.read_predictions(path, fields=('score',))
           if r.get('confidence') is not None]
-  return (np.array([r['confidence'] for r in rows], np.float64),
-          np.array([evaluate.full_credit(r['score']) for r in rows], np.float64))
+  arrays = (np.array([r['confidence'] for r in rows], np.float64),
+            np.array([evaluate.full_credit(r['score']) for r in rows], np.float64))
+  for array in arrays:  # shared by every caller
+    array.flags.writeable = False
+  return arrays
 
 
 def answer_confidences(record) -> tuple[np.ndarray, np.ndarray] | None:
   """A run's greedy test answers that have a confidence (the mean probability of the answer's
-  own tokens): the confidences and whether each got full credit (1.0 or 0.0); None for a run
-  without greedy test predictions."""
+  own tokens): the confidences and whether each got full credit (1.0 or 0.0), read-only; None
+  for a run without greedy test predictions."""
   scored = (record.get('scored') or {}).get('test_greedy') or {}
-  return _confidences(scored['predictions']) if 'predictions' in scored else None
+  if 'predictions' not in scored:
+    return None
+  path = stats.ROOT / scored['predictions']
+  status = path.stat() if path.exists() else None  # a missing file: read_predictions says so
+  return _confidences(path, status and status.st_mtime_ns, status and status.st_size)
 
 
 def with_full_credit(records: dict) -> dict:
@@ -90,9 +99,10 @@ def paired(records: dict, setting: str, method: str, baseline: str,
   diff = np.array([runs[2 * i][1] - runs[2 * i + 1][1] for i in range(len(seeds))])
   per_seed = diff.mean(axis=1)
   mean, half = stats.mean_and_interval(list(per_seed))
-  low, high = _bootstrap_interval(diff.tobytes(), diff.shape)
+  low, high = _bootstrap_interval(np.ascontiguousarray(diff, np.float64).tobytes(), diff.shape)
   verdict = ('tie' if math.isnan(half) or abs(mean) <= half else 'win' if mean > 0 else 'loss')
   return {'seeds': seeds, 'mean': mean, 'half': half, 'bootstrap': (low, high),
+          'zero_spread': zero_spread(per_seed),
           'verdict': verdict if len(seeds) > 1 else 'n/a', 'problems': len(questions),
           'ahead': int(np.sum(per_seed > 0))}
 
@@ -109,6 +119,12 @@ def _bootstrap_interval(diff_bytes: bytes, shape: tuple[int, int]) -> tuple[floa
   means = np.array([diff[s][:, p].mean() for s, p in zip(seed_draw, problem_draw)])
   low, high = np.quantile(means, [0.025, 0.975])
   return float(low), float(high)
+
+
+def zero_spread(values) -> bool:
+  """Whether two or more values are all the same (up to rounding): a t interval over them has
+  zero width, degenerate rather than evidence."""
+  return len(values) > 1 and float(np.std(values)) < ZERO_SPREAD
 
 
 def seed_differences(records, setting, method, baseline, seeds_allowed=None) -> list[float]:

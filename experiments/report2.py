@@ -152,18 +152,19 @@ def _status(grid, records, planned, replaced=()):
                 'PREREGISTRATION change 15 (the runs from chain3_multi/sft/0 on).']
   lines += ['', 'Pre-registered estimate (`PREREGISTRATION.md`, before any run): about 249 runs, '
             '20.5 h of this machine in all, 11.9 h for the teachers, Base and the primaries of '
-            'the six settings, which run first; over the issue\'s 12 h the secondaries and the '
-            'prior-quality axis are cut first. Whatever has not run is reported as not run.']
+            f'the six settings, which run first; over the issue\'s {BUDGET_HOURS} h the '
+            'secondaries and the prior-quality axis are cut first. Whatever has not run is '
+            'reported as not run.']
   attempts = list(records.values()) + list(replaced)
   spent = sum(r.get('wall_seconds') or 0 for r in attempts) / 3600
   if spent > BUDGET_HOURS:
     lines += ['', f'**The budget is spent.** The {len(attempts)} records of `runs.jsonl` '
               f'(replaced teacher records included; a run interrupted and restarted counts only '
               f'its finished attempt) took {spent:.1f} h of wall time, against the issue\'s '
-              f'about {BUDGET_HOURS} h. As PREREGISTRATION change 23 records: the primaries run '
-              'on to all their seeds (never cut); then the prior-quality axis (about an hour); '
-              'the secondaries, the first cut, last. Whether to spend the machine time they '
-              'need is the planners\' decision; until it is made the grid runs on in this order.']
+              f'about {BUDGET_HOURS} h. As PREREGISTRATION change 23 records, the primaries run '
+              'to all their seeds (never cut), then the prior-quality axis, and the '
+              'secondaries, the first cut, last; whether to spend the machine time the last two '
+              'need is the planners\' decision.']
   teachers = [r for n, r in sorted(records.items()) if n.startswith('teacher/')]
   if teachers:
     lines += ['', 'Teachers (the priors), greedy test accuracy: ' + ', '.join(
@@ -199,7 +200,7 @@ def _verdict_table(grid, records, seeds_allowed=None):
         continue
       compared += len(result['seeds']) > 1
       half = '' if math.isnan(result['half']) else f' ± {100 * result["half"]:.1f}'
-      if result['half'] == 0:  # every seed the same difference: a degenerate t interval
+      if result['zero_spread']:  # every seed the same difference: a degenerate t interval
         half += ' (zero spread: the interval is degenerate, not evidence)'
       low, high = result['bootstrap']
       cells.append(f'**{result["verdict"]}** {100 * result["mean"]:+.1f}{half} '
@@ -303,7 +304,8 @@ def _accuracy(grid, records):
     row = []
     for s in grid.SETTINGS:
       method = chosen(s, family)
-      runs = [r for r in records2.runs(records, s, method) if records2.value(r, 'test_sampled') is not None
+      runs = [r for r in records2.runs(records, s, method)
+              if records2.value(r, 'test_sampled') is not None
               ] if method else []
       row.append('-' if not runs else
                  f"{_cell([records2.value(r, 'test_sampled') for r in runs])} / "
@@ -311,6 +313,11 @@ def _accuracy(grid, records):
     if any(c != '-' for c in row):
       lines.append(f'| {_family_label(grid, family)} | ' + ' | '.join(row) + ' |')
   return lines + ['']
+
+
+def _present(runs, label) -> list[float]:
+  """The runs' accuracies on ``label`` where they have one."""
+  return [v for v in (records2.value(r, label) for r in runs) if v is not None]
 
 
 def _family_label(grid, family) -> str:
@@ -324,22 +331,25 @@ def _sweep(grid, records):
            '| setting | ' + ' | '.join(m for values in grid.TUNED.values() if values != grid.TUNED[
                'target_sft'] for m in values) + ' |',
            '|---|' + '---|' * sum(len(v) for f, v in grid.TUNED.items() if f != 'target_sft')]
+  rows = []
   for setting in grid.SETTINGS:
     cells = []
     for family, values in grid.TUNED.items():
       if family == 'target_sft':
         continue
       for method in values:
-        runs = [r for r in records2.runs(records, setting, method) if r['seed'] in grid.SELECTION_SEEDS]
-        valid = [records2.value(r, 'validation') for r in runs if records2.value(r, 'validation') is not None]
+        runs = [r for r in records2.runs(records, setting, method)
+                if r['seed'] in grid.SELECTION_SEEDS]
+        valid = [v for v in (records2.value(r, 'validation') for r in runs) if v is not None]
         text = (f'{100 * np.mean(valid):.1f} / {100 * np.mean([r["accuracy"] for r in runs]):.1f}'
                 if valid else '-')
-        cells.append(f'**{text}**' if method == records2.selected_method(grid, setting, family) else text)
+        selected = method == records2.selected_method(grid, setting, family)
+        cells.append(f'**{text}**' if selected else text)
     if any(c != '-' for c in cells):
-      lines.append(f'| {setting} | ' + ' | '.join(cells) + ' |')
-  if not lines[-1].startswith('| ') or lines[-1].startswith('|---'):
-    lines[-2:] = ['(none yet: the secondaries run after the primaries; see the budget above)']
-  return lines + ['']
+      rows.append(f'| {setting} | ' + ' | '.join(cells) + ' |')
+  if not rows:
+    return lines[:2] + ['None yet: the secondaries run last (see the budget above).', '']
+  return lines + rows + ['']
 
 
 def _eta(grid, records):
@@ -352,8 +362,9 @@ def _eta(grid, records):
   for setting in grid.SETTINGS:
     cells = []
     for method in ('dft',) + grid.TUNED['target_sft']:
-      runs = [r for r in records2.runs(records, setting, method) if r['seed'] in grid.SELECTION_SEEDS]
-      valid = [records2.value(r, 'validation') for r in runs if records2.value(r, 'validation') is not None]
+      runs = [r for r in records2.runs(records, setting, method)
+              if r['seed'] in grid.SELECTION_SEEDS]
+      valid = [v for v in (records2.value(r, 'validation') for r in runs) if v is not None]
       cells.append(f"val {_cell(valid)}; test {_cell([r['accuracy'] for r in runs])}"
                    if runs else '-')
     chosen = records2.selected_method(grid, setting, 'target_sft')
@@ -411,8 +422,7 @@ def _calibration_and_fit(grid, records):
           f"{mean([r['calibration']['held_out_nll'] for r in runs])} | "
           f"{mean([r['fit']['train_nll'] for r in runs])} | "
           f"{mean([c[0] for c in confidence], 2)} / {mean([c[1] for c in confidence], 2)} | "
-          f"{_cell([records2.value(r, 'harder') for r in runs if records2.value(r, 'harder') is not None])} | "
-          f"{_cell([records2.value(r, 'easier') for r in runs if records2.value(r, 'easier') is not None])} |")
+          f"{_cell(_present(runs, 'harder'))} | {_cell(_present(runs, 'easier'))} |")
   return lines + ['']
 
 

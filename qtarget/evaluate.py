@@ -234,6 +234,8 @@ def score(record: dict, extracted: str) -> float:
 def full_credit(score_value: float) -> bool:
   """Whether a :func:`score` is full credit: reasoning-gym also gives partial credit (0.5 for a
   sign error, for instance), which counts as wrong here."""
+  if isinstance(score_value, bool) or not isinstance(score_value, (int, float)):
+    raise TypeError(f'a score is a number, got {score_value!r}.')
   return score_value == 1.0
 
 
@@ -251,9 +253,10 @@ def read_predictions(path, fields=('question', 'score')) -> list[dict]:
     try:
       row = json.loads(line)
     except json.JSONDecodeError as error:
-      raise ValueError(f'{path}, line {number}: not JSON ({error.msg}).') from None
+      raise ValueError(f'{path}, line {number}, column {error.colno}: not JSON '
+                       f'({error.msg}).') from None
     if not isinstance(row, dict):
-      raise ValueError(f'{path}, line {number}: a prediction is a JSON object, got '
+      raise ValueError(f'{path}, line {number}: expected a JSON object, got '
                        f'{type(row).__name__}.')
     missing = [f for f in fields if f not in row]
     if missing:

@@ -321,16 +321,18 @@ def test_read_predictions_names_the_file_and_line_of_a_bad_prediction(tmp_path):
   rows = evaluate.read_predictions(path)  # the blank line is skipped
   assert [r['question'] for r in rows] == ['q0', 'q1']
   assert [evaluate.full_credit(r['score']) for r in rows] == [True, False]  # 0.5 is partial
+  with pytest.raises(TypeError, match="a score is a number, got '1.0'"):
+    evaluate.full_credit('1.0')
   path.write_text('{"question": "q0", "score": 1.0}\n{"question": "q1"}\n')
   with pytest.raises(ValueError, match=r'predictions.jsonl, line 2: the prediction has no '
                                        r'score \(it has question\)'):
     evaluate.read_predictions(path)
   assert evaluate.read_predictions(path, fields=('question',))[1] == {'question': 'q1'}
   path.write_text('{"question": "q0", "score": 1.0}\n{"question": \n')
-  with pytest.raises(ValueError, match='line 2: not JSON'):
+  with pytest.raises(ValueError, match='line 2, column 14: not JSON'):
     evaluate.read_predictions(path)
   path.write_text('[1, 2]\n')
-  with pytest.raises(ValueError, match='line 1: a prediction is a JSON object, got list'):
+  with pytest.raises(ValueError, match='line 1: expected a JSON object, got list'):
     evaluate.read_predictions(path)
   path.write_text('\n')
   with pytest.raises(ValueError, match='no predictions in the file'):

@@ -522,9 +522,6 @@ def test_report_counts_full_credit_and_lists_replaced_records(tmp_path):
   records2.with_full_credit(records)  # twice: the same
   entry = records['chain3_clean/sft/0']
   assert entry['accuracy'] == 0.5 and entry['scored']['test_greedy']['recorded_accuracy'] == 0.625
-  path.write_text(json.dumps({'question': 'q0'}) + '\n')  # a prediction without its score
-  with pytest.raises(ValueError, match='greedy.jsonl, line 1: the prediction has no score'):
-    records2.scores(records['chain3_clean/sft/0'])
   assert entry['scored']['harder'] == {'accuracy': 0.3}
   lines = tmp_path / 'runs.jsonl'
   lines.write_text(''.join(json.dumps(r) + '\n' for r in (
@@ -569,3 +566,69 @@ def test_answer_calibration_and_the_paired_eta_table(grid, tmp_path):
   assert ('| chain3_clean | - / -45.0 ± 127.1 (2) | -5.0 ± 0.0 (2) / -5.0 ± 0.0 (2) | '
           '+10.0 ± 63.5 (2) / +10.0 ± 63.5 (2) | 1 | 0.5 | 10.0 |') in table, table
   assert '| chain3 (pooled) | - / -45.0 ± 127.1 (2) |' in table
+
+
+def test_shared_record_helpers_cells_caches_and_degenerate_intervals(grid, tmp_path):
+  records2 = _experiments_module('records2')
+  # Interval cells: '-' for nothing, no interval for one value, a ratio's ends.
+  assert records2.interval_cell(float('nan'), float('nan'), 0) == '-'
+  assert records2.interval_cell(12.34, float('nan'), 1) == '12.3 (1)'
+  assert records2.interval_cell(-1.25, 2.5, 3, '{:+.1f}') == '-1.2 ± 2.5 (3)'
+  assert records2.interval_cell(1.2, (0.9, 1.6), 2, '{:.2f}') == '1.20 [0.90, 1.60] (2)'
+  # Per-seed differences over the seeds both have, in seed order; only the allowed seeds.
+  records = {f'chain3_clean/{m}/{s}': {'name': f'chain3_clean/{m}/{s}', 'seed': s,
+                                        'accuracy': a}
+             for m, values in (('target_sft_eta1', {0: 0.5, 1: 0.75, 3: 0.5}),
+                               ('sft', {0: 0.25, 1: 0.5, 2: 0.5})) for s, a in values.items()}
+  assert records2.seed_differences(records, 'chain3_clean', 'target_sft_eta1', 'sft') == [
+      0.25, 0.25]
+  assert records2.seed_differences(records, 'chain3_clean', 'target_sft_eta1', 'sft', (1,)) == [
+      0.25]
+  assert records2.zero_spread([0.25, 0.25]) and not records2.zero_spread([0.25])
+  assert records2.zero_spread([0.1 + 0.2, 0.3]) and not records2.zero_spread([0.25, 0.5])
+  # The weaker prior reads chain3_noisy's selection.
+  grid.selection_file.write_text(json.dumps({'chain3_noisy/target_sft': {
+      'selected': 'target_sft_eta1'}}))
+  assert records2.tuned_from('chain3_noisy_weak') == 'chain3_noisy'
+  assert records2.selected_method(grid, 'chain3_noisy_weak', 'target_sft') == 'target_sft_eta1'
+  assert records2.selected_method(grid, 'chain3_clean', 'target_sft') is None
+  # Answer confidences: read-only, and a rewritten file is read again.
+  path = tmp_path / 'greedy.jsonl'
+  record = {'scored': {'test_greedy': {'predictions': str(path)}}}
+  path.write_text(json.dumps({'question': 'q0', 'score': 1.0, 'confidence': 0.9}) + '\n')
+  confidence, right = records2.answer_confidences(record)
+  assert confidence.tolist() == [0.9] and right.tolist() == [1.0]
+  with pytest.raises(ValueError, match='read-only'):
+    confidence[0] = 0.1
+  path.write_text(''.join(json.dumps({'question': f'q{i}', 'score': s, 'confidence': c}) + '\n'
+                          for i, (s, c) in enumerate(((0.5, 0.8), (0.0, None), (1.0, 0.6)))))
+  confidence, right = records2.answer_confidences(record)
+  assert confidence.tolist() == [0.8, 0.6] and right.tolist() == [0.0, 1.0]  # 0.5 is partial
+  assert records2.answer_confidences({'scored': {}}) is None
+  path.write_text(json.dumps({'question': 'q0'}) + '\n')  # a prediction without its score
+  with pytest.raises(ValueError, match='greedy.jsonl, line 1: the prediction has no score'):
+    records2.scores({'scored': {'test_greedy': {'predictions': str(path)}}})
+
+
+def test_status_says_when_the_budget_is_spent_and_the_sweep_when_empty(grid):
+  report2 = _experiments_module('report2')
+  run = lambda name, hours: {'name': name, 'method': name.split('/')[1], 'accuracy': 0.5,
+                             'wall_seconds': 3600 * hours}
+  records = {n: run(n, 5) for n in ('chain3_clean/sft/0', 'chain3_clean/dft/0')}
+  replaced = [run('teacher/chain3', 1.5)]
+  text = '\n'.join(report2._status(grid, records, list(records), replaced))
+  assert 'The budget is spent' not in text  # 11.5 h: within the budget
+  records['chain3_clean/distill/0'] = run('chain3_clean/distill/0', 1)
+  text = '\n'.join(report2._status(grid, records, list(records), replaced))
+  assert ('**The budget is spent.** The 4 records of `runs.jsonl` (replaced teacher records '
+          'included; a run interrupted and restarted counts only its finished attempt) took '
+          "12.5 h of wall time, against the issue's about 12 h.") in text
+  sweep = report2._sweep(grid, records)
+  assert sweep[0].startswith('## The full sweep') and not any(l.startswith('|') for l in sweep)
+  assert 'None yet: the secondaries run last (see the budget above).' in sweep
+  records['chain3_clean/asft_lam0.05/0'] = {
+      **run('chain3_clean/asft_lam0.05/0', 0.1), 'seed': 0,
+      'scored': {'validation': {'accuracy': 0.4}}}
+  sweep = report2._sweep(grid, records)
+  rows = [l for l in sweep if l.startswith('| chain3_clean |')]
+  assert len(rows) == 1 and '40.0 / 50.0' in rows[0], sweep
