@@ -268,8 +268,9 @@ def select(records: dict, setting: str, tuned_family: str) -> dict | None:
 def run_plan(records: dict) -> list[str]:
   """Every run that can run now, in the pre-registered order: teachers and Base; the primaries
   of all six settings seed by seed (Target-SFT's three etas for seeds 0-1, the selected one
-  after); the secondaries setting by setting; the prior-quality axis last. Runs waiting for a
-  selection are left out until it exists."""
+  after); the prior-quality axis; the secondaries setting by setting, last (PREREGISTRATION
+  change 23 moved them after the prior-quality axis: they are the first cut once the budget is
+  spent). Runs waiting for a selection are left out until it exists."""
   plan = [f'teacher/{t}' for t in ('chain3', 'products2')] + [f'base/{t}' for t in TASKS]
   for seed in PRIMARY_SEEDS:
     for setting in MAIN_SETTINGS:
@@ -280,6 +281,12 @@ def run_plan(records: dict) -> list[str]:
         chosen = select(records, setting, 'target_sft')
         methods += [chosen['selected']] if chosen else []
       plan += [f'{setting}/{m}/{seed}' for m in methods]
+  plan.append('teacher/chain3_weak')
+  chosen = select(records, 'chain3_noisy', 'target_sft')  # the weak prior reuses its eta
+  for seed in PRIMARY_SEEDS:
+    plan.append(f'chain3_noisy_weak/distill/{seed}')
+    if chosen:
+      plan.append(f'chain3_noisy_weak/{chosen["selected"]}/{seed}')
   for setting in MAIN_SETTINGS:
     for tuned_family in ('label_smoothing', 'sft_kl', 'asft'):
       plan += [f'{setting}/{m}/{s}' for s in SELECTION_SEEDS for m in TUNED[tuned_family]]
@@ -287,10 +294,4 @@ def run_plan(records: dict) -> list[str]:
       if chosen:
         plan += [f'{setting}/{chosen["selected"]}/{s}' for s in SECONDARY_SEEDS
                  if s not in SELECTION_SEEDS]
-  plan.append('teacher/chain3_weak')
-  chosen = select(records, 'chain3_noisy', 'target_sft')  # the weak prior reuses its eta
-  for seed in PRIMARY_SEEDS:
-    plan.append(f'chain3_noisy_weak/distill/{seed}')
-    if chosen:
-      plan.append(f'chain3_noisy_weak/{chosen["selected"]}/{seed}')
   return plan
