@@ -142,7 +142,8 @@ def _children_cpu_seconds() -> float:
 
 
 def _annotate_predictions(source: pathlib.Path, target: pathlib.Path, **fields) -> list[dict]:
-  rows = [{**json.loads(line), **fields} for line in source.read_text().splitlines() if line]
+  from qtarget import evaluate  # pylint: disable=g-import-not-at-top
+  rows = [{**row, **fields} for row in evaluate.read_predictions(source, fields=())]
   target.parent.mkdir(parents=True, exist_ok=True)
   target.write_text(''.join(json.dumps(r) + '\n' for r in rows))
   return rows

@@ -10,6 +10,8 @@ import math
 import pathlib
 import re
 
+from qtarget import evaluate
+
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 ETA_METHODS = (('dft', 0.0),)  # DFT is Target-SFT at eta = 0
@@ -31,13 +33,12 @@ def _by(records, key_fn, value='accuracy'):
 
 
 def _prediction_rows(record) -> list[dict]:
-  return [json.loads(line) for line in
-          (stats.ROOT / record['predictions']).read_text().splitlines() if line]
+  return evaluate.read_predictions(stats.ROOT / record['predictions'], fields=('score',))
 
 
 def _exact_share(rows: list[dict]) -> float:
   """Fraction of a run's samples with a fully correct answer (score 1)."""
-  return sum(r['score'] == 1.0 for r in rows) / len(rows)
+  return sum(evaluate.full_credit(r['score']) for r in rows) / len(rows)
 
 
 _STEP = re.compile(r'^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$')
