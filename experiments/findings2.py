@@ -14,6 +14,7 @@ import scipy.stats
 
 import questions2  # pylint: disable=import-error  (experiments/questions2.py)
 import records2  # pylint: disable=import-error  (experiments/records2.py)
+import reproduce2  # pylint: disable=import-error  (experiments/reproduce2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 # name: (how a record gives it, how two records compare, how the cell is written).
@@ -287,6 +288,7 @@ def _summary(grid, records, planned) -> list[str]:
           'included; the paper expects it larger with noise. Noisy minus clean: '
           f'{100 * (np.mean(noisy) - np.mean(clean)):+.1f} points, {interval}.')
   lines += _question_bullets(grid, records)
+  lines += reproduce2.summary_line(records)
   missing = collections.Counter(_kind(n, grid) for n in planned if n not in records)
   unselected = [s for s in grid.SETTINGS
                 if records2.selected_method(grid, s, 'target_sft') is None]

@@ -16,6 +16,7 @@ import machines  # pylint: disable=import-error  (experiments/machines.py)
 import plots2  # pylint: disable=import-error  (experiments/plots2.py)
 import questions2  # pylint: disable=import-error  (experiments/questions2.py)
 import records2  # pylint: disable=import-error  (experiments/records2.py)
+import reproduce2  # pylint: disable=import-error  (experiments/reproduce2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 CORES = 2  # the grid machine's; CPU seconds / CORES is a run's wall time alone
@@ -77,6 +78,7 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
   lines += _calibration_and_fit(grid, records)
   lines += questions2.answer_calibration_table(grid, records)
   lines += findings2.details(grid, records)
+  lines += reproduce2.section(records, listed)
   figures = plots2.write(grid, records, output.parent)
   lines += ['## Plots', '', '`grid2_eta.png`: greedy accuracy against eta on validation and '
             'test (seeds 0-1, mean ± 95% half-width). `grid2_calibration.png`: reliability, '

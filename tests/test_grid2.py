@@ -632,3 +632,39 @@ def test_status_says_when_the_budget_is_spent_and_the_sweep_when_empty(grid):
   sweep = report2._sweep(grid, records)
   rows = [l for l in sweep if l.startswith('| chain3_clean |')]
   assert len(rows) == 1 and '40.0 / 50.0' in rows[0], sweep
+
+
+def test_reproductions_compare_split_by_split(tmp_path, monkeypatch):
+  reproduce2 = _experiments_module('reproduce2')
+  monkeypatch.setattr(reproduce2, 'DIRECTORY', str(tmp_path))
+
+  def record(name, outputs, scores, commit, finished, loss):
+    path = tmp_path / f'{commit}.jsonl'
+    path.write_text(''.join(json.dumps({'question': f'q{i}', 'output': o, 'score': s}) + '\n'
+                            for i, (o, s) in enumerate(zip(outputs, scores))))
+    return {'name': name, 'code': {'commit': commit}, 'finished': finished,
+            'final_metrics': {'loss': loss},
+            'scored': {'test_greedy': {'predictions': str(path)}, 'harder': {'accuracy': 0.1}}}
+
+  name = 'chain3_clean/sft/0'
+  original = record(name, ['1', '2', '3', '4'], [1.0, 0.5, 0.0, 1.0], 'aaaaaaa1', '2026-11-30',
+                    0.25)
+  again = record(name, ['1', '2', '5', '4'], [1.0, 1.0, 0.0, 1.0], 'bbbbbbb2', '2026-12-02', 0.5)
+  (tmp_path / 'runs.jsonl').write_text(json.dumps(again) + '\n' + json.dumps(
+      {**again, 'name': 'chain3_clean/dft/0'}) + '\n')  # the second has no grid record
+  listed = [{'since': '2026-11-01', 'cpu': 'cpu A'}, {'since': '2026-12-01', 'cpu': 'cpu B'}]
+  lines = reproduce2.section({name: original}, listed)
+  rows = [l for l in lines if l.startswith('| chain3')]
+  # Full credit 2 of 4 against 3 of 4 (0.5 is partial credit); answers 1, 2 and 4 the same text.
+  assert rows == ['| chain3_clean/sft/0 | test_greedy | `aaaaaaa`, cpu A | `bbbbbbb`, cpu B '
+                  '| 50.0 / 75.0 | 3 of 4 | 0.250000 / 0.500000 |']
+  assert reproduce2.summary_line({name: original}) == [
+      '- Machines: 1 recorded run(s) (chain3_clean/sft/0) trained again elsewhere (another '
+      'machine, teacher or commit: the section on runs trained again says which): the same '
+      'accuracy on 0 of 1 splits, 3 of 4 answers the same text.']
+  other = record(name, ['1', '2', '3'], [1.0, 1.0, 0.0], 'ccccccc3', '2026-12-02', 0.5)
+  with pytest.raises(ValueError, match='not scored on the same problems'):
+    reproduce2.compare(original, other)
+  monkeypatch.setattr(reproduce2, 'DIRECTORY', str(tmp_path / 'none'))
+  assert reproduce2.section({name: original}, listed) == []
+  assert reproduce2.summary_line({name: original}) == []
