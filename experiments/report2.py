@@ -380,7 +380,9 @@ def _cost(grid, records):
            'the same machine, then the geometric mean over the method\'s runs, in wall seconds / '
            'process CPU seconds (all threads, background checkpoint writes included), (n) runs. '
            'Wall time counts whatever else ran on the machine; CPU time counts it much less, but '
-           "XLA's thread pool and cache contention still move it.", '',
+           "XLA's thread pool and cache contention still move it. SFT's own row is a geometric "
+           'mean of ratios to an arithmetic mean, so it sits just below 1 where its runs differ. '
+           'The paired ratio (same seed, same machine) is in the open-questions section.', '',
            '| method | ' + ' | '.join(grid.SETTINGS) + ' |', '|---|' + '---|' * len(grid.SETTINGS)]
   for method in grid.METHODS:
     row = []

@@ -91,9 +91,10 @@ def section(records: dict, listed_machines: list[dict]) -> list[str]:
     where = lambda r: (f"`{(r.get('code') or {}).get('commit', 'unknown')[:7]}`, "
                        f"{machines.machine_of(r, listed_machines) or 'unlisted'}")
     loss = lambda r: (r.get('final_metrics') or {}).get('loss', float('nan'))
-    for split in compare(original, again):
+    for index, split in enumerate(compare(original, again)):
+      losses = f'{loss(original):.6f} / {loss(again):.6f}' if index == 0 else 'as above'
       lines.append(f"| {again['name']} | {split['label']} | {where(original)} | {where(again)} "
                    f"| {100 * split['original']:.1f} / {100 * split['again']:.1f} "
                    f"| {split['same_text']} of {split['answers']} "
-                   f'| {loss(original):.6f} / {loss(again):.6f} |')
+                   f'| {losses} |')
   return lines + ['']
