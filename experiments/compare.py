@@ -27,7 +27,6 @@ are those of the runs.
 import argparse
 import fnmatch
 import json
-import math
 import os
 import pathlib
 import resource

@@ -266,7 +266,7 @@ def write(grid, registry, output: pathlib.Path, args, expected_runs: list[str]) 
             'chain_sum it gives partial credit when the gold answer is a substring of the '
             "extracted one, e.g. 0.5 for '-4' against '4'):", '']
   lines += _table(grid, cells, base)
-  lines += ['', f'The same samples counted as right only when fully correct (score 1):', '']
+  lines += ['', 'The same samples counted as right only when fully correct (score 1):', '']
   lines += _table(grid, _by([r for r in records if r['setting']],
                             lambda r: (r['setting'], r['method']), 'exact'),
                   [r['exact'] for r in records if r['method'] == 'base'])

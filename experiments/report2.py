@@ -5,23 +5,19 @@ Everything is computed from ``results2/runs.jsonl`` and the prediction files it 
 """
 
 import collections
-import json
 import math
 import pathlib
 
 import numpy as np
 
 import findings2  # pylint: disable=import-error  (experiments/findings2.py; it imports this one)
+import ledger2  # pylint: disable=import-error  (experiments/ledger2.py)
 import machines  # pylint: disable=import-error  (experiments/machines.py)
 import plots2  # pylint: disable=import-error  (experiments/plots2.py)
 import questions2  # pylint: disable=import-error  (experiments/questions2.py)
 import records2  # pylint: disable=import-error  (experiments/records2.py)
 import reproduce2  # pylint: disable=import-error  (experiments/reproduce2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
-
-CORES = 2  # the grid machine's; CPU seconds / CORES is a run's wall time alone
-BUDGET_HOURS = 12  # issue 18: the whole grid within about 12 hours of machine time
-
 
 def _cell(values, scale=100.0, digits=1) -> str:
   """Mean ± 95% half-width over ``values`` (scaled, to points by default) and their count."""
@@ -65,8 +61,8 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
            'also gives partial credit, 0.5 for a sign error for instance; the accuracies '
            '`runs.jsonl` records, which `rescore` checks, average it in: see PREREGISTRATION '
            'change 22).', '']
-  replaced = _superseded(registry)
-  lines += _status(grid, records, planned, replaced)
+  replaced = ledger2.superseded(registry)
+  lines += ledger2.status(grid, records, planned, replaced)
   lines += _verdicts(grid, records)
   lines += findings2.summary(grid, records, planned)
   lines += _power(grid, records)
@@ -88,98 +84,9 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
             "chain3's and products2's accuracies.", ''] + [
                 f'![{f}]({f})' for f in figures] + ([''] if figures else [
       '(none yet: no run of the sweep or with calibration bins is recorded)', ''])
-  lines += _run_table(records, replaced)
+  lines += ledger2.run_table(records, replaced)
   output.write_text('\n'.join(lines) + '\n')
   print(f'wrote {output}')
-
-
-def _superseded(registry) -> list[dict]:
-  """The records of runs.jsonl that a later line of the same name replaced."""
-  path = getattr(registry, 'path', None)
-  if path is None or not path.exists():
-    return []
-  lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  last = {r['name']: i for i, r in enumerate(lines)}
-  return [r for i, r in enumerate(lines) if last[r['name']] != i]
-
-
-def _status(grid, records, planned, replaced=()):
-  missing = [n for n in planned if n not in records]
-  trained = [r for r in records.values() if r['method'] not in ('base', 'teacher')]
-  lines = ['## Status and budget', '',
-           f'{len(planned) - len(missing)} of the {len(planned)} runs planned so far are '
-           'recorded (runs waiting for a selection are added when it is made; '
-           '`python experiments/compare.py run --config configs/compare2_smollm2.py` resumes).']
-  if trained:
-    # Medians, by what a run measures (validation or not): a run that shared the machine or was
-    # paused inflates a mean. Only chain3 has run so far where products2 has no trained run: its
-    # runs generate twice the tokens, so the estimate is low until they are measured.
-    validated = lambda name: grid.measurements(name)['validation']
-    walls = {True: [], False: []}
-    cpus = {True: [], False: []}
-    # The rates of the machine the grid runs on now, once it has a few runs (machines differ).
-    current = max(trained, key=lambda r: r.get('finished') or '').get('machine')
-    on_current = [r for r in trained if r.get('machine') == current]
-    timed = on_current if current and len(on_current) >= 3 else trained
-    for r in timed:
-      walls[validated(r['name'])].append(r['wall_seconds'])
-      if r.get('cpu_seconds'):
-        cpus[validated(r['name'])].append(r['cpu_seconds'])
-    median = lambda xs: float(np.median(xs)) if xs else None
-    rate = lambda v: median(walls[v]) or median(walls[not v])
-    shown = lambda xs: f'{median(xs):.0f} s ({len(xs)} runs)' if xs else 'none yet'
-    left = sum(rate(validated(n)) for n in missing if n.count('/') == 2)
-    families = sorted({grid.task_family_of(r['name']) for r in trained})
-    unmeasured = sorted(set(grid.TASKS) - set(families))
-    lines += ['', 'Measured wall time per run (training, export and measurement), median' + (
-        f' on {current}, the machine the latest runs ran on' if timed is on_current else '') +
-              ': '
-              f'{shown(walls[True])} for runs measured on validation too (pre-registered '
-              f'estimate 330 s), {shown(walls[False])} for the others (estimate 260 s; '
-              'PREREGISTRATION change 11 found the first runs on the first machine about twice '
-              'the estimates); CPU '
-              f'seconds, recorded from PREREGISTRATION change 14 on: {shown(cpus[True])} and '
-              f'{shown(cpus[False])}. At these rates the {len(missing)} planned runs still to go '
-              f'need about {left / 3600:.1f} h' + (
-                  f' (no run of {", ".join(unmeasured)} is trained yet; products2 generates up '
-                  'to twice the tokens of chain3, so this is low)' if unmeasured else '') + '.']
-    if cpus[True] or cpus[False]:
-      # Pauses and other work inflate wall time; a run alone keeps both cores busy, so its CPU
-      # seconds over 2 approximate its wall time alone.
-      cpu_rate = lambda v: (median(cpus[v]) or median(cpus[not v])) / CORES
-      cpu_left = sum(cpu_rate(validated(n)) for n in missing if n.count('/') == 2)
-      lines += ['', f'At the CPU-second rates instead (CPU seconds / {CORES}, this machine\'s '
-                f'cores: a run alone keeps both busy), the runs still to go need about '
-                f'{cpu_left / 3600:.1f} h; measurement became about 2x faster with '
-                'PREREGISTRATION change 15 (the runs from chain3_multi/sft/0 on).']
-  lines += ['', 'Pre-registered estimate (`PREREGISTRATION.md`, before any run): about 249 runs, '
-            '20.5 h of this machine in all, 11.9 h for the teachers, Base and the primaries of '
-            f'the six settings, which run first; over the issue\'s {BUDGET_HOURS} h the '
-            'secondaries and the prior-quality axis are cut first. Whatever has not run is '
-            'reported as not run.']
-  attempts = list(records.values()) + list(replaced)
-  spent = sum(r.get('wall_seconds') or 0 for r in attempts) / 3600
-  if spent > BUDGET_HOURS:
-    lines += ['', f'**The budget is spent.** The {len(attempts)} records of `runs.jsonl` '
-              f'(replaced teacher records included; a run interrupted and restarted counts only '
-              f'its finished attempt) took {spent:.1f} h of wall time, against the issue\'s '
-              f'about {BUDGET_HOURS} h. As PREREGISTRATION change 23 records, the primaries run '
-              'to all their seeds (never cut), then the prior-quality axis, and the '
-              'secondaries, the first cut, last; whether to spend the machine time the last two '
-              'need is the planners\' decision.']
-  teachers = [r for n, r in sorted(records.items()) if n.startswith('teacher/')]
-  if teachers:
-    lines += ['', 'Teachers (the priors), greedy test accuracy: ' + ', '.join(
-        f"`{r['name']}` {100 * r['accuracy']:.1f}%" for r in teachers) + '.']
-  codes = collections.Counter((r.get('code') or {}).get('commit') for r in records.values())
-  lines += ['', 'Code versions: ' + ', '.join(
-      f'`{(c or "unknown")[:10]}` ({n} runs)' for c, n in codes.most_common()) + '.']
-  hosts = collections.Counter(r.get('machine') for r in records.values())
-  if any(hosts):
-    lines += ['', 'Machines (`results2/machines.jsonl`; step times are compared only between '
-              'runs on the same one): ' + ', '.join(
-                  f'{m or "unlisted"} ({n} runs)' for m, n in hosts.most_common()) + '.']
-  return lines + ['']
 
 
 def _verdict_table(grid, records, seeds_allowed=None):
@@ -235,8 +142,9 @@ def _verdicts(grid, records):
             'added seeds were trained after the selection and carry no such bias. They also '
             'ran later, on other machines and with retrained teachers (whose greedy test '
             'answers are the same text; PREREGISTRATION changes 21 and 23; the Runs table names '
-            'each run\'s machine), so a difference between the two tables can come from either; '
-            'no analysis here separates them.', '',
+            'each run\'s machine), so a difference between the two tables can come from either. '
+            'The runs trained again on another machine (a section near the end) measure the '
+            'machine and teacher part for the runs they repeat.', '',
             *table, '']
   return lines
 
@@ -428,34 +336,3 @@ def _calibration_and_fit(grid, records):
           f"{mean([c[0] for c in confidence], 2)} / {mean([c[1] for c in confidence], 2)} | "
           f"{_cell(_present(runs, 'harder'))} | {_cell(_present(runs, 'easier'))} |")
   return lines + ['']
-
-
-def _run_table(records, superseded=()):
-  lines = ['## Runs', '', 'Greedy test accuracy with full credit only (the metric above) and as '
-           '`runs.jsonl` records it (partial credit averaged in; what `compare.py rescore` '
-           'checks); the machine is the CPU model of `results2/machines.jsonl`.', '',
-           '| run | greedy test | recorded | wall s | step s (CPU s) | machine | commit | command |',
-           '|---|---|---|---|---|---|---|---|']
-  for name, r in sorted(records.items()):
-    code = r.get('code') or {}
-    commit = (code.get('commit') or '?')[:10] + (' (dirty)' if code.get('dirty') else '')
-    step = (f"{r['mean_step_seconds']:.2f} ({r.get('mean_step_cpu_seconds') or math.nan:.2f})"
-            if r.get('mean_step_seconds') else '-')
-    recorded = (r.get('scored') or {}).get('test_greedy', {}).get('recorded_accuracy',
-                                                                  r['accuracy'])
-    machine = (r.get('machine') or '-').split(',')[0]
-    lines.append(f"| {name} | {100 * r['accuracy']:.1f} | {100 * recorded:.1f} | "
-                 f"{r['wall_seconds']:.0f} | {step} | {machine} | {commit} | `{r['command']}` |")
-  if superseded:
-    lines += ['', 'Records a later record of the same name replaced (a teacher trained again on '
-              'a machine without its export: PREREGISTRATION change 21); the runs recorded '
-              'before the replacement used these as their prior. Their prediction files were '
-              'overwritten by the replacement\'s.', '',
-              '| run | recorded greedy test | finished | commit | final training loss |',
-              '|---|---|---|---|---|']
-    for r in superseded:
-      loss = (r.get('final_metrics') or {}).get('loss')
-      lines.append(f"| {r['name']} | {100 * r['accuracy']:.1f} | {r.get('finished', '-')} | "
-                   f"{((r.get('code') or {}).get('commit') or '?')[:10]} | "
-                   f"{'-' if loss is None else f'{loss:.6f}'} |")
-  return lines

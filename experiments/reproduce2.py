@@ -13,7 +13,6 @@ accuracy, how many answers are the same text, and the final training loss.
 """
 
 import json
-import pathlib
 
 from qtarget import evaluate
 

@@ -12,7 +12,6 @@ skipped, so the script resumes.
 import argparse
 import json
 import pathlib
-import time
 
 import tensorflow_datasets as tfds
 

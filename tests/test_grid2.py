@@ -467,7 +467,7 @@ def test_answer_reliability_pools_runs_into_confidence_deciles(tmp_path):
 
 
 def test_budget_rates_come_from_the_machine_the_grid_runs_on_now(grid):
-  report2 = _experiments_module('report2')
+  ledger2 = _experiments_module('ledger2')
   records = {}
   for seed, (machine, wall, finished) in enumerate((('A', 1000.0, '2026-01-01 10:00'),
                                                     ('B', 100.0, '2026-01-02 10:00'),
@@ -476,11 +476,11 @@ def test_budget_rates_come_from_the_machine_the_grid_runs_on_now(grid):
     name = f'chain3_clean/sft/{seed}'
     records[name] = {'name': name, 'method': 'sft', 'seed': seed, 'wall_seconds': wall,
                      'machine': machine, 'finished': finished, 'accuracy': 0.5}
-  text = '\n'.join(report2._status(grid, records, list(records) + ['chain3_clean/sft/9']))
+  text = '\n'.join(ledger2.status(grid, records, list(records) + ['chain3_clean/sft/9']))
   assert 'median on B, the machine the latest runs ran on' in text
   assert '100 s (3 runs) for the others' in text  # A's 1000 s left out
   del records['chain3_clean/sft/3']  # two runs on B: too few, every machine's runs count
-  text = '\n'.join(report2._status(grid, records, list(records)))
+  text = '\n'.join(ledger2.status(grid, records, list(records)))
   assert 'the machine the latest runs ran on' not in text and '(3 runs) for the others' in text
 
 
@@ -511,7 +511,7 @@ def test_pooled_over_settings_by_pairs_and_by_setting_means(grid):
 
 def test_report_counts_full_credit_and_lists_replaced_records(tmp_path):
   records2 = _experiments_module('records2')
-  report2 = _experiments_module('report2')
+  ledger2 = _experiments_module('ledger2')
   path = tmp_path / 'greedy.jsonl'
   path.write_text(''.join(json.dumps({'question': f'q{i}', 'score': s}) + '\n'
                           for i, s in enumerate((1.0, 0.5, 0.0, 1.0))))
@@ -527,9 +527,9 @@ def test_report_counts_full_credit_and_lists_replaced_records(tmp_path):
   lines.write_text(''.join(json.dumps(r) + '\n' for r in (
       {'name': 'teacher/chain3', 'accuracy': 0.9}, {'name': 'base/chain3', 'accuracy': 0.1},
       {'name': 'teacher/chain3', 'accuracy': 0.91})))
-  replaced = report2._superseded(types.SimpleNamespace(path=lines))
+  replaced = ledger2.superseded(types.SimpleNamespace(path=lines))
   assert replaced == [{'name': 'teacher/chain3', 'accuracy': 0.9}]
-  assert report2._superseded(types.SimpleNamespace(records=dict)) == []
+  assert ledger2.superseded(types.SimpleNamespace(records=dict)) == []
 
 
 def test_answer_calibration_and_the_paired_eta_table(grid, tmp_path):
@@ -611,15 +611,16 @@ def test_shared_record_helpers_cells_caches_and_degenerate_intervals(grid, tmp_p
 
 
 def test_status_says_when_the_budget_is_spent_and_the_sweep_when_empty(grid):
+  ledger2 = _experiments_module('ledger2')
   report2 = _experiments_module('report2')
   run = lambda name, hours: {'name': name, 'method': name.split('/')[1], 'accuracy': 0.5,
                              'wall_seconds': 3600 * hours}
   records = {n: run(n, 5) for n in ('chain3_clean/sft/0', 'chain3_clean/dft/0')}
   replaced = [run('teacher/chain3', 1.5)]
-  text = '\n'.join(report2._status(grid, records, list(records), replaced))
+  text = '\n'.join(ledger2.status(grid, records, list(records), replaced))
   assert 'The budget is spent' not in text  # 11.5 h: within the budget
   records['chain3_clean/distill/0'] = run('chain3_clean/distill/0', 1)
-  text = '\n'.join(report2._status(grid, records, list(records), replaced))
+  text = '\n'.join(ledger2.status(grid, records, list(records), replaced))
   assert ('**The budget is spent.** The 4 records of `runs.jsonl` (replaced teacher records '
           'included; a run interrupted and restarted counts only its finished attempt) took '
           "12.5 h of wall time, against the issue's about 12 h.") in text
