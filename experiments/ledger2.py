@@ -5,6 +5,7 @@ against the issue's budget, the code versions and machines, and the table of eve
 import collections
 import json
 import math
+import re
 
 import numpy as np
 
@@ -114,7 +115,7 @@ def run_table(records, superseded=()):
             if r.get('mean_step_seconds') else '-')
     recorded = (r.get('scored') or {}).get('test_greedy', {}).get('recorded_accuracy',
                                                                   r['accuracy'])
-    machine = (r.get('machine') or '-').split(',')[0]
+    machine = re.sub(r', \d+ cores', '', r.get('machine') or '-')  # the model and extensions
     lines.append(f"| {name} | {100 * r['accuracy']:.1f} | {100 * recorded:.1f} | "
                  f"{r['wall_seconds']:.0f} | {step} | {machine} | {commit} | `{r['command']}` |")
   if superseded:

@@ -74,7 +74,7 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
   lines += _calibration_and_fit(grid, records)
   lines += questions2.answer_calibration_table(grid, records)
   lines += findings2.details(grid, records)
-  lines += reproduce2.section(records, listed)
+  lines += reproduce2.section(records)
   figures = plots2.write(grid, records, output.parent)
   lines += ['## Plots', '', '`grid2_eta.png`: greedy accuracy against eta on validation and '
             'test (seeds 0-1, mean ± 95% half-width). `grid2_calibration.png`: reliability, '

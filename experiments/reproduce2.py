@@ -7,16 +7,25 @@ results directory holding the grid's teacher records (and their exports, linked)
     python experiments/compare.py run --config configs/compare2_smollm2.py \\
         --results_dir experiments/results_machine_check --only 'chain3_clean/sft/0'
 
-Its records and prediction files are then kept in ``results2_reproduced/`` (the records'
-``predictions`` paths pointing there), which the report compares split by split: full-credit
-accuracy, how many answers are the same text, and the final training loss.
+and kept, on the machine that ran it, with
+
+    python experiments/reproduce2.py --keep WORKTREE/experiments/results_machine_check
+
+which copies its records (teachers left out) and prediction files into ``results2_reproduced/``,
+pointing the records' ``predictions`` there and naming this machine in ``machine``. The report
+compares each split by split: full-credit accuracy, the answers that are the same text and those
+whose credit changed, and the final training loss.
 """
 
+import argparse
 import json
+import pathlib
+import shutil
 
 from qtarget import evaluate
 
 import machines  # pylint: disable=import-error  (experiments/machines.py)
+
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 DIRECTORY = 'experiments/results2_reproduced'
@@ -27,49 +36,80 @@ def _rows(entry) -> list[dict]:
                                    fields=('question', 'output', 'score'))
 
 
+def _predicted(record) -> dict:
+  return {label: entry for label, entry in (record.get('scored') or {}).items()
+          if 'predictions' in entry}
+
+
 def compare(original: dict, again: dict) -> list[dict]:
-  """Per split both scored: full-credit accuracy of each, and the answers that are the same
-  text (the same problems in the same order, or an error)."""
+  """Per split either side scored: full-credit accuracy of each, the answers that are the same
+  text, and the answers whose full credit changed each way; a split only one side has, or
+  scored on other problems, is listed with the reason (``problem``)."""
+  ours_by, theirs_by = _predicted(original), _predicted(again)
   splits = []
-  for label, entry in (original.get('scored') or {}).items():
-    other = (again.get('scored') or {}).get(label)
-    if 'predictions' not in entry or not other or 'predictions' not in other:
+  for label in list(ours_by) + [l for l in theirs_by if l not in ours_by]:
+    if label not in ours_by or label not in theirs_by:
+      side = 'the original' if label in ours_by else 'the reproduction'
+      splits.append({'label': label, 'problem': f'only {side} has it'})
       continue
-    ours, theirs = _rows(entry), _rows(other)
+    ours, theirs = _rows(ours_by[label]), _rows(theirs_by[label])
     if [r['question'] for r in ours] != [r['question'] for r in theirs]:
-      raise ValueError(f'{original["name"]} {label}: the reproduction was not scored on the '
-                       'same problems in the same order.')
-    share = lambda rows: sum(evaluate.full_credit(r['score']) for r in rows) / len(rows)
-    splits.append({'label': label, 'answers': len(ours), 'original': share(ours),
-                   'again': share(theirs),
-                   'same_text': sum(a['output'] == b['output'] for a, b in zip(ours, theirs))})
+      splits.append({'label': label, 'problem': 'not scored on the same problems in the same '
+                                                'order'})
+      continue
+    right = lambda rows: [evaluate.full_credit(r['score']) for r in rows]
+    before, after = right(ours), right(theirs)
+    splits.append({'label': label, 'answers': len(ours), 'original': sum(before) / len(ours),
+                   'again': sum(after) / len(theirs),
+                   'same_text': sum(a['output'] == b['output'] for a, b in zip(ours, theirs)),
+                   'now_right': sum(a < b for a, b in zip(before, after)),
+                   'now_wrong': sum(a > b for a, b in zip(before, after))})
   return splits
 
 
 def _kept() -> list[dict]:
+  """The reproductions, the last of each name."""
   path = stats.ROOT / DIRECTORY / 'runs.jsonl'
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  kept = {}
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    if line.strip():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as error:
+        raise ValueError(f'{path}, line {number}: not JSON ({error.msg}).') from None
+      kept[record['name']] = record
+  return list(kept.values())
+
+
+def _prior(record) -> str:
+  prior = (record.get('config') or {}).get('prior') or {}
+  if prior.get('source') == 'hf' and '/teacher/' in prior.get('path', ''):
+    return 'teacher/' + prior['path'].split('/teacher/')[1].split('/')[0]
+  return 'none'
 
 
 def summary_line(records: dict) -> list[str]:
-  """One bullet for the report's summary: how much the reproductions agree; nothing without
-  any."""
-  pairs = [(records[r['name']], r) for r in _kept() if r['name'] in records]
-  splits = [s for original, again in pairs for s in compare(original, again)]
-  if not splits:
+  """One bullet for the report's summary, a clause per reproduced run; nothing without any."""
+  clauses = []
+  for again in _kept():
+    original = records.get(again['name'])
+    if original is None:
+      continue
+    splits = [s for s in compare(original, again) if 'problem' not in s]
+    answers = sum(s['answers'] for s in splits)
+    clauses.append(
+        f"{again['name']} (prior: {_prior(again)}): {sum(s['same_text'] for s in splits)} of "
+        f"{answers} answers the same text over {len(splits)} splits, full credit changed on "
+        f"{sum(s['now_right'] + s['now_wrong'] for s in splits)}")
+  if not clauses:
     return []
-  same = sum(s['original'] == s['again'] for s in splits)
-  texts = sum(s['same_text'] for s in splits)
-  answers = sum(s['answers'] for s in splits)
-  return [f'- Machines: {len(pairs)} recorded run(s) ({", ".join(o["name"] for o, _ in pairs)}) '
-          'trained again elsewhere (another machine, teacher or commit: the section on runs '
-          f'trained again says which): the same accuracy on {same} of {len(splits)} splits, '
-          f'{texts} of {answers} answers the same text.']
+  return ['- Runs trained again elsewhere (another machine, its retrained teacher and a later '
+          'commit together; the section near the end): ' + '; '.join(clauses) + '.']
 
 
-def section(records: dict, listed_machines: list[dict]) -> list[str]:
+def section(records: dict) -> list[str]:
   """The report's section on reproductions; nothing when none is kept."""
   kept = _kept()
   if not kept:
@@ -77,23 +117,77 @@ def section(records: dict, listed_machines: list[dict]) -> list[str]:
   lines = ['## Runs trained again on another machine (a check, not grid runs)', '',
            f'Recorded runs trained again from a clean worktree (`{DIRECTORY}/`), each beside the '
            "grid's record of the same run, split by split: greedy accuracy with full credit, "
-           'the answers that are the same text, and the final training loss. Where they agree, '
-           'the machine, the retrained teacher and the code between the two commits did not '
-           'change what the run answers.', '',
-           '| run | split | original: commit, machine | again: commit, machine | accuracy '
-           '(original / again) | same answer text | final loss (original / again) |',
-           '|---|---|---|---|---|---|---|']
+           'the answers that are the same text and those whose full credit changed (now right '
+           '/ now wrong), and the final training loss. Each pair differs in the machine, in the '
+           'commit (the code between them changed, generation included), and for a run with '
+           'a teacher prior in the teacher, trained again on each '
+           'machine (PREREGISTRATION changes 21 and 23): the check cannot tell these apart. '
+           'The machine is the one each record names, else unknown.', '',
+           '| run | prior | split | original: commit, machine | again: commit, machine '
+           '| accuracy (original / again) | same answer text | credit changed (now right / now '
+           'wrong) | final loss (original / again) |', '|---|---|---|---|---|---|---|---|---|']
+  missing = []
   for again in kept:
     original = records.get(again['name'])
     if original is None:
+      missing.append(again['name'])
       continue
-    where = lambda r: (f"`{(r.get('code') or {}).get('commit', 'unknown')[:7]}`, "
-                       f"{machines.machine_of(r, listed_machines) or 'unlisted'}")
+    where = lambda r: (f"`{((r.get('code') or {}).get('commit') or 'unknown')[:7]}`, "
+                       f"{r.get('machine') or 'unknown'}")
     loss = lambda r: (r.get('final_metrics') or {}).get('loss', float('nan'))
     for index, split in enumerate(compare(original, again)):
       losses = f'{loss(original):.6f} / {loss(again):.6f}' if index == 0 else 'as above'
-      lines.append(f"| {again['name']} | {split['label']} | {where(original)} | {where(again)} "
+      head = f"| {again['name']} | {_prior(again)} | {split['label']} "
+      if 'problem' in split:
+        lines.append(head + f"| {where(original)} | {where(again)} | not comparable: "
+                     f"{split['problem']} | - | - | {losses} |")
+        continue
+      lines.append(head + f"| {where(original)} | {where(again)} "
                    f"| {100 * split['original']:.1f} / {100 * split['again']:.1f} "
                    f"| {split['same_text']} of {split['answers']} "
-                   f'| {losses} |')
+                   f"| {split['now_right']} / {split['now_wrong']} | {losses} |")
+  if len(lines) == 6:
+    lines = lines[:4]
+  if missing:
+    lines += ['', 'Kept but not in the grid\'s records, so not compared: ' + ', '.join(missing)
+              + '.']
   return lines + ['']
+
+
+def keep(source: pathlib.Path) -> list[str]:
+  """Copies ``source``'s non-teacher records and their prediction files into DIRECTORY (a
+  record of the same name there is replaced), naming this machine; returns the names."""
+  target = stats.ROOT / DIRECTORY
+  (target / 'predictions').mkdir(parents=True, exist_ok=True)
+  previous = {r['name']: r for r in _kept()}
+  relative = source.relative_to(source.parents[1])  # experiments/<results dir>
+  added = []
+  for line in (source / 'runs.jsonl').read_text().splitlines():
+    record = json.loads(line) if line.strip() else None
+    if record is None or record['name'].startswith('teacher/'):
+      continue
+    for entry in (record.get('scored') or {}).values():
+      if 'predictions' in entry:
+        name = pathlib.Path(entry['predictions']).name
+        shutil.copy(source / 'predictions' / name, target / 'predictions' / name)
+        entry['predictions'] = f'{DIRECTORY}/predictions/{name}'
+    record['predictions'] = str(record.get('predictions', '')).replace(str(relative), DIRECTORY)
+    record['machine'] = machines.describe()
+    previous[record['name']] = record
+    added.append(record['name'])
+  (target / 'runs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in previous.values()))
+  return added
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--keep', type=pathlib.Path, required=True,
+                      help="a reproduction's results directory (with runs.jsonl and predictions/)")
+  args = parser.parse_args()
+  if not (args.keep / 'runs.jsonl').exists():
+    raise SystemExit(f'{args.keep}: no runs.jsonl here, not a results directory.')
+  print(f"kept in {DIRECTORY}: {', '.join(keep(args.keep.resolve())) or 'nothing'}")
+
+
+if __name__ == '__main__':
+  main()

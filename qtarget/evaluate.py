@@ -12,6 +12,7 @@ by reasoning-gym's ``score_answer`` for reasoning-gym tasks, or by MATH-style eq
 import dataclasses
 import functools
 import json
+import numbers
 import pathlib
 import time
 
@@ -234,7 +235,7 @@ def score(record: dict, extracted: str) -> float:
 def full_credit(score_value: float) -> bool:
   """Whether a :func:`score` is full credit: reasoning-gym also gives partial credit (0.5 for a
   sign error, for instance), which counts as wrong here."""
-  if isinstance(score_value, bool) or not isinstance(score_value, (int, float)):
+  if isinstance(score_value, bool) or not isinstance(score_value, numbers.Real):
     raise TypeError(f'a score is a number, got {score_value!r}.')
   return score_value == 1.0
 

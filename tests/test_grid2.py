@@ -639,33 +639,97 @@ def test_reproductions_compare_split_by_split(tmp_path, monkeypatch):
   reproduce2 = _experiments_module('reproduce2')
   monkeypatch.setattr(reproduce2, 'DIRECTORY', str(tmp_path))
 
-  def record(name, outputs, scores, commit, finished, loss):
-    path = tmp_path / f'{commit}.jsonl'
-    path.write_text(''.join(json.dumps({'question': f'q{i}', 'output': o, 'score': s}) + '\n'
-                            for i, (o, s) in enumerate(zip(outputs, scores))))
-    return {'name': name, 'code': {'commit': commit}, 'finished': finished,
-            'final_metrics': {'loss': loss},
-            'scored': {'test_greedy': {'predictions': str(path)}, 'harder': {'accuracy': 0.1}}}
+  def record(name, splits, commit, machine, loss, prior=''):
+    scored = {}
+    for label, (outputs, scores) in splits.items():
+      path = tmp_path / f'{commit}_{label}.jsonl'
+      path.write_text(''.join(json.dumps({'question': f'q{i}', 'output': o, 'score': s}) + '\n'
+                              for i, (o, s) in enumerate(zip(outputs, scores))))
+      scored[label] = {'predictions': str(path)}
+    return {'name': name, 'code': {'commit': commit}, 'machine': machine,
+            'final_metrics': {'loss': loss}, 'scored': {**scored, 'harder': {'accuracy': 0.1}},
+            'config': {'prior': {'source': 'hf' if prior else 'initial',
+                                 'path': f'experiments/runs2/teacher/{prior}/hf' if prior else ''}}}
 
-  name = 'chain3_clean/sft/0'
-  original = record(name, ['1', '2', '3', '4'], [1.0, 0.5, 0.0, 1.0], 'aaaaaaa1', '2026-11-30',
-                    0.25)
-  again = record(name, ['1', '2', '5', '4'], [1.0, 1.0, 0.0, 1.0], 'bbbbbbb2', '2026-12-02', 0.5)
-  (tmp_path / 'runs.jsonl').write_text(json.dumps(again) + '\n' + json.dumps(
-      {**again, 'name': 'chain3_clean/dft/0'}) + '\n')  # the second has no grid record
-  listed = [{'since': '2026-11-01', 'cpu': 'cpu A'}, {'since': '2026-12-01', 'cpu': 'cpu B'}]
-  lines = reproduce2.section({name: original}, listed)
+  name = 'chain3_clean/target_sft_eta1/0'
+  # Test: full credit 2 of 4 both times (0.5 is partial credit), yet q1 became right and q2
+  # wrong; q0, q3 the same text. Validation only in the original, easier only in the reproduction.
+  original = record(name, {'test_greedy': (['1', '2', '3', '4'], [1.0, 0.5, 1.0, 0.0]),
+                           'validation': (['1'], [1.0])}, 'aaaaaaa1', 'cpu A', 0.25, 'chain3')
+  again = record(name, {'test_greedy': (['1', '7', '8', '4'], [1.0, 1.0, 0.0, 0.0]),
+                        'easier': (['1'], [1.0])}, 'bbbbbbb2', 'cpu B', 0.5, 'chain3')
+  (tmp_path / 'runs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in (
+      {**again, 'final_metrics': {'loss': 9.0}}, again,  # the last of a name counts
+      {**again, 'name': 'chain3_clean/dft/0'})))  # no grid record
+  lines = reproduce2.section({name: original})
   rows = [l for l in lines if l.startswith('| chain3')]
-  # Full credit 2 of 4 against 3 of 4 (0.5 is partial credit); answers 1, 2 and 4 the same text.
-  assert rows == ['| chain3_clean/sft/0 | test_greedy | `aaaaaaa`, cpu A | `bbbbbbb`, cpu B '
-                  '| 50.0 / 75.0 | 3 of 4 | 0.250000 / 0.500000 |']
+  assert rows == [
+      f'| {name} | teacher/chain3 | test_greedy | `aaaaaaa`, cpu A | `bbbbbbb`, cpu B '
+      '| 50.0 / 50.0 | 2 of 4 | 1 / 1 | 0.250000 / 0.500000 |',
+      f'| {name} | teacher/chain3 | validation | `aaaaaaa`, cpu A | `bbbbbbb`, cpu B '
+      '| not comparable: only the original has it | - | - | as above |',
+      f'| {name} | teacher/chain3 | easier | `aaaaaaa`, cpu A | `bbbbbbb`, cpu B '
+      '| not comparable: only the reproduction has it | - | - | as above |']
+  assert lines[-2] == ("Kept but not in the grid's records, so not compared: "
+                       'chain3_clean/dft/0.')
   assert reproduce2.summary_line({name: original}) == [
-      '- Machines: 1 recorded run(s) (chain3_clean/sft/0) trained again elsewhere (another '
-      'machine, teacher or commit: the section on runs trained again says which): the same '
-      'accuracy on 0 of 1 splits, 3 of 4 answers the same text.']
-  other = record(name, ['1', '2', '3'], [1.0, 1.0, 0.0], 'ccccccc3', '2026-12-02', 0.5)
-  with pytest.raises(ValueError, match='not scored on the same problems'):
-    reproduce2.compare(original, other)
+      '- Runs trained again elsewhere (another machine, its retrained teacher and a later '
+      f'commit together; the section near the end): {name} (prior: teacher/chain3): 2 of 4 '
+      'answers the same text over 1 splits, full credit changed on 2.']
+  other = record(name, {'test_greedy': (['1', '2', '3'], [1.0, 1.0, 0.0])}, 'ccccccc3', None, 0.5)
+  assert reproduce2.compare(original, other)[0] == {
+      'label': 'test_greedy', 'problem': 'not scored on the same problems in the same order'}
+  # Nothing kept: no section, no bullet; nothing comparable: no empty table.
+  (tmp_path / 'runs.jsonl').write_text(json.dumps({**again, 'name': 'chain3_clean/dft/0'}) + '\n')
+  lines = reproduce2.section({name: original})
+  assert not any(l.startswith('|') for l in lines) and 'chain3_clean/dft/0' in lines[-2]
   monkeypatch.setattr(reproduce2, 'DIRECTORY', str(tmp_path / 'none'))
-  assert reproduce2.section({name: original}, listed) == []
+  assert reproduce2.section({name: original}) == []
   assert reproduce2.summary_line({name: original}) == []
+
+
+def test_keep_copies_a_reproduction_and_names_the_machine(tmp_path, monkeypatch):
+  reproduce2 = _experiments_module('reproduce2')
+  monkeypatch.setattr(reproduce2, 'DIRECTORY', str(tmp_path / 'kept'))
+  source = tmp_path / 'tree' / 'experiments' / 'results_check'
+  (source / 'predictions').mkdir(parents=True)
+  (source / 'predictions' / 'a__test_greedy.jsonl').write_text('{"question": "q", "score": 1}\n')
+  entry = 'experiments/results_check/predictions/a__test_greedy.jsonl'
+  (source / 'runs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in (
+      {'name': 'teacher/chain3'},
+      {'name': 'chain3_clean/sft/0', 'predictions': entry,
+       'scored': {'test_greedy': {'predictions': entry}}})))
+  monkeypatch.setattr(reproduce2.machines, 'describe', lambda: 'cpu X')
+  assert reproduce2.keep(source) == ['chain3_clean/sft/0']
+  kept = [json.loads(l) for l in (tmp_path / 'kept' / 'runs.jsonl').read_text().splitlines()]
+  moved = f'{tmp_path}/kept/predictions/a__test_greedy.jsonl'
+  assert kept == [{'name': 'chain3_clean/sft/0', 'predictions': moved, 'machine': 'cpu X',
+                   'scored': {'test_greedy': {'predictions': moved}}}]
+  assert (tmp_path / 'kept' / 'predictions' / 'a__test_greedy.jsonl').exists()
+
+
+def test_zero_spread_cells_are_marked_degenerate_wherever_they_appear(grid, tmp_path):
+  report2 = _experiments_module('report2')
+  findings2 = _experiments_module('findings2')
+  records = {}
+
+  def add(name, right):
+    path = tmp_path / (name.replace('/', '__') + '.jsonl')
+    path.write_text(''.join(json.dumps({'question': f'q{i}', 'score': float(i < right)}) + '\n'
+                            for i in range(10)))
+    setting, method, seed = name.split('/')
+    records[name] = {'name': name, 'setting': setting, 'method': method, 'seed': int(seed),
+                     'accuracy': right / 10,
+                     'scored': {'test_greedy': {'accuracy': right / 10, 'predictions': str(path)}}}
+
+  for seed, right in enumerate((5, 7)):  # Target-SFT 2 answers ahead on both seeds
+    add(f'chain3_clean/target_sft_eta1/{seed}', right + 2)
+    add(f'chain3_clean/sft/{seed}', right)
+  grid.selection_file.write_text(json.dumps({'chain3_clean/target_sft': {
+      'selected': 'target_sft_eta1'}}))
+  table, compared = report2._verdict_table(grid, records)
+  row = next(l for l in table if l.startswith('| chain3_clean |'))
+  assert compared == 1
+  assert ('**win** +20.0 ± 0.0 (zero spread: the interval is degenerate, not evidence)' in row)
+  lines = findings2._verdict_lines(grid, records, ['chain3_clean'], 'Against')
+  assert 'chain3_clean (win +20.0, zero spread: degenerate)' in lines[0], lines
