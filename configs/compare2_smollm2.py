@@ -64,7 +64,7 @@ SETTINGS = {
     'products2_clean': ('products2', _CLEAN, 'products2'),
     'products2_noisy': ('products2', _NOISY, 'products2'),
     'products2_multi': ('products2', _MULTI2, 'products2'),
-    'chain3_noisy_weak': ('chain3', _NOISY, 'chain3_weak'),  # prior-quality axis, after the primaries
+    'chain3_noisy_weak': ('chain3', _NOISY, 'chain3_weak'),  # prior quality, after the primaries
 }
 MAIN_SETTINGS = tuple(s for s in SETTINGS if s != 'chain3_noisy_weak')
 TEACHERS = {
