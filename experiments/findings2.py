@@ -374,7 +374,8 @@ def _question_bullets(grid, records) -> list[str]:
           f'{100 * min(trained):.1f}-{100 * max(trained):.1f}%' +
           (f' (Base {100 * base["accuracy"]:.1f}%' if base else ' (') +
           (f', its teacher {100 * teacher["accuracy"]:.1f}%)' if teacher else ')') +
-          ': its verdicts can only be ties and say little about the methods.')
+          ': gaps of a few points this near the floor say little about the methods, wins '
+          'included.')
   main = [s for s in grid.SETTINGS if s in grid.MAIN_SETTINGS]
   selected = {s: records2.selected_method(grid, s, 'target_sft') for s in main}
   costs = {s: paired_measure(records, s, m, 'sft', 'step CPU s (ratio)')
