@@ -25,7 +25,6 @@ import shutil
 from qtarget import evaluate
 
 import machines  # pylint: disable=import-error  (experiments/machines.py)
-
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 DIRECTORY = 'experiments/results2_reproduced'
