@@ -95,14 +95,31 @@ class Registry:
     self.path = results_dir / 'runs.jsonl'
     self.dir.mkdir(parents=True, exist_ok=True)
 
+  def lines(self) -> list[dict]:
+    """Every record in file order, replaced ones included (a run measured again, a teacher
+    trained again, appends a line of the same name)."""
+    lines = stats.read_json_lines(self.path)
+    for number, record in enumerate(lines, 1):
+      if not isinstance(record.get('name'), str):
+        raise ValueError(f'{self.path}: record {number} has no run name.')
+    return lines
+
   def records(self) -> dict[str, dict]:
-    if not self.path.exists():
-      return {}
-    return {r['name']: r for r in map(json.loads, self.path.read_text().splitlines()) if r}
+    """The last record of each run name."""
+    return {r['name']: r for r in self.lines()}
 
   def add(self, record: dict) -> None:
-    with self.path.open('a') as f:
-      f.write(json.dumps(record) + '\n')
+    # The whole file written again and renamed into place: a run killed while recording leaves
+    # the previous runs.jsonl, never a torn last line that later reads would fail on.
+    text = self.path.read_text() if self.path.exists() else ''
+    if text and not text.endswith('\n'):
+      text += '\n'
+    partial = self.path.with_name(self.path.name + '.partial')
+    with partial.open('w') as f:
+      f.write(text + json.dumps(record) + '\n')
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(partial, self.path)
 
   def predictions_path(self, name: str, label: str = '') -> pathlib.Path:
     stem = name.replace('/', '__') + (f'__{label}' if label else '')

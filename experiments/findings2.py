@@ -252,7 +252,7 @@ def _verdict_lines(grid, records, settings, label) -> list[str]:
   return lines
 
 
-def _summary(grid, records, planned) -> list[str]:
+def _summary(grid, records, planned, reproductions) -> list[str]:
   lines = ['## What held, what did not, what is untested (so far)', '']
   main = [s for s in grid.SETTINGS if s != _PRIOR_QUALITY]
   lines += _verdict_lines(grid, records, main, 'Against') or [
@@ -288,7 +288,7 @@ def _summary(grid, records, planned) -> list[str]:
           'included; the paper expects it larger with noise. Noisy minus clean: '
           f'{100 * (np.mean(noisy) - np.mean(clean)):+.1f} points, {interval}.')
   lines += _question_bullets(grid, records)
-  lines += reproduce2.summary_line(records)
+  lines += reproduce2.summary_line(reproductions)
   missing = collections.Counter(_kind(n, grid) for n in planned if n not in records)
   unselected = [s for s in grid.SETTINGS
                 if records2.selected_method(grid, s, 'target_sft') is None]
@@ -414,10 +414,10 @@ def _question_bullets(grid, records) -> list[str]:
   return lines
 
 
-def summary(grid, records, planned) -> list[str]:
+def summary(grid, records, planned, reproductions=()) -> list[str]:
   """What the runs so far support, what they do not, and what is untested (after the
-  verdicts)."""
-  return _summary(grid, records, planned) + _pooled_table(grid, records)
+  verdicts); ``reproductions`` is ``reproduce2.pairs(records)``."""
+  return _summary(grid, records, planned, reproductions) + _pooled_table(grid, records)
 
 
 def details(grid, records) -> list[str]:

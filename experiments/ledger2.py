@@ -3,7 +3,6 @@ against the issue's budget, the code versions and machines, and the table of eve
 (experiments/report2.py puts these first and last in RESULTS.md)."""
 
 import collections
-import json
 import math
 import re
 
@@ -13,12 +12,9 @@ CORES = 2  # the grid machine's; CPU seconds / CORES is a run's wall time alone
 BUDGET_HOURS = 12  # issue 18: the whole grid within about 12 hours of machine time
 
 
-def superseded(registry) -> list[dict]:
-  """The records of runs.jsonl that a later line of the same name replaced."""
-  path = getattr(registry, 'path', None)
-  if path is None or not path.exists():
-    return []
-  lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def superseded(lines: list[dict]) -> list[dict]:
+  """The records of runs.jsonl (``lines``, in file order) that a later one of the same name
+  replaced."""
   last = {r['name']: i for i, r in enumerate(lines)}
   return [r for i, r in enumerate(lines) if last[r['name']] != i]
 

@@ -16,6 +16,8 @@ import os
 import pathlib
 import time
 
+import stats  # pylint: disable=import-error  (experiments/stats.py)
+
 # The instruction-set extensions that change XLA's CPU code (and so timings and rounding).
 _FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16')
 
@@ -33,9 +35,8 @@ def describe(cpuinfo: str | None = None) -> str:
 
 
 def load(path: pathlib.Path) -> list[dict]:
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  """The machines listed in ``path``, oldest first ([] when there is no such file)."""
+  return stats.read_json_lines(path)
 
 
 def record(path: pathlib.Path, now: str | None = None) -> dict:

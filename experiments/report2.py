@@ -61,10 +61,11 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
            'also gives partial credit, 0.5 for a sign error for instance; the accuracies '
            '`runs.jsonl` records, which `rescore` checks, average it in: see PREREGISTRATION '
            'change 22).', '']
-  replaced = ledger2.superseded(registry)
+  replaced = ledger2.superseded(registry.lines()) if hasattr(registry, 'lines') else []
   lines += ledger2.status(grid, records, planned, replaced)
   lines += _verdicts(grid, records)
-  lines += findings2.summary(grid, records, planned)
+  reproductions = reproduce2.pairs(records)  # read once: the summary and a section use them
+  lines += findings2.summary(grid, records, planned, reproductions)
   lines += _power(grid, records)
   lines += _accuracy(grid, records)
   lines += _eta(grid, records)
@@ -74,7 +75,7 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
   lines += _calibration_and_fit(grid, records)
   lines += questions2.answer_calibration_table(grid, records)
   lines += findings2.details(grid, records)
-  lines += reproduce2.section(records)
+  lines += reproduce2.section(reproductions)
   figures = plots2.write(grid, records, output.parent)
   lines += ['## Plots', '', '`grid2_eta.png`: greedy accuracy against eta on validation and '
             'test (seeds 0-1, mean ± 95% half-width). `grid2_calibration.png`: reliability, '

@@ -68,18 +68,19 @@ def compare(original: dict, again: dict) -> list[dict]:
 
 def _kept() -> list[dict]:
   """The reproductions, the last of each name."""
-  path = stats.ROOT / DIRECTORY / 'runs.jsonl'
-  if not path.exists():
-    return []
-  kept = {}
-  for number, line in enumerate(path.read_text().splitlines(), 1):
-    if line.strip():
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as error:
-        raise ValueError(f'{path}, line {number}: not JSON ({error.msg}).') from None
-      kept[record['name']] = record
-  return list(kept.values())
+  return list({r['name']: r for r in stats.read_json_lines(
+      stats.ROOT / DIRECTORY / 'runs.jsonl')}.values())
+
+
+def pairs(records: dict) -> list[tuple[dict, dict | None, list[dict] | None]]:
+  """Each kept reproduction with the grid's record of the same run and their split-by-split
+  comparison (None and None when the grid has no such record): what the summary line and the
+  section both print, compared once."""
+  matched = []
+  for again in _kept():
+    original = records.get(again['name'])
+    matched.append((again, original, None if original is None else compare(original, again)))
+  return matched
 
 
 def _prior(record) -> str:
@@ -89,14 +90,14 @@ def _prior(record) -> str:
   return 'none'
 
 
-def summary_line(records: dict) -> list[str]:
-  """One bullet for the report's summary, a clause per reproduced run; nothing without any."""
+def summary_line(matched: list) -> list[str]:
+  """One bullet for the report's summary, a clause per reproduced run in ``pairs()``; nothing
+  without any."""
   clauses = []
-  for again in _kept():
-    original = records.get(again['name'])
+  for again, original, splits in matched:
     if original is None:
       continue
-    splits = [s for s in compare(original, again) if 'problem' not in s]
+    splits = [s for s in splits if 'problem' not in s]
     answers = sum(s['answers'] for s in splits)
     clauses.append(
         f"{again['name']} (prior: {_prior(again)}): {sum(s['same_text'] for s in splits)} of "
@@ -108,10 +109,9 @@ def summary_line(records: dict) -> list[str]:
           'commit together; the section near the end): ' + '; '.join(clauses) + '.']
 
 
-def section(records: dict) -> list[str]:
-  """The report's section on reproductions; nothing when none is kept."""
-  kept = _kept()
-  if not kept:
+def section(matched: list) -> list[str]:
+  """The report's section on the reproductions in ``pairs()``; nothing when none is kept."""
+  if not matched:
     return []
   lines = ['## Runs trained again on another machine (a check, not grid runs)', '',
            f'Recorded runs trained again from a clean worktree (`{DIRECTORY}/`), each beside the '
@@ -126,15 +126,14 @@ def section(records: dict) -> list[str]:
            '| accuracy (original / again) | same answer text | credit changed (now right / now '
            'wrong) | final loss (original / again) |', '|---|---|---|---|---|---|---|---|---|']
   missing = []
-  for again in kept:
-    original = records.get(again['name'])
+  for again, original, splits in matched:
     if original is None:
       missing.append(again['name'])
       continue
     where = lambda r: (f"`{((r.get('code') or {}).get('commit') or 'unknown')[:7]}`, "
                        f"{r.get('machine') or 'unknown'}")
     loss = lambda r: (r.get('final_metrics') or {}).get('loss', float('nan'))
-    for index, split in enumerate(compare(original, again)):
+    for index, split in enumerate(splits):
       losses = f'{loss(original):.6f} / {loss(again):.6f}' if index == 0 else 'as above'
       head = f"| {again['name']} | {_prior(again)} | {split['label']} "
       if 'problem' in split:
@@ -161,9 +160,8 @@ def keep(source: pathlib.Path) -> list[str]:
   previous = {r['name']: r for r in _kept()}
   relative = source.relative_to(source.parents[1])  # experiments/<results dir>
   added = []
-  for line in (source / 'runs.jsonl').read_text().splitlines():
-    record = json.loads(line) if line.strip() else None
-    if record is None or record['name'].startswith('teacher/'):
+  for record in stats.read_json_lines(source / 'runs.jsonl'):
+    if record['name'].startswith('teacher/'):
       continue
     for entry in (record.get('scored') or {}).values():
       if 'predictions' in entry:

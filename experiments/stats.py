@@ -1,9 +1,34 @@
-"""What both compare.py and report.py need: the repository root and seed-level intervals."""
+"""What both compare.py and report.py need: the repository root, the one reader of the grids'
+JSON-lines files and seed-level intervals."""
 
+import json
 import math
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def read_json_lines(path: pathlib.Path) -> list[dict]:
+  """The objects of a JSON-lines file (runs.jsonl, machines.jsonl) in file order, blank lines
+  skipped; [] when the file does not exist. A line that is not a JSON object is a ValueError
+  naming the file and the line."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  objects = []
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      value = json.loads(line)
+    except json.JSONDecodeError as error:
+      raise ValueError(f'{path}, line {number}: not JSON ({error.msg} at column '
+                       f'{error.colno}).') from None
+    if not isinstance(value, dict):
+      raise ValueError(f'{path}, line {number}: a JSON {type(value).__name__}, not an object.')
+    objects.append(value)
+  return objects
+
 
 # Student-t 97.5% quantiles by degrees of freedom, to three decimals.
 _T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,

@@ -523,13 +523,40 @@ def test_report_counts_full_credit_and_lists_replaced_records(tmp_path):
   entry = records['chain3_clean/sft/0']
   assert entry['accuracy'] == 0.5 and entry['scored']['test_greedy']['recorded_accuracy'] == 0.625
   assert entry['scored']['harder'] == {'accuracy': 0.3}
-  lines = tmp_path / 'runs.jsonl'
-  lines.write_text(''.join(json.dumps(r) + '\n' for r in (
-      {'name': 'teacher/chain3', 'accuracy': 0.9}, {'name': 'base/chain3', 'accuracy': 0.1},
-      {'name': 'teacher/chain3', 'accuracy': 0.91})))
-  replaced = ledger2.superseded(types.SimpleNamespace(path=lines))
-  assert replaced == [{'name': 'teacher/chain3', 'accuracy': 0.9}]
-  assert ledger2.superseded(types.SimpleNamespace(records=dict)) == []
+  lines = [{'name': 'teacher/chain3', 'accuracy': 0.9}, {'name': 'base/chain3', 'accuracy': 0.1},
+           {'name': 'teacher/chain3', 'accuracy': 0.91}]
+  assert ledger2.superseded(lines) == [{'name': 'teacher/chain3', 'accuracy': 0.9}]
+  assert ledger2.superseded(lines[:2]) == [] and ledger2.superseded([]) == []
+
+
+def test_one_json_lines_reader_names_the_bad_line_and_recording_is_atomic(tmp_path):
+  stats = _experiments_module('stats')
+  compare = _experiments_module('compare')
+  path = tmp_path / 'runs.jsonl'
+  assert stats.read_json_lines(path) == []  # no file yet
+  path.write_text('{"name": "a"}\n\n{"name": "b"}\n')
+  assert stats.read_json_lines(path) == [{'name': 'a'}, {'name': 'b'}]  # blank line skipped
+  path.write_text('{"name": "a"}\n{"name": "b", "acc\n')  # a torn last line
+  with pytest.raises(ValueError, match=r'runs.jsonl, line 2: not JSON \(.* at column 15\)'):
+    stats.read_json_lines(path)
+  path.write_text('{"name": "a"}\n[1, 2]\n')
+  with pytest.raises(ValueError, match='line 2: a JSON list, not an object'):
+    stats.read_json_lines(path)
+  registry = compare.Registry(tmp_path / 'results')
+  assert registry.records() == {} and registry.lines() == []
+  registry.add({'name': 'x/sft/0', 'accuracy': 0.1})
+  registry.add({'name': 'x/sft/0', 'accuracy': 0.2})  # measured again: the last counts
+  registry.add({'name': 'y/sft/0', 'accuracy': 0.3})
+  assert registry.records() == {'x/sft/0': {'name': 'x/sft/0', 'accuracy': 0.2},
+                                'y/sft/0': {'name': 'y/sft/0', 'accuracy': 0.3}}
+  assert [r['accuracy'] for r in registry.lines()] == [0.1, 0.2, 0.3]
+  assert sorted(p.name for p in registry.dir.iterdir()) == ['runs.jsonl']  # no .partial left
+  registry.path.write_text(registry.path.read_text().rstrip('\n'))  # written by hand, no newline
+  registry.add({'name': 'z/sft/0'})
+  assert [r['name'] for r in registry.lines()] == ['x/sft/0', 'x/sft/0', 'y/sft/0', 'z/sft/0']
+  registry.path.write_text('{"accuracy": 0.1}\n')
+  with pytest.raises(ValueError, match='record 1 has no run name'):
+    registry.records()
 
 
 def test_answer_calibration_and_the_paired_eta_table(grid, tmp_path):
@@ -661,7 +688,10 @@ def test_reproductions_compare_split_by_split(tmp_path, monkeypatch):
   (tmp_path / 'runs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in (
       {**again, 'final_metrics': {'loss': 9.0}}, again,  # the last of a name counts
       {**again, 'name': 'chain3_clean/dft/0'})))  # no grid record
-  lines = reproduce2.section({name: original})
+  matched = reproduce2.pairs({name: original})
+  assert [(a['name'], o is None) for a, o, _ in matched] == [(name, False),
+                                                            ('chain3_clean/dft/0', True)]
+  lines = reproduce2.section(matched)
   rows = [l for l in lines if l.startswith('| chain3')]
   assert rows == [
       f'| {name} | teacher/chain3 | test_greedy | `aaaaaaa`, cpu A | `bbbbbbb`, cpu B '
@@ -672,7 +702,7 @@ def test_reproductions_compare_split_by_split(tmp_path, monkeypatch):
       '| not comparable: only the reproduction has it | - | - | as above |']
   assert lines[-2] == ("Kept but not in the grid's records, so not compared: "
                        'chain3_clean/dft/0.')
-  assert reproduce2.summary_line({name: original}) == [
+  assert reproduce2.summary_line(matched) == [
       '- Runs trained again elsewhere (another machine, its retrained teacher and a later '
       f'commit together; the section near the end): {name} (prior: teacher/chain3): 2 of 4 '
       'answers the same text over 1 splits, full credit changed on 2.']
@@ -681,11 +711,11 @@ def test_reproductions_compare_split_by_split(tmp_path, monkeypatch):
       'label': 'test_greedy', 'problem': 'not scored on the same problems in the same order'}
   # Nothing kept: no section, no bullet; nothing comparable: no empty table.
   (tmp_path / 'runs.jsonl').write_text(json.dumps({**again, 'name': 'chain3_clean/dft/0'}) + '\n')
-  lines = reproduce2.section({name: original})
+  lines = reproduce2.section(reproduce2.pairs({name: original}))
   assert not any(l.startswith('|') for l in lines) and 'chain3_clean/dft/0' in lines[-2]
   monkeypatch.setattr(reproduce2, 'DIRECTORY', str(tmp_path / 'none'))
-  assert reproduce2.section({name: original}) == []
-  assert reproduce2.summary_line({name: original}) == []
+  assert reproduce2.pairs({name: original}) == []
+  assert reproduce2.section([]) == [] and reproduce2.summary_line([]) == []
 
 
 def test_keep_copies_a_reproduction_and_names_the_machine(tmp_path, monkeypatch):
