@@ -98,28 +98,14 @@ class Registry:
   def lines(self) -> list[dict]:
     """Every record in file order, replaced ones included (a run measured again, a teacher
     trained again, appends a line of the same name)."""
-    lines = stats.read_json_lines(self.path)
-    for number, record in enumerate(lines, 1):
-      if not isinstance(record.get('name'), str):
-        raise ValueError(f'{self.path}: record {number} has no run name.')
-    return lines
+    return stats.read_json_lines(self.path, required=('name',))
 
   def records(self) -> dict[str, dict]:
     """The last record of each run name."""
-    return {r['name']: r for r in self.lines()}
+    return stats.last_of_each_name(self.lines())
 
   def add(self, record: dict) -> None:
-    # The whole file written again and renamed into place: a run killed while recording leaves
-    # the previous runs.jsonl, never a torn last line that later reads would fail on.
-    text = self.path.read_text() if self.path.exists() else ''
-    if text and not text.endswith('\n'):
-      text += '\n'
-    partial = self.path.with_name(self.path.name + '.partial')
-    with partial.open('w') as f:
-      f.write(text + json.dumps(record) + '\n')
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(partial, self.path)
+    stats.write_json_lines(self.path, [record], append=True)
 
   def predictions_path(self, name: str, label: str = '') -> pathlib.Path:
     stem = name.replace('/', '__') + (f'__{label}' if label else '')

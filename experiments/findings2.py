@@ -414,9 +414,9 @@ def _question_bullets(grid, records) -> list[str]:
   return lines
 
 
-def summary(grid, records, planned, reproductions=()) -> list[str]:
+def summary(grid, records, planned, reproductions) -> list[str]:
   """What the runs so far support, what they do not, and what is untested (after the
-  verdicts); ``reproductions`` is ``reproduce2.pairs(records)``."""
+  verdicts); ``reproductions`` is ``reproduce2.comparisons(records)``."""
   return _summary(grid, records, planned, reproductions) + _pooled_table(grid, records)
 
 

@@ -11,7 +11,6 @@ machine listed at or before its ``finished`` time.
 """
 
 import argparse
-import json
 import os
 import pathlib
 import time
@@ -36,7 +35,7 @@ def describe(cpuinfo: str | None = None) -> str:
 
 def load(path: pathlib.Path) -> list[dict]:
   """The machines listed in ``path``, oldest first ([] when there is no such file)."""
-  return stats.read_json_lines(path)
+  return stats.read_json_lines(path, required=('since', 'cpu'))
 
 
 def record(path: pathlib.Path, now: str | None = None) -> dict:
@@ -47,8 +46,7 @@ def record(path: pathlib.Path, now: str | None = None) -> dict:
     return machines[-1]
   entry = {'since': now or time.strftime('%Y-%m-%d %H:%M'), 'cpu': cpu,
            'source': 'experiments/machines.py'}
-  with path.open('a') as f:
-    f.write(json.dumps(entry) + '\n')
+  stats.write_json_lines(path, [entry], append=True)
   return entry
 
 

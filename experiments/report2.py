@@ -39,9 +39,9 @@ def _answer_confidence(record) -> tuple[float, float] | None:
 
 
 def write(grid, registry, output, args, planned: list[str]) -> None:
-  records = records2.with_full_credit(registry.records())
-  listed = machines.load(pathlib.Path(registry.dir) / 'machines.jsonl') if hasattr(
-      registry, 'dir') else []
+  runs = registry.lines()  # read once: the records and the ones they replaced agree
+  records = records2.with_full_credit(stats.last_of_each_name(runs))
+  listed = machines.load(pathlib.Path(registry.dir) / 'machines.jsonl')
   for record in records.values():  # step times compare only within one machine
     record['machine'] = machines.machine_of(record, listed)
   lines = ['# Method comparison: the pre-registered grid', '',
@@ -61,10 +61,10 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
            'also gives partial credit, 0.5 for a sign error for instance; the accuracies '
            '`runs.jsonl` records, which `rescore` checks, average it in: see PREREGISTRATION '
            'change 22).', '']
-  replaced = ledger2.superseded(registry.lines()) if hasattr(registry, 'lines') else []
+  replaced = ledger2.superseded(runs)
   lines += ledger2.status(grid, records, planned, replaced)
   lines += _verdicts(grid, records)
-  reproductions = reproduce2.pairs(records)  # read once: the summary and a section use them
+  reproductions = reproduce2.comparisons(records)  # the summary and a section print them
   lines += findings2.summary(grid, records, planned, reproductions)
   lines += _power(grid, records)
   lines += _accuracy(grid, records)

@@ -18,7 +18,6 @@ whose credit changed, and the final training loss.
 """
 
 import argparse
-import json
 import pathlib
 import shutil
 
@@ -28,6 +27,10 @@ import machines  # pylint: disable=import-error  (experiments/machines.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 DIRECTORY = 'experiments/results2_reproduced'
+
+# A reproduction, the grid's record of the same run (None if none) and their split-by-split
+# comparison (None without a record).
+Comparison = tuple[dict, dict | None, list[dict] | None]
 
 
 def _rows(entry) -> list[dict]:
@@ -68,11 +71,11 @@ def compare(original: dict, again: dict) -> list[dict]:
 
 def _kept() -> list[dict]:
   """The reproductions, the last of each name."""
-  return list({r['name']: r for r in stats.read_json_lines(
-      stats.ROOT / DIRECTORY / 'runs.jsonl')}.values())
+  return list(stats.last_of_each_name(stats.read_json_lines(
+      stats.ROOT / DIRECTORY / 'runs.jsonl', required=('name',))).values())
 
 
-def pairs(records: dict) -> list[tuple[dict, dict | None, list[dict] | None]]:
+def comparisons(records: dict) -> list[Comparison]:
   """Each kept reproduction with the grid's record of the same run and their split-by-split
   comparison (None and None when the grid has no such record): what the summary line and the
   section both print, compared once."""
@@ -90,9 +93,9 @@ def _prior(record) -> str:
   return 'none'
 
 
-def summary_line(matched: list) -> list[str]:
-  """One bullet for the report's summary, a clause per reproduced run in ``pairs()``; nothing
-  without any."""
+def summary_line(matched: list[Comparison]) -> list[str]:
+  """One bullet for the report's summary, a clause per reproduced run in ``comparisons()``;
+  nothing without any."""
   clauses = []
   for again, original, splits in matched:
     if original is None:
@@ -109,8 +112,8 @@ def summary_line(matched: list) -> list[str]:
           'commit together; the section near the end): ' + '; '.join(clauses) + '.']
 
 
-def section(matched: list) -> list[str]:
-  """The report's section on the reproductions in ``pairs()``; nothing when none is kept."""
+def section(matched: list[Comparison]) -> list[str]:
+  """The report's section on the reproductions in ``comparisons()``; nothing when none is kept."""
   if not matched:
     return []
   lines = ['## Runs trained again on another machine (a check, not grid runs)', '',
@@ -160,7 +163,7 @@ def keep(source: pathlib.Path) -> list[str]:
   previous = {r['name']: r for r in _kept()}
   relative = source.relative_to(source.parents[1])  # experiments/<results dir>
   added = []
-  for record in stats.read_json_lines(source / 'runs.jsonl'):
+  for record in stats.read_json_lines(source / 'runs.jsonl', required=('name',)):
     if record['name'].startswith('teacher/'):
       continue
     for entry in (record.get('scored') or {}).values():
@@ -172,7 +175,7 @@ def keep(source: pathlib.Path) -> list[str]:
     record['machine'] = machines.describe()
     previous[record['name']] = record
     added.append(record['name'])
-  (target / 'runs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in previous.values()))
+  stats.write_json_lines(target / 'runs.jsonl', list(previous.values()))
   return added
 
 

@@ -1,22 +1,26 @@
 """What both compare.py and report.py need: the repository root, the one reader of the grids'
 JSON-lines files and seed-level intervals."""
 
+import fcntl
 import json
 import math
+import os
 import pathlib
+import stat
+import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def read_json_lines(path: pathlib.Path) -> list[dict]:
+def read_json_lines(path: pathlib.Path, required: tuple[str, ...] = ()) -> list[dict]:
   """The objects of a JSON-lines file (runs.jsonl, machines.jsonl) in file order, blank lines
-  skipped; [] when the file does not exist. A line that is not a JSON object is a ValueError
-  naming the file and the line."""
+  skipped; [] when the file does not exist. A line that is not a JSON object, or lacks one of
+  the ``required`` fields, is a ValueError naming the file and the line."""
   path = pathlib.Path(path)
   if not path.exists():
     return []
   objects = []
-  for number, line in enumerate(path.read_text().splitlines(), 1):
+  for number, line in enumerate(path.read_text(encoding='utf-8').split('\n'), 1):
     if not line.strip():
       continue
     try:
@@ -26,8 +30,45 @@ def read_json_lines(path: pathlib.Path) -> list[dict]:
                        f'{error.colno}).') from None
     if not isinstance(value, dict):
       raise ValueError(f'{path}, line {number}: a JSON {type(value).__name__}, not an object.')
+    missing = [field for field in required if field not in value]
+    if missing:
+      raise ValueError(f'{path}, line {number}: no {", ".join(missing)} field.')
     objects.append(value)
   return objects
+
+
+def last_of_each_name(lines: list[dict]) -> dict[str, dict]:
+  """Records by run name, a later line replacing an earlier one of the same name."""
+  return {r['name']: r for r in lines}
+
+
+def write_json_lines(path: pathlib.Path, objects: list[dict], append: bool = False) -> None:
+  """Writes ``objects`` one per line to ``path`` (after its lines with ``append``). The file is
+  written whole to a temporary file beside it and renamed into place, holding a lock on the
+  directory: a process killed while writing leaves the previous file, never a torn line, and
+  two processes recording into one results directory both keep their records."""
+  path = pathlib.Path(path)
+  directory = os.open(path.parent, os.O_RDONLY)
+  try:
+    fcntl.flock(directory, fcntl.LOCK_EX)
+    text = path.read_text(encoding='utf-8') if append and path.exists() else ''
+    if text and not text.endswith('\n'):  # a last line written by hand
+      text += '\n'
+    text += ''.join(json.dumps(o) + '\n' for o in objects)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.',
+                                       suffix='.partial')
+    try:
+      with os.fdopen(handle, 'w', encoding='utf-8') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+      os.chmod(partial, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
+      os.replace(partial, path)
+    except BaseException:
+      pathlib.Path(partial).unlink(missing_ok=True)
+      raise
+  finally:
+    os.close(directory)  # releases the lock
 
 
 # Student-t 97.5% quantiles by degrees of freedom, to three decimals.

@@ -5,6 +5,7 @@ random model."""
 import json
 import math
 import pathlib
+import subprocess
 import sys
 import types
 
@@ -200,7 +201,7 @@ def _experiments_module(name):
     sys.path.pop(0)
 
 
-def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
+def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path, monkeypatch):
   report2 = _experiments_module('report2')
   records2 = _experiments_module('records2')
   compare = _experiments_module('compare')
@@ -245,7 +246,14 @@ def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
 
   grid.selection_file.write_text(json.dumps({'chain3_clean/target_sft': {
       'selected': 'target_sft_eta0.5'}}))
-  registry = types.SimpleNamespace(records=lambda: records)
+  # The report reads a real runs.jsonl once: its last line of a name counts, the one it replaced
+  # is listed; no reproduction kept here.
+  registry = compare.Registry(tmp_path / 'results')
+  replaced = {**records['chain3_clean/sft/0'], 'accuracy': 0.95, 'finished': '2026-01-01 00:00'}
+  stats = _experiments_module('stats')
+  stats.write_json_lines(registry.path, [replaced] + list(records.values()))
+  reproduce2 = _experiments_module('reproduce2')
+  monkeypatch.setattr(reproduce2, 'DIRECTORY', str(tmp_path / 'no_reproductions'))
   output = tmp_path / 'RESULTS.md'
   args = types.SimpleNamespace(config='configs/compare2_smollm2.py', results_dir='results2')
   # Two runs still to go, one measured on validation: 2 x 100 s at the wall-time medians,
@@ -253,6 +261,10 @@ def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path):
   planned = list(records) + ['chain3_clean/target_sft_eta1/0', 'chain3_clean/sft/5']
   report2.write(grid, registry, output, args, planned)
   text = output.read_text()
+  assert 'Records a later record of the same name replaced' in text
+  assert '| chain3_clean/sft/0 | 95.0 | 2026-01-01 00:00 |' in text
+  assert '| chain3_clean/sft/0 | 95.0 |' not in text.split('Records a later record')[0]
+  assert 'Runs trained again' not in text
   assert 'the 2 planned runs still to go need about 0.1 h' in text
   assert 'the runs still to go need about 0.2 h' in text
   assert '| chain3_clean | 0.5 | **win** +' in text and '**tie**' in text
@@ -377,7 +389,7 @@ def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path)
 
   planned = list(records) + ['chain3_clean/distill/0', 'chain3_clean/asft_lam0.05/0',
                              'chain3_noisy_weak/distill/0', 'teacher/chain3_weak']
-  summary = '\n'.join(findings2.summary(grid, records, planned))
+  summary = '\n'.join(findings2.summary(grid, records, planned, []))
   # 60, 50, 40 points ahead: mean 50, half-width 4.303 x 10 / sqrt(3) = 24.8: a win. Seed 2
   # alone is one seed: nothing on the post-selection seeds yet.
   assert ('- Against sft: 1 win, 0 tie, 0 loss over 1 setting(s) with two or more seeds '
@@ -386,7 +398,7 @@ def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path)
   assert ('Not run yet: 1 primary run(s), 2 prior-quality axis run(s), 1 secondary run(s)'
           in summary)
   assert 'With the weaker prior' not in summary
-  assert 'No comparison has two paired seeds yet' in '\n'.join(findings2.summary(grid, {}, []))
+  assert 'No comparison has two paired seeds yet' in '\n'.join(findings2.summary(grid, {}, [], []))
   assert 'training longer than 20 steps (teachers: 10 or 100)' in summary
 
   # A tie whose bootstrap excludes 0, and the clean / noisy margin line: chain3_noisy, where
@@ -396,7 +408,7 @@ def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path)
   for seed, (ours, theirs) in enumerate(((6, 1), (10, 1))):
     add(f'chain3_noisy/target_sft_eta0.5/{seed}', ours, 3.0, 0.05, 0.3, 0.2)
     add(f'chain3_noisy/sft/{seed}', theirs, 2.0, 0.1, 0.7, 0.5)
-  summary = '\n'.join(findings2.summary(grid, records, planned))
+  summary = '\n'.join(findings2.summary(grid, records, planned, []))
   assert ('- Against sft: 1 win, 1 tie, 0 loss over 2 setting(s) with two or more seeds '
           '(chain3_clean (win +50.0)); none yet on seeds 2, 3, 4 alone. The bootstrap interval '
           'over problems and seeds excludes 0 in chain3_noisy, but with so few seeds') in summary
@@ -410,7 +422,7 @@ def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path)
   for seed in (0, 1):
     add(f'products2_clean/sft/{seed}', 0, 2.0, 0.1, 0.7, 0.5)
   add('base/products2', 1, None, 0.2, 2.0, 2.0)
-  summary = '\n'.join(findings2.summary(grid, records, planned))
+  summary = '\n'.join(findings2.summary(grid, records, planned, []))
   assert ('- products2 is at the floor: every one of its 2 trained runs scores 0.0-0.0% '
           '(Base 10.0%)') in summary, summary
 
@@ -554,9 +566,38 @@ def test_one_json_lines_reader_names_the_bad_line_and_recording_is_atomic(tmp_pa
   registry.path.write_text(registry.path.read_text().rstrip('\n'))  # written by hand, no newline
   registry.add({'name': 'z/sft/0'})
   assert [r['name'] for r in registry.lines()] == ['x/sft/0', 'x/sft/0', 'y/sft/0', 'z/sft/0']
-  registry.path.write_text('{"accuracy": 0.1}\n')
-  with pytest.raises(ValueError, match='record 1 has no run name'):
+  registry.path.write_text('\n{"accuracy": 0.1}\n')
+  with pytest.raises(ValueError, match='runs.jsonl, line 2: no name field'):
     registry.records()
+
+
+def test_recording_a_run_is_atomic_and_two_writers_keep_both_records(tmp_path, monkeypatch):
+  stats = _experiments_module('stats')
+  compare = _experiments_module('compare')
+  registry = compare.Registry(tmp_path)
+  registry.add({'name': 'a/sft/0'})
+  before = registry.path.read_bytes()
+
+  def killed(*args):
+    raise KeyboardInterrupt('killed between writing and renaming')
+  monkeypatch.setattr(stats.os, 'replace', killed)
+  with pytest.raises(KeyboardInterrupt):
+    registry.add({'name': 'b/sft/0'})
+  assert registry.path.read_bytes() == before  # the previous file, whole
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['runs.jsonl']  # its temporary removed
+  monkeypatch.undo()
+  stale = tmp_path / 'runs.jsonl.x.partial'  # left by a process killed outright
+  stale.write_text('{"name": "torn')
+  registry.add({'name': 'b/sft/0'})
+  assert list(registry.records()) == ['a/sft/0', 'b/sft/0'] and stale.exists()
+  assert oct(registry.path.stat().st_mode & 0o777) == '0o644'
+  # Two processes recording at once into one directory both keep their records.
+  script = (f'import sys; sys.path.insert(0, {str(ROOT / "experiments")!r}); import compare, '
+            f'pathlib; r = compare.Registry(pathlib.Path({str(tmp_path)!r}))\n'
+            'for i in range(40): r.add({"name": sys.argv[1] + str(i), "pad": "x" * 5000})')
+  writers = [subprocess.Popen([sys.executable, '-c', script, w]) for w in ('p', 'q')]
+  assert [w.wait(timeout=120) for w in writers] == [0, 0]
+  assert len(registry.lines()) == 2 + 80
 
 
 def test_answer_calibration_and_the_paired_eta_table(grid, tmp_path):
@@ -688,7 +729,7 @@ def test_reproductions_compare_split_by_split(tmp_path, monkeypatch):
   (tmp_path / 'runs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in (
       {**again, 'final_metrics': {'loss': 9.0}}, again,  # the last of a name counts
       {**again, 'name': 'chain3_clean/dft/0'})))  # no grid record
-  matched = reproduce2.pairs({name: original})
+  matched = reproduce2.comparisons({name: original})
   assert [(a['name'], o is None) for a, o, _ in matched] == [(name, False),
                                                             ('chain3_clean/dft/0', True)]
   lines = reproduce2.section(matched)
@@ -711,10 +752,10 @@ def test_reproductions_compare_split_by_split(tmp_path, monkeypatch):
       'label': 'test_greedy', 'problem': 'not scored on the same problems in the same order'}
   # Nothing kept: no section, no bullet; nothing comparable: no empty table.
   (tmp_path / 'runs.jsonl').write_text(json.dumps({**again, 'name': 'chain3_clean/dft/0'}) + '\n')
-  lines = reproduce2.section(reproduce2.pairs({name: original}))
+  lines = reproduce2.section(reproduce2.comparisons({name: original}))
   assert not any(l.startswith('|') for l in lines) and 'chain3_clean/dft/0' in lines[-2]
   monkeypatch.setattr(reproduce2, 'DIRECTORY', str(tmp_path / 'none'))
-  assert reproduce2.pairs({name: original}) == []
+  assert reproduce2.comparisons({name: original}) == []
   assert reproduce2.section([]) == [] and reproduce2.summary_line([]) == []
 
 
