@@ -1,6 +1,6 @@
 """The pre-registered grid's records: a run's scores, the runs of a method, the selected value of
 a tuned family, and Target-SFT paired with a baseline seed by seed (experiments/report2.py,
-findings2.py and plots2.py build on these)."""
+findings2.py, paired2.py and plots2.py build on these)."""
 
 import functools
 import json

@@ -10,9 +10,10 @@ import pathlib
 
 import numpy as np
 
-import findings2  # pylint: disable=import-error  (experiments/findings2.py; it imports this one)
+import findings2  # pylint: disable=import-error  (experiments/findings2.py)
 import ledger2  # pylint: disable=import-error  (experiments/ledger2.py)
 import machines  # pylint: disable=import-error  (experiments/machines.py)
+import paired2  # pylint: disable=import-error  (experiments/paired2.py)
 import plots2  # pylint: disable=import-error  (experiments/plots2.py)
 import questions2  # pylint: disable=import-error  (experiments/questions2.py)
 import records2  # pylint: disable=import-error  (experiments/records2.py)
@@ -74,7 +75,7 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
   lines += _cost(grid, records)
   lines += _calibration_and_fit(grid, records)
   lines += questions2.answer_calibration_table(grid, records)
-  lines += findings2.details(grid, records)
+  lines += paired2.details(grid, records)
   lines += reproduce2.section(reproductions)
   figures = plots2.write(grid, records, output.parent)
   lines += ['## Plots', '', '`grid2_eta.png`: greedy accuracy against eta on validation and '

@@ -299,6 +299,7 @@ def test_student_t_quantiles_against_published_values():
 
 def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path):
   findings2 = _experiments_module('findings2')
+  paired2 = _experiments_module('paired2')
   questions = [f'q{i}' for i in range(10)]
   records = {}
 
@@ -343,25 +344,25 @@ def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path)
   mean_log = sum(logs) / 3
   sd_log = math.sqrt(sum((x - mean_log) ** 2 for x in logs) / 2)
   half_log = 4.303 * sd_log / math.sqrt(3)
-  mean, (low, high), n = findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5',
+  mean, (low, high), n = paired2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5',
                                                   'sft', 'step CPU s (ratio)')
   assert n == 3 and mean == pytest.approx(1.8 ** (1 / 3))
   assert (low, high) == pytest.approx((math.exp(mean_log - half_log),
                                        math.exp(mean_log + half_log)))
   assert low > 0
-  assert findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'sft',
+  assert paired2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'sft',
                                   'ECE') == pytest.approx((-0.05, 0.0, 3))
-  mean, half, n = findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'sft',
+  mean, half, n = paired2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'sft',
                                            'harder (points)')  # seeds 0-1 only
   assert (n, mean, half) == (2, pytest.approx(10.0), 0.0)
-  assert findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'distill',
+  assert paired2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'distill',
                                   'ECE')[2] == 0  # no such runs
   records['chain3_clean/dft/0']['calibration']['ece'] = math.nan
-  assert findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'dft',
+  assert paired2.paired_measure(records, 'chain3_clean', 'target_sft_eta0.5', 'dft',
                                   'ECE')[2] == 0  # a NaN is not a value
   records['chain3_clean/dft/0']['calibration']['ece'] = 0.3
 
-  details = '\n'.join(findings2.details(grid, records))
+  details = '\n'.join(paired2.details(grid, records))
   ratio = f'1.22 [{low:.2f}, {high:.2f}] (3)'
   # Held-out NLL: 0.3 - 0.01 s against 0.7 - 0.01 s; train NLL: 0.2 + 0.01 s against 0.5 + ...
   assert (f'| chain3_clean | sft | {ratio} | -0.050 ± 0.000 (3) | -0.400 ± 0.000 (3) | '
@@ -385,7 +386,7 @@ def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path)
   without_dft = -11.5 / math.sqrt(17.5 * 15.5)
   assert (f'| chain3_clean | 7 | {with_dft:+.2f} (7) | {held_out:+.2f} (7) | '
           f'{without_dft:+.2f} (6) |') in details, details
-  assert findings2._spearman([1.0, 1.0, 1.0], [0.1, 0.2, 0.3]) == 'undefined'
+  assert paired2._spearman([1.0, 1.0, 1.0], [0.1, 0.2, 0.3]) == 'undefined'
 
   planned = list(records) + ['chain3_clean/distill/0', 'chain3_clean/asft_lam0.05/0',
                              'chain3_noisy_weak/distill/0', 'teacher/chain3_weak']
@@ -429,7 +430,7 @@ def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path)
 
 def test_machines_listed_in_order_and_times_compared_on_one_machine(grid, tmp_path, monkeypatch):
   machines = _experiments_module('machines')
-  findings2 = _experiments_module('findings2')
+  paired2 = _experiments_module('paired2')
   report2 = _experiments_module('report2')
   cpuinfo = ('processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512f sse\n'
              'processor\t: 1\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512f sse\n')
@@ -456,7 +457,7 @@ def test_machines_listed_in_order_and_times_compared_on_one_machine(grid, tmp_pa
           'name': f'chain3_clean/{method}/{seed}', 'method': method, 'seed': seed,
           'mean_step_seconds': step, 'mean_step_cpu_seconds': step,
           'machine': machine if method != 'sft' else 'A'}
-  assert findings2.paired_measure(records, 'chain3_clean', 'target_sft_eta1', 'sft',
+  assert paired2.paired_measure(records, 'chain3_clean', 'target_sft_eta1', 'sft',
                                   'step CPU s (ratio)')[0::2] == (1.5, 1)
   # The Cost table: Target-SFT seed 0 against SFT's mean on A (2.0): 1.5; seed 1 on B has no
   # SFT run there and is left out.
