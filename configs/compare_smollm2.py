@@ -4,7 +4,8 @@ One run is named by its config string, ``SETTING/METHOD/SEED`` or ``teacher``:
 
   python -m qtarget.train --config configs/compare_smollm2.py:chain3_noisy/target_sft_eta0.5/1
 
-``experiments/compare.py`` runs the whole grid (resumable) and writes experiments/RESULTS.md.
+``python experiments/compare.py run --config configs/compare_smollm2.py`` runs the whole grid
+(resumable); ``report --config configs/compare_smollm2.py`` writes RESULTS_exploratory.md.
 The settings, the methods and the budget below are the comparison's definition: changing them
 changes the table (finished runs are keyed by name, so rerun into a new results directory).
 """
@@ -18,6 +19,7 @@ smollm2_demo = config_files.sibling(__file__, 'smollm2_demo')
 RUNS_DIR = 'experiments/runs'
 RESULTS_DIR = 'experiments/results'
 REPORT = 'experiments/RESULTS_exploratory.md'  # the pre-registered grid's is RESULTS.md
+EXPLORATORY = True  # its report says eta was read off the test results (experiments/report.py)
 TEACHER_DIR = f'{RUNS_DIR}/teacher'
 
 # Task: chain_sum with 3 one-digit terms (+ and -), two steps per rationale. Base greedy accuracy
@@ -110,7 +112,7 @@ def run_config(setting: str, method: str, seed: int) -> ml_collections.ConfigDic
   # config.data.seed stays 0: every run is scored on the same held-out problems, and those are
   # removed from the teacher's and every student's training problems.
   config.eval.seed = seed
-  config.steps = 20  # 160 demonstrations: the CPU budget (see experiments/RESULTS.md)
+  config.steps = 20  # 160 demonstrations: the CPU budget (see experiments/RESULTS_exploratory.md)
   config.checkpoint.every = 10
   config.export_hf = False
   return config

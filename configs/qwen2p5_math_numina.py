@@ -6,13 +6,14 @@ For a GPU or TPU mesh. Set the local paths (no hub downloads happen at run time)
   --config.data.train_path=/data/numina_cot.jsonl    (NuminaMath-CoT: problem/solution/messages)
   --config.data.eval_path=/data/math500.jsonl        (held-out problems with an answer field)
 Use --config.prior.source=initial for the frozen initial model as the prior instead of a teacher.
-The paper's training hyperparameters are not recovered (PAPER.md): these are ordinary SFT values
+The paper's training hyperparameters (its appendix) are not recovered: these are ordinary SFT values
 for a 1.5B model; sweep eta.
 
 The paper's comparison is the grid below, run by experiments/compare.py (each cell is the config
 string SETTING/METHOD/SEED; edit the paths above in this file, since the grid runs one process per
 cell with no extra flags):
   python experiments/compare.py run --config configs/qwen2p5_math_numina.py
+into experiments/results_qwen/ (report: experiments/RESULTS_qwen.md).
 """
 
 import ml_collections
@@ -21,6 +22,11 @@ from qtarget import config_files
 
 smollm2_demo = config_files.sibling(__file__, 'smollm2_demo')
 
+
+# Its own runs, records and report: nothing shared with the CPU grids' directories.
+RUNS_DIR = 'experiments/runs_qwen'
+RESULTS_DIR = 'experiments/results_qwen'
+REPORT = 'experiments/RESULTS_qwen.md'
 
 SETTINGS = {'numina': {'rationale': {}}}  # the file's own demonstrations
 # The methods of the CPU comparison, as (method, hyperparameters, prior): here 'teacher' is
@@ -43,7 +49,7 @@ def get_config(name: str = ''):
                      f'method in {sorted(METHODS)}; got {name!r}')
   setting, method, seed = parts[0], parts[1], int(parts[2])
   method_name, hparams, prior = METHODS[method]
-  config.workdir = f'experiments/runs_qwen/{setting}/{method}/seed{seed}'
+  config.workdir = f'{RUNS_DIR}/{setting}/{method}/seed{seed}'
   config.seed = config.eval.seed = seed
   config.method = method_name
   config.hparams = ml_collections.ConfigDict(hparams)
@@ -86,7 +92,7 @@ def _paper_config():
   config.data.truncate = True  # long solutions are cut (and counted) rather than stopping
   config.data.difficulty = {}
 
-  config.loss = 'fused'  # the dense loss needs ~160 GiB per chip of logits temporaries here
+  config.loss = 'fused'  # the dense one needs 22 GiB of temporaries per v5e chip (16 GiB HBM)
   config.steps = 2000
   config.batch_size = 64  # rows of 2048 tokens per step, across all devices
   config.accum_steps = 2  # fits a v5e:4x4 slice (see the README's scaling section)

@@ -32,11 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.lora_rank = 0  # 0: full fine-tuning; >0: LoRA adapters are the trainable part
   config.model.lora_alpha = 16.0  # LoRA scale alpha / rank
   config.model.remat = 'none'  # backward recomputation: 'none', 'full' or 'save_dots'
-  config.model.attention = 'auto'  # 'auto', 'xla', 'cudnn', 'splash' (TPU) or 'reference'
+  # 'auto', 'xla', 'cudnn', 'splash' (TPU), 'splash_interpret' (its interpreter), 'reference'
+  config.model.attention = 'auto'
   config.model.scan_layers = True  # one compiled block scanned over the layers
 
   config.prior = ml_collections.ConfigDict()
-  config.prior.source = 'initial'  # 'initial' (frozen student at step 0), 'gguf', 'hf', 'random'
+  # 'initial' (frozen student at step 0), 'gguf', 'hf', 'random', 'cached' (prior.cache below)
+  config.prior.source = 'initial'
   config.prior.path = ''  # the teacher's GGUF file or HF directory
   config.prior.tokenizer_path = ''  # for 'random' priors
   config.prior.architecture = ml_collections.ConfigDict()  # for 'random' priors
@@ -72,8 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.seed = 0  # problem generation (train and held-out) and shuffling
   config.data.train_path = ''  # files: training jsonl/parquet
   config.data.eval_path = ''  # files: held-out jsonl/parquet (optional)
-  config.data.prompt_field = ''  # files: empty to detect (prompt/problem/question or messages)
-  config.data.response_field = ''  # files: empty to detect (response/solution or messages)
+  # files: empty to detect (prompt/problem/question/instruction, or messages)
+  config.data.prompt_field = ''
+  # files: empty to detect (response/solution/completion/output, or messages)
+  config.data.response_field = ''
   config.data.seq_len = 128  # tokens per packed row
   config.data.pack = True  # pack several examples per row (segment ids keep them apart)
   config.data.truncate = False  # False: a longer example stops the run with its record named

@@ -1,10 +1,11 @@
 """The method comparison: a resumable grid of training runs, their held-out scores and the table.
 
-A grid is defined by a config module (``configs/compare_smollm2.py`` on CPU, or
-``configs/qwen2p5_math_numina.py`` for the paper's setting) with ``SETTINGS``, ``METHODS``,
-``SEEDS`` and ``get_config('SETTING/METHOD/SEED')``; a module with ``teacher_config()`` also
-trains its teacher first (``get_config('teacher')``). Every run is one
-``python -m qtarget.train --config MODULE:NAME`` process.
+A grid is defined by a config module (``configs/compare2_smollm2.py``, the default, and
+``configs/compare_smollm2.py`` on CPU, or ``configs/qwen2p5_math_numina.py`` for the paper's
+setting) with ``SETTINGS``, ``METHODS``, ``SEEDS`` and ``get_config('SETTING/METHOD/SEED')``,
+and where its runs, records and report go (``RUNS_DIR``, ``RESULTS_DIR``, ``REPORT``); a module
+with ``teacher_config()`` also trains its teacher first (``get_config('teacher')``). Every run
+is one ``python -m qtarget.train --config MODULE:NAME`` process.
 
 A module with ``run_plan(records)`` (``configs/compare2_smollm2.py``) gives the order itself,
 from what is recorded so far (runs that wait for a hyperparameter selection appear once it is
@@ -12,16 +13,16 @@ made), may have several teachers (``teacher/NAME``), and with ``MEASURE`` each t
 and Base are measured by ``experiments/measure.py`` in a second process; every file it scores
 is recorded and re-scored.
 
-  python experiments/compare.py run      [--config configs/compare_smollm2.py] [--only GLOB ...]
-  python experiments/compare.py report   # experiments/RESULTS.md tables and plots
-  python experiments/compare.py rescore  # re-score every saved prediction, compare with the table
+  python experiments/compare.py run      [--config CONFIG] [--only GLOB ...]
+  python experiments/compare.py report   [--config CONFIG]  # the grid's REPORT and plots
+  python experiments/compare.py rescore  [--config CONFIG]  # every saved prediction re-scored
 
-Resuming: a finished run is a line of ``results/runs.jsonl`` (config, seed, metrics, wall time,
-predictions file) and is skipped; an unfinished one resumes from its last checkpoint in its
-workdir. A results directory without ``runs.jsonl`` beside planned runs that are already trained
-is refused (``--new_results`` goes on): it is most likely a moved or mistyped one. Base (the
-untouched model) is evaluated once per seed; its held-out problems, sampling settings and scorer
-are those of the runs.
+Resuming: a finished run is a line of the grid's ``RESULTS_DIR/runs.jsonl`` (config, seed,
+metrics, wall time, predictions file) and is skipped; an unfinished one resumes from its last
+checkpoint in its workdir. A results directory without ``runs.jsonl`` beside planned runs that
+are already trained is refused (``--new_results`` goes on): it is most likely a moved or
+mistyped one. Base (the untouched model) is evaluated once per seed; its held-out problems,
+sampling settings and scorer are those of the runs.
 """
 
 import argparse
@@ -88,7 +89,7 @@ def run_names(grid, records: dict | None = None) -> list[str]:
 
 
 class Registry:
-  """results/runs.jsonl: one line per finished run; predictions under results/predictions/."""
+  """A results directory: runs.jsonl, one line per finished run, and predictions/."""
 
   def __init__(self, results_dir: pathlib.Path):
     self.dir = results_dir
@@ -249,7 +250,7 @@ def base_run(grid, config_path: str, name: str, registry: Registry) -> dict:
             **_measured_record(name, result), 'wall_seconds': round(time.time() - started, 1),
             'finished': time.strftime('%Y-%m-%d %H:%M')}
   seed = int(name.split('/')[1])
-  workdir = registry.dir.parent / 'runs' / 'base' / f'seed{seed}'
+  workdir = ROOT / getattr(grid, 'RUNS_DIR', 'experiments/runs') / 'base' / f'seed{seed}'
   command = [sys.executable, str(pathlib.Path(__file__).resolve()), '_base', '--config',
              config_path, '--seed', str(seed), '--workdir', str(workdir)]
   _subprocess(command, workdir / 'log.txt')

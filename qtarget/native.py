@@ -2,7 +2,7 @@ r"""Each method's loss as its authors write it, per token, no reduction.
 
 These are the evidence for the Q-target view, not the training path: for each method,
 ``losses.induced_target(native.X, ...)`` equals ``targets.dense(targets.X(...))`` (for SFT+KL and
-ASFT up to the positive per-token factor of PAPER.md: their gradient is the target's times
+ASFT up to a positive per-token factor: their gradient is the target's times
 ``1 + lam`` and ``p_y + lam``). GEM is here too: its induced target is not a mixture.
 
 All functions take ``(logits [..., V], labels [...], ...)`` and return ``[...]`` float losses;

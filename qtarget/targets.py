@@ -1,6 +1,7 @@
 r"""Target constructors: each SFT variant as a target distribution Q over the vocabulary.
 
-Every method of the Q-target view (PAPER.md, section 3) writes its per-token target as
+Every method of the Q-target view (Xie et al., arXiv 2606.11189; the README's methods table)
+writes its per-token target as
 
 .. math::
   Q = \gamma \, \mathrm{onehot}(y) + (1 - \gamma) \, r

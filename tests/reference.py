@@ -1,4 +1,5 @@
-"""Float64 NumPy references, written from PAPER.md's table without the library's code.
+"""Float64 NumPy references, written from the paper's method table (Xie et al., arXiv
+2606.11189) without the library's code.
 
 Each `target_*` returns the dense target Q directly as trust * onehot + (1 - trust) * residual.
 """

@@ -284,3 +284,23 @@ def test_sample_shape_counts_closing_lines_steps_and_arithmetic():
                    'overlong': pytest.approx(1 / 3), 'step_accuracy': pytest.approx(4 / 5)}
   numina = [{'output': '\\boxed{2}', 'metadata': json.dumps({'metadata': {}})}]
   assert report.sample_shape(numina) is None
+
+
+def test_every_grid_config_keeps_its_own_runs_records_and_report():
+  from qtarget import config_files  # pylint: disable=g-import-not-at-top
+  # Two grids sharing a results directory would mix their records (the second one's Base runs
+  # skipped as recorded) and one report would overwrite the other's.
+  grids = {}
+  for path in sorted((ROOT / 'configs').glob('*.py')):
+    module = config_files.load_module(path)
+    if hasattr(module, 'SETTINGS') and hasattr(module, 'get_config'):
+      grids[path.name] = tuple(getattr(module, k, None) for k in ('RUNS_DIR', 'RESULTS_DIR',
+                                                                   'REPORT'))
+  assert {'compare_smollm2.py', 'compare2_smollm2.py', 'qwen2p5_math_numina.py'} <= set(grids)
+  for name, places in grids.items():
+    assert None not in places, (name, places)
+  for index in range(3):
+    used = [places[index] for places in grids.values()]
+    assert len(set(used)) == len(used), used
+  qwen = config_files.load_module(ROOT / 'configs' / 'qwen2p5_math_numina.py')
+  assert qwen.get_config('numina/sft/0').workdir.startswith(qwen.RUNS_DIR + '/')

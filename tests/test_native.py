@@ -17,7 +17,7 @@ _WITH_NATIVE = [case for case in cases.CASES if case.native_loss is not None]
 
 
 def _factor(case, logits, labels):
-  """PAPER.md's positive per-token factor between the native gradient and p - Q (else 1)."""
+  """The positive per-token factor between the native gradient and p - Q (else 1)."""
   p_y = reference.label_prob(reference.softmax(logits), labels)
   if case.name == 'sft_kl':  # -log p_y + lam KL: gradient (1 + lam)(p - Q)
     return np.full_like(p_y, 1.0 + case.hyperparameters['lam'])
