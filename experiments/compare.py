@@ -250,7 +250,9 @@ def base_run(grid, config_path: str, name: str, registry: Registry) -> dict:
             **_measured_record(name, result), 'wall_seconds': round(time.time() - started, 1),
             'finished': time.strftime('%Y-%m-%d %H:%M')}
   seed = int(name.split('/')[1])
-  workdir = ROOT / getattr(grid, 'RUNS_DIR', 'experiments/runs') / 'base' / f'seed{seed}'
+  # The grid's own runs directory; without one, beside the results directory (a test's grid).
+  runs_dir = ROOT / grid.RUNS_DIR if hasattr(grid, 'RUNS_DIR') else registry.dir.parent / 'runs'
+  workdir = runs_dir / 'base' / f'seed{seed}'
   command = [sys.executable, str(pathlib.Path(__file__).resolve()), '_base', '--config',
              config_path, '--seed', str(seed), '--workdir', str(workdir)]
   _subprocess(command, workdir / 'log.txt')

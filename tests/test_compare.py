@@ -121,6 +121,7 @@ def test_paper_grid_runs_records_resumes_and_rescores(tmp_path):
   assert trained['config']['method'] == 'target_sft' and trained['config']['hparams'] == {'eta': 0.5}
   assert trained['final_metrics']['trust'] < 1.0  # Target-SFT's trust is p_y
   assert not (tmp_path / 'runs' / 'numina_sft_0' / 'checkpoints').exists()  # cleaned up
+  assert (tmp_path / 'runs' / 'base' / 'seed0' / 'eval.json').exists()  # beside the results
 
   again = _compare('run', '--config', str(grid), *only, results=results)
   assert again.returncode == 0 and '3 of 3 runs recorded; 0 to go' in again.stdout
