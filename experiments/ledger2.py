@@ -4,9 +4,13 @@ against the issue's budget, the code versions and machines, and the table of eve
 
 import collections
 import math
+import pathlib
 import re
+import subprocess
 
 import numpy as np
+
+import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 CORES = 2  # the grid machine's; CPU seconds / CORES is a run's wall time alone
 BUDGET_HOURS = 12  # issue 18: the whole grid within about 12 hours of machine time
@@ -87,15 +91,65 @@ def status(grid, records, planned, replaced=()):
   if teachers:
     lines += ['', 'Teachers (the priors), greedy test accuracy: ' + ', '.join(
         f"`{r['name']}` {100 * r['accuracy']:.1f}%" for r in teachers) + '.']
-  codes = collections.Counter((r.get('code') or {}).get('commit') for r in records.values())
-  lines += ['', 'Code versions: ' + ', '.join(
-      f'`{(c or "unknown")[:10]}` ({n} runs)' for c, n in codes.most_common()) + '.']
+  lines += code_versions(records)
   hosts = collections.Counter(r.get('machine') for r in records.values())
   if any(hosts):
     lines += ['', 'Machines (`results2/machines.jsonl`; step times are compared only between '
               'runs on the same one): ' + ', '.join(
                   f'{m or "unlisted"} ({n} runs)' for m, n in hosts.most_common()) + '.']
   return lines + ['']
+
+
+# What a run is made of: the trainer and model code, the measurement, the runner and the grid's
+# definition (a change anywhere else cannot move a record).
+RUN_CODE = ('qtarget', 'experiments/measure.py', 'experiments/compare.py',
+            'configs/compare2_smollm2.py', 'configs/smollm2_demo.py', 'setup.cfg')
+
+
+def _changed_files(before: str, after: str, root: pathlib.Path) -> list[str] | None:
+  """The RUN_CODE files that differ between two commits (None where git cannot tell: no
+  repository, or a commit this checkout lacks)."""
+  try:
+    result = subprocess.run(['git', 'diff', '--name-only', before, after, '--', *RUN_CODE],
+                            cwd=root, capture_output=True, text=True, timeout=60, check=False)
+  except (OSError, subprocess.TimeoutExpired):
+    return None
+  return result.stdout.split() if result.returncode == 0 else None
+
+
+def code_versions(records, root: pathlib.Path = stats.ROOT) -> list[str]:
+  """Each commit the runs were trained or measured at, in the order they were first used, with
+  the files of the runs' code that changed from the previous one: where the grid's code
+  changed (issue 18, item 6). PREREGISTRATION.md says why."""
+  first, trained, measured, dirty = {}, collections.Counter(), collections.Counter(), set()
+  for r in sorted(records.values(), key=lambda r: r.get('finished') or ''):
+    for role, counts in (('code', trained), ('measure_code', measured)):
+      code = r.get(role) or {}
+      if code.get('commit'):
+        first.setdefault(code['commit'], r.get('finished') or '-')
+        counts[code['commit']] += 1
+        if code.get('dirty'):
+          dirty.add(code['commit'])
+  if not first:
+    return []
+  lines = ['', 'Code versions, in the order the runs first used them: the runs trained and '
+           "measured at each, and the files of the runs' code (`" + '`, `'.join(RUN_CODE) +
+           '`) changed from the previous version (`git diff --name-only`; PREREGISTRATION.md '
+           'gives the reasons).', '',
+           '| commit | first used (a record finished) | runs trained / measured | changed from '
+           'the previous version |', '|---|---|---|---|']
+  previous = None
+  for commit, when in first.items():
+    if previous is None:
+      change = 'the first version'
+    else:
+      files = _changed_files(previous, commit, root)
+      change = ('unknown (a commit this checkout does not have)' if files is None else
+                ', '.join(f'`{f}`' for f in files) or 'none of them')
+    lines.append(f'| `{commit[:10]}`{" (uncommitted changes)" if commit in dirty else ""} | '
+                 f'{when} | {trained[commit]} / {measured[commit]} | {change} |')
+    previous = commit
+  return lines
 
 
 def run_table(records, superseded=()):

@@ -805,3 +805,37 @@ def test_zero_spread_cells_are_marked_degenerate_wherever_they_appear(grid, tmp_
   assert ('**win** +20.0 ± 0.0 (zero spread: the interval is degenerate, not evidence)' in row)
   lines = findings2._verdict_lines(grid, records, ['chain3_clean'], 'Against')
   assert 'chain3_clean (win +20.0, zero spread: degenerate)' in lines[0], lines
+
+
+def test_code_versions_say_which_files_of_the_runs_code_changed(tmp_path):
+  ledger2 = _experiments_module('ledger2')
+  git = lambda *args: subprocess.run(['git', *args], cwd=tmp_path, check=True,
+                                     capture_output=True, text=True).stdout.strip()
+  git('init', '-q')
+  git('config', 'user.email', 't@t'), git('config', 'user.name', 't')
+  (tmp_path / 'qtarget').mkdir()
+  (tmp_path / 'qtarget' / 'losses.py').write_text('a = 1\n')
+  (tmp_path / 'notes.md').write_text('x\n')
+  git('add', '.'), git('commit', '-qm', 'one')
+  first = git('rev-parse', 'HEAD')
+  (tmp_path / 'notes.md').write_text('y\n')  # not the runs' code
+  git('commit', '-qam', 'two')
+  second = git('rev-parse', 'HEAD')
+  (tmp_path / 'qtarget' / 'losses.py').write_text('a = 2\n')
+  git('commit', '-qam', 'three')
+  third = git('rev-parse', 'HEAD')
+  code = lambda commit, dirty=False: {'commit': commit, 'dirty': dirty}
+  records = {  # in file order, not time order: the table orders by first use
+      'b/sft/0': {'finished': '2026-01-02 00:00', 'code': code(second),
+                  'measure_code': code(third)},
+      'a/sft/0': {'finished': '2026-01-01 00:00', 'code': code(first),
+                  'measure_code': code(first)},
+      'c/sft/0': {'finished': '2026-01-03 00:00', 'code': code('f' * 40, dirty=True)}}
+  rows = [l for l in ledger2.code_versions(records, tmp_path) if l.startswith('| `')]
+  assert rows == [
+      f'| `{first[:10]}` | 2026-01-01 00:00 | 1 / 1 | the first version |',
+      f'| `{second[:10]}` | 2026-01-02 00:00 | 1 / 0 | none of them |',
+      f'| `{third[:10]}` | 2026-01-02 00:00 | 0 / 1 | `qtarget/losses.py` |',
+      '| `ffffffffff` (uncommitted changes) | 2026-01-03 00:00 | 1 / 0 | unknown (a commit '
+      'this checkout does not have) |']
+  assert ledger2.code_versions({'x': {'finished': '-'}}, tmp_path) == []
