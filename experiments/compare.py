@@ -40,7 +40,6 @@ import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 ROOT = stats.ROOT
 DEFAULT_CONFIG = 'configs/compare2_smollm2.py'
-DEFAULT_RESULTS = 'experiments/results'
 
 
 def _log(message: str) -> None:
@@ -426,7 +425,7 @@ def main():
     p = sub.add_parser(command)
     p.add_argument('--config', default=DEFAULT_CONFIG, help='a grid config module')
     p.add_argument('--results_dir', default=None,
-                   help=f"default: the grid's RESULTS_DIR, else {DEFAULT_RESULTS}")
+                   help="default: the grid's RESULTS_DIR (required without one)")
     if command == 'run':
       p.add_argument('--only', nargs='*', help='glob patterns of run names (SETTING/METHOD/SEED)')
       p.add_argument('--max_runs', type=int, default=0, help='stop after this many runs')
@@ -435,20 +434,26 @@ def main():
                      help='start a results directory although planned runs are already trained')
     if command == 'report':
       p.add_argument('--output', default=None,
-                     help="default: the grid's REPORT, else experiments/RESULTS.md")
+                     help="default: the grid's REPORT (required without one)")
     if command == '_base':
       p.add_argument('--seed', type=int, required=True)
       p.add_argument('--workdir', required=True)
   args = parser.parse_args()
-  if args.results_dir is None:
-    args.results_dir = getattr(load_grid(args.config), 'RESULTS_DIR', DEFAULT_RESULTS)
+  if args.results_dir is None and args.command != '_base':
+    # No shared default: a grid recording into another grid's directory would mix their
+    # records (its Base skipped as already recorded) and overwrite the other's report.
+    args.results_dir = getattr(load_grid(args.config), 'RESULTS_DIR', None)
+    if args.results_dir is None:
+      raise SystemExit(f'{args.config} names no RESULTS_DIR: pass --results_dir.')
   if args.command == 'run':
     run(args)
   elif args.command == 'rescore':
     sys.exit(rescore(args))
   elif args.command == 'report':
     grid = load_grid(args.config, args.results_dir)
-    output = ROOT / (args.output or getattr(grid, 'REPORT', 'experiments/RESULTS.md'))
+    if not (args.output or hasattr(grid, 'REPORT')):
+      raise SystemExit(f'{args.config} names no REPORT: pass --output.')
+    output = ROOT / (args.output or grid.REPORT)
     registry = Registry(ROOT / args.results_dir)
     if hasattr(grid, 'run_plan'):  # the pre-registered grid
       import report2  # pylint: disable=g-import-not-at-top  (experiments/report2.py)

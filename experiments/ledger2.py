@@ -91,7 +91,7 @@ def status(grid, records, planned, replaced=()):
   if teachers:
     lines += ['', 'Teachers (the priors), greedy test accuracy: ' + ', '.join(
         f"`{r['name']}` {100 * r['accuracy']:.1f}%" for r in teachers) + '.']
-  lines += code_versions(records)
+  lines += code_versions(list(records.values()) + list(replaced))
   hosts = collections.Counter(r.get('machine') for r in records.values())
   if any(hosts):
     lines += ['', 'Machines (`results2/machines.jsonl`; step times are compared only between '
@@ -100,54 +100,72 @@ def status(grid, records, planned, replaced=()):
   return lines + ['']
 
 
-# What a run is made of: the trainer and model code, the measurement, the runner and the grid's
-# definition (a change anywhere else cannot move a record).
-RUN_CODE = ('qtarget', 'experiments/measure.py', 'experiments/compare.py',
-            'configs/compare2_smollm2.py', 'configs/smollm2_demo.py', 'setup.cfg')
+# The files a run is made of: the trainer and model code, the measurement, the runner and its
+# helpers, and the grid's definition. Any edit counts, comments included; the installed
+# libraries are not in git, and the parts of qtarget/ a run never imports are listed too.
+RUN_CODE = ('qtarget/', 'experiments/measure.py', 'experiments/compare.py',
+            'experiments/stats.py', 'configs/compare2_smollm2.py', 'configs/smollm2_demo.py')
 
 
-def _changed_files(before: str, after: str, root: pathlib.Path) -> list[str] | None:
-  """The RUN_CODE files that differ between two commits (None where git cannot tell: no
-  repository, or a commit this checkout lacks)."""
+def _git(root: pathlib.Path, *args) -> str | None:
+  """git's output, or None where git cannot answer (no git, not a repository, a commit this
+  checkout lacks: a shallow clone or an archive)."""
   try:
-    result = subprocess.run(['git', 'diff', '--name-only', before, after, '--', *RUN_CODE],
-                            cwd=root, capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(['git', *args], cwd=root, capture_output=True, text=True,
+                            timeout=60, check=False)
   except (OSError, subprocess.TimeoutExpired):
     return None
-  return result.stdout.split() if result.returncode == 0 else None
+  return result.stdout if result.returncode == 0 else None
 
 
-def code_versions(records, root: pathlib.Path = stats.ROOT) -> list[str]:
-  """Each commit the runs were trained or measured at, in the order they were first used, with
-  the files of the runs' code that changed from the previous one: where the grid's code
-  changed (issue 18, item 6). PREREGISTRATION.md says why."""
-  first, trained, measured, dirty = {}, collections.Counter(), collections.Counter(), set()
-  for r in sorted(records.values(), key=lambda r: r.get('finished') or ''):
-    for role, counts in (('code', trained), ('measure_code', measured)):
+def code_versions(records: list[dict], root: pathlib.Path = stats.ROOT) -> list[str]:
+  """Each commit the records (replaced ones included) were trained or measured at, in the order
+  of their first finished record, with the files of RUN_CODE changed from the previous commit
+  and the commits between that changed them: where the grid's code changed (issue 18, item 6).
+  Base is measured, never trained: its ``code`` counts as measured."""
+  first, trained, measured = {}, collections.Counter(), collections.Counter()
+  dirty = collections.Counter()
+  for r in sorted(records, key=lambda r: r.get('finished') or ''):
+    if r.get('method') == 'base':  # never trained: measured at its only commit
+      roles = [('measure_code' if r.get('measure_code') else 'code', measured)]
+    else:  # trained at 'code', measured at 'measure_code' where it has one
+      roles = [('code', trained), ('measure_code' if r.get('measure_code') else 'code', measured)]
+    dirty_in = set()
+    for role, counts in roles:
       code = r.get(role) or {}
       if code.get('commit'):
         first.setdefault(code['commit'], r.get('finished') or '-')
         counts[code['commit']] += 1
         if code.get('dirty'):
-          dirty.add(code['commit'])
+          dirty_in.add(code['commit'])
+    dirty.update(dirty_in)  # a record counts once per commit
   if not first:
     return []
-  lines = ['', 'Code versions, in the order the runs first used them: the runs trained and '
-           "measured at each, and the files of the runs' code (`" + '`, `'.join(RUN_CODE) +
-           '`) changed from the previous version (`git diff --name-only`; PREREGISTRATION.md '
-           'gives the reasons).', '',
-           '| commit | first used (a record finished) | runs trained / measured | changed from '
-           'the previous version |', '|---|---|---|---|']
+  lines = ['', "Code versions. Each commit the runs' records were trained or measured at "
+           '(replaced records included; Base is measured only), in the order of its first '
+           'finished record, with the files of the runs\' code changed from the previous one '
+           '(`git diff --name-only` over `' + '`, `'.join(RUN_CODE) + '`: any edit counts, '
+           'comments included) and the commits in between that changed them (`git show` '
+           'gives each one\'s reason; PREREGISTRATION.md the plan\'s changes). These two columns '
+           'come from the checkout\'s git history, not from the records.', '',
+           '| commit | first record finished | records trained / measured | files changed from '
+           'the previous commit | commits that changed them |', '|---|---|---|---|---|']
   previous = None
   for commit, when in first.items():
+    files = between = None
+    if previous is not None:
+      files = _git(root, 'diff', '--name-only', '-z', previous, commit, '--', *RUN_CODE)
+      between = _git(root, 'log', '--format=%h', f'{previous}..{commit}', '--', *RUN_CODE)
     if previous is None:
-      change = 'the first version'
+      change, via = 'the first version', '-'
+    elif files is None or between is None:
+      change, via = 'unknown: git could not compare the two here', '-'
     else:
-      files = _changed_files(previous, commit, root)
-      change = ('unknown (a commit this checkout does not have)' if files is None else
-                ', '.join(f'`{f}`' for f in files) or 'none of them')
-    lines.append(f'| `{commit[:10]}`{" (uncommitted changes)" if commit in dirty else ""} | '
-                 f'{when} | {trained[commit]} / {measured[commit]} | {change} |')
+      change = ', '.join(f'`{f}`' for f in files.split('\0') if f) or 'none'
+      via = ', '.join(f'`{h}`' for h in between.split()) or '-'
+    note = f' ({dirty[commit]} with uncommitted changes)' if dirty[commit] else ''
+    lines.append(f'| `{commit[:10]}` | {when} | {trained[commit]} / {measured[commit]}{note} | '
+                 f'{change} | {via} |')
     previous = commit
   return lines
 

@@ -2,8 +2,8 @@
 RESULTS_exploratory.md, the paper grid's RESULTS_qwen.md) and its plots, from the grid's
 runs.jsonl (compare.py ``report``; the pre-registered grid's is report2.py).
 
-Everything in the file is computed from the recorded runs; the discussion is kept by hand in
-``experiments/discussion.md`` and included verbatim.
+Everything in the file is computed from the recorded runs; the exploratory grid's discussion is
+kept by hand in ``experiments/discussion.md`` and included verbatim.
 """
 
 import collections
@@ -161,7 +161,7 @@ def _eta_of(grid, method: str):
   return None
 
 
-def _plots(grid, records, out_dir: pathlib.Path) -> list[str]:
+def _plots(grid, records, out_dir: pathlib.Path, prefix: str = '') -> list[str]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -184,9 +184,9 @@ def _plots(grid, records, out_dir: pathlib.Path) -> list[str]:
   ax.set_title('Target-SFT: accuracy against eta (95% intervals over seeds)')
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(out_dir / 'accuracy_vs_eta.png', dpi=120)
+  fig.savefig(out_dir / f'{prefix}accuracy_vs_eta.png', dpi=120)
   plt.close(fig)
-  written.append('accuracy_vs_eta.png')
+  written.append(f'{prefix}accuracy_vs_eta.png')
   # Accuracy against the fraction of corrupted demonstrations (single-rationale settings).
   noise = {s: spec['rationale'].get('corrupt_fraction', 0.0) for s, spec in grid.SETTINGS.items()
            if spec['rationale'].get('variants', 1) == 1}
@@ -205,9 +205,9 @@ def _plots(grid, records, out_dir: pathlib.Path) -> list[str]:
     ax.set_title('Accuracy against demonstration noise')
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out_dir / 'accuracy_vs_noise.png', dpi=120)
+    fig.savefig(out_dir / f'{prefix}accuracy_vs_noise.png', dpi=120)
     plt.close(fig)
-    written.append('accuracy_vs_noise.png')
+    written.append(f'{prefix}accuracy_vs_noise.png')
   return written
 
 
@@ -248,8 +248,11 @@ def write(grid, registry, output: pathlib.Path, args, expected_runs: list[str]) 
                f'{grid.get_config(expected[-1]).steps} steps and the evaluation), so the whole grid '
                f'needs about {(sum(per_run) / len(per_run)) * sum(1 for n in expected if "/" in n and not n.startswith("base/")) / 3600:.1f} h '
                'of this machine plus the teacher and Base.' if per_run else ''), '']
+  # The exploratory grid's own task selection, discussion and plot names; another grid (the
+  # paper's) gets none of them and plots named after its report.
+  exploratory = getattr(grid, 'EXPLORATORY', False)
   selection = output.parent / 'results' / 'task_selection.jsonl'
-  if selection.exists():
+  if exploratory and selection.exists():
     lines += ['## Task selection (before any comparison)', '',
               'Base accuracy of the untouched model on 64 held-out problems of each candidate '
               '(`python experiments/select_tasks.py`; greedy, and Average@4 / pass@4 at '
@@ -298,9 +301,9 @@ def write(grid, registry, output: pathlib.Path, args, expected_runs: list[str]) 
   for setting, spec in grid.SETTINGS.items():
     lines.append(f'- `{setting}`: {spec}')
   discussion = output.parent / 'discussion.md'
-  if discussion.exists():
+  if exploratory and discussion.exists():
     lines += ['', discussion.read_text().strip()]
-  figures = _plots(grid, records, output.parent)
+  figures = _plots(grid, records, output.parent, '' if exploratory else output.stem + '_')
   lines += ['', '## Plots', ''] + [f'![{f}]({f})' for f in figures]
   total = sum(r['wall_seconds'] for r in records)
   lines += ['', '## Runs', '',

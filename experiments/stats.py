@@ -46,7 +46,8 @@ def write_json_lines(path: pathlib.Path, objects: list[dict], append: bool = Fal
   """Writes ``objects`` one per line to ``path`` (after its lines with ``append``). The file is
   written whole to a temporary file beside it and renamed into place, holding a lock on the
   directory: a process killed while writing leaves the previous file, never a torn line, and
-  two processes recording into one results directory both keep their records."""
+  two processes appending to one file both keep their lines (a caller that reads, changes and
+  writes the whole list back is not protected between its read and this write)."""
   path = pathlib.Path(path)
   directory = os.open(path.parent, os.O_RDONLY)
   try:
@@ -64,6 +65,7 @@ def write_json_lines(path: pathlib.Path, objects: list[dict], append: bool = Fal
         os.fsync(f.fileno())
       os.chmod(partial, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
       os.replace(partial, path)
+      os.fsync(directory)  # the rename itself, on disk
     except BaseException:
       pathlib.Path(partial).unlink(missing_ok=True)
       raise

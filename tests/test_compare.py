@@ -140,7 +140,9 @@ def test_paper_grid_runs_records_resumes_and_rescores(tmp_path):
   assert report.returncode == 0, report.stderr
   text = (tmp_path / 'R.md').read_text()
   assert '| base (no training) |' in text and 'numina/sft/0' in text
-  assert (tmp_path / 'accuracy_vs_eta.png').exists()
+  # Not the exploratory grid: plots named after the report, no exploratory discussion.
+  assert (tmp_path / 'R_accuracy_vs_eta.png').exists() and '![R_accuracy_vs_eta.png]' in text
+  assert 'Exploratory grid' not in text and '## Task selection' not in text
 
 
 _TEACHER_GRID = '''
@@ -305,3 +307,17 @@ def test_every_grid_config_keeps_its_own_runs_records_and_report():
     assert len(set(used)) == len(used), used
   qwen = config_files.load_module(ROOT / 'configs' / 'qwen2p5_math_numina.py')
   assert qwen.get_config('numina/sft/0').workdir.startswith(qwen.RUNS_DIR + '/')
+
+
+def test_a_grid_naming_no_results_dir_or_report_is_refused_without_the_flag(tmp_path):
+  grid = tmp_path / 'grid.py'
+  grid.write_text("SETTINGS, METHODS, SEEDS = {'a': {}}, {'sft': None}, (0,)\n"
+                  'def get_config(name):\n  raise AssertionError(name)\n')
+  run = lambda *args: subprocess.run(
+      [sys.executable, str(ROOT / 'experiments' / 'compare.py'), *args, '--config', str(grid)],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+      timeout=300)
+  refused = run('rescore')
+  assert refused.returncode != 0 and 'names no RESULTS_DIR: pass --results_dir' in refused.stderr
+  refused = run('report', '--results_dir', str(tmp_path / 'results'))
+  assert refused.returncode != 0 and 'names no REPORT: pass --output' in refused.stderr

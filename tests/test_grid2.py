@@ -825,17 +825,18 @@ def test_code_versions_say_which_files_of_the_runs_code_changed(tmp_path):
   git('commit', '-qam', 'three')
   third = git('rev-parse', 'HEAD')
   code = lambda commit, dirty=False: {'commit': commit, 'dirty': dirty}
-  records = {  # in file order, not time order: the table orders by first use
-      'b/sft/0': {'finished': '2026-01-02 00:00', 'code': code(second),
-                  'measure_code': code(third)},
-      'a/sft/0': {'finished': '2026-01-01 00:00', 'code': code(first),
-                  'measure_code': code(first)},
-      'c/sft/0': {'finished': '2026-01-03 00:00', 'code': code('f' * 40, dirty=True)}}
+  records = [  # in file order, not time order: the table orders by first use
+      {'finished': '2026-01-02 00:00', 'code': code(second), 'measure_code': code(third)},
+      {'finished': '2026-01-01 00:00', 'code': code(first), 'measure_code': code(first)},
+      {'finished': '2026-01-01 00:01', 'method': 'base', 'code': code(first)},  # measured only
+      {'finished': '2026-01-03 00:00', 'code': code('f' * 40, dirty=True)},  # not in this repo;
+      # no measure_code: measured in its training process, at its code
+      {'finished': '2026-01-04 00:00', 'code': code(third), 'measure_code': code(third)}]
   rows = [l for l in ledger2.code_versions(records, tmp_path) if l.startswith('| `')]
   assert rows == [
-      f'| `{first[:10]}` | 2026-01-01 00:00 | 1 / 1 | the first version |',
-      f'| `{second[:10]}` | 2026-01-02 00:00 | 1 / 0 | none of them |',
-      f'| `{third[:10]}` | 2026-01-02 00:00 | 0 / 1 | `qtarget/losses.py` |',
-      '| `ffffffffff` (uncommitted changes) | 2026-01-03 00:00 | 1 / 0 | unknown (a commit '
-      'this checkout does not have) |']
-  assert ledger2.code_versions({'x': {'finished': '-'}}, tmp_path) == []
+      f'| `{first[:10]}` | 2026-01-01 00:00 | 1 / 2 | the first version | - |',
+      f'| `{second[:10]}` | 2026-01-02 00:00 | 1 / 0 | none | - |',
+      f'| `{third[:10]}` | 2026-01-02 00:00 | 1 / 2 | `qtarget/losses.py` | `{third[:7]}` |',
+      '| `ffffffffff` | 2026-01-03 00:00 | 1 / 1 (1 with uncommitted changes) | unknown: git '
+      'could not compare the two here | - |']
+  assert ledger2.code_versions([{'finished': '-'}], tmp_path) == []
