@@ -15,17 +15,7 @@ import records2  # pylint: disable=import-error  (experiments/records2.py)
 import reproduce2  # pylint: disable=import-error  (experiments/reproduce2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
-_PRIOR_QUALITY = 'chain3_noisy_weak'
-
-
-def _kind(name: str, grid) -> str:
-  parts = name.split('/')
-  if parts[0] in ('teacher', 'base'):
-    return 'prior-quality axis' if name == 'teacher/chain3_weak' else 'teachers and Base'
-  if parts[0] == _PRIOR_QUALITY:
-    return 'prior-quality axis'
-  family = grid.family(parts[1])
-  return 'primary' if parts[1] in grid.PRIMARY_FIXED or family == 'target_sft' else 'secondary'
+_PRIOR_QUALITY = records2.PRIOR_QUALITY
 
 
 def _verdict_counts(grid, records, settings, seeds_allowed=None):
@@ -114,7 +104,7 @@ def _summary(grid, records, planned, reproductions) -> list[str]:
           f'{100 * (np.mean(noisy) - np.mean(clean)):+.1f} points, {interval}.')
   lines += _question_bullets(grid, records)
   lines += reproduce2.summary_line(reproductions)
-  missing = collections.Counter(_kind(n, grid) for n in planned if n not in records)
+  missing = collections.Counter(records2.run_kind(grid, n) for n in planned if n not in records)
   unselected = [s for s in grid.SETTINGS
                 if records2.selected_method(grid, s, 'target_sft') is None]
   lines.append('- Not run yet: ' + (', '.join(f'{n} {kind} run(s)' for kind, n in sorted(

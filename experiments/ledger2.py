@@ -10,6 +10,7 @@ import subprocess
 
 import numpy as np
 
+import records2  # pylint: disable=import-error  (experiments/records2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 CORES = 2  # the grid machine's; CPU seconds / CORES is a run's wall time alone
@@ -49,6 +50,10 @@ def status(grid, records, planned, replaced=()):
     rate = lambda v: median(walls[v]) or median(walls[not v])
     shown = lambda xs: f'{median(xs):.0f} s ({len(xs)} runs)' if xs else 'none yet'
     left = sum(rate(validated(n)) for n in missing if n.count('/') == 2)
+    by_kind = collections.defaultdict(float)  # what each of the budget's cuts would save
+    for n in missing:
+      if n.count('/') == 2:
+        by_kind[records2.run_kind(grid, n)] += rate(validated(n))
     families = sorted({grid.task_family_of(r['name']) for r in trained})
     unmeasured = sorted(set(grid.TASKS) - set(families))
     lines += ['', 'Measured wall time per run (training, export and measurement), median' + (
@@ -60,7 +65,9 @@ def status(grid, records, planned, replaced=()):
               'the estimates); CPU '
               f'seconds, recorded from PREREGISTRATION change 14 on: {shown(cpus[True])} and '
               f'{shown(cpus[False])}. At these rates the {len(missing)} planned runs still to go '
-              f'need about {left / 3600:.1f} h' + (
+              f'need about {left / 3600:.1f} h (' + ', '.join(
+                  f'{kind} {hours / 3600:.1f} h' for kind, hours in sorted(by_kind.items())) +
+              ')' + (
                   f' (no run of {", ".join(unmeasured)} is trained yet; products2 generates up '
                   'to twice the tokens of chain3, so this is low)' if unmeasured else '') + '.']
     if cpus[True] or cpus[False]:

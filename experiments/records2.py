@@ -14,6 +14,19 @@ import stats  # pylint: disable=import-error  (experiments/stats.py)
 BASELINES = ('sft', 'dft', 'distill', 'label_smoothing', 'sft_kl', 'asft')
 BOOTSTRAP_RESAMPLES = 10_000
 ZERO_SPREAD = 1e-9  # a standard deviation below this is rounding (accuracies are k / problems)
+PRIOR_QUALITY = 'chain3_noisy_weak'  # the setting with the weaker teacher as its prior
+
+
+def run_kind(grid, name: str) -> str:
+  """What a run name is in the plan: 'primary', 'secondary', 'prior-quality axis', or
+  'teachers and Base' (the kinds the run order and the budget's cuts go by)."""
+  parts = name.split('/')
+  if parts[0] in ('teacher', 'base'):
+    return 'prior-quality axis' if name == 'teacher/chain3_weak' else 'teachers and Base'
+  if parts[0] == PRIOR_QUALITY:
+    return 'prior-quality axis'
+  family = grid.family(parts[1])
+  return 'primary' if parts[1] in grid.PRIMARY_FIXED or family == 'target_sft' else 'secondary'
 
 
 def scores(record, label='test_greedy') -> tuple[list[str], np.ndarray]:

@@ -265,7 +265,7 @@ def test_report_pairs_seeds_bootstraps_and_gives_verdicts(grid, tmp_path, monkey
   assert '| chain3_clean/sft/0 | 95.0 | 2026-01-01 00:00 |' in text
   assert '| chain3_clean/sft/0 | 95.0 |' not in text.split('Records a later record')[0]
   assert 'Runs trained again' not in text
-  assert 'the 2 planned runs still to go need about 0.1 h' in text
+  assert 'the 2 planned runs still to go need about 0.1 h (primary 0.1 h)' in text
   assert 'the runs still to go need about 0.2 h' in text
   assert '| chain3_clean | 0.5 | **win** +' in text and '**tie**' in text
   assert '| target_sft_eta0.5 | 1.30 / 1.30 (5) |' in text  # step time relative to SFT
