@@ -9,32 +9,17 @@ import pathlib
 import stat
 import tempfile
 
+from qtarget import jsonl
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def read_json_lines(path: pathlib.Path, required: tuple[str, ...] = ()) -> list[dict]:
-  """The objects of a JSON-lines file (runs.jsonl, machines.jsonl) in file order, blank lines
-  skipped; [] when the file does not exist. A line that is not a JSON object, or lacks one of
-  the ``required`` fields, is a ValueError naming the file and the line."""
+  """The records of a JSON-lines file (runs.jsonl, machines.jsonl) in file order, [] when the
+  file does not exist; a bad line or one without a ``required`` field is the ValueError of
+  ``qtarget.jsonl.read_objects``, naming the file and the line."""
   path = pathlib.Path(path)
-  if not path.exists():
-    return []
-  objects = []
-  for number, line in enumerate(path.read_text(encoding='utf-8').split('\n'), 1):
-    if not line.strip():
-      continue
-    try:
-      value = json.loads(line)
-    except json.JSONDecodeError as error:
-      raise ValueError(f'{path}, line {number}: not JSON ({error.msg} at column '
-                       f'{error.colno}).') from None
-    if not isinstance(value, dict):
-      raise ValueError(f'{path}, line {number}: a JSON {type(value).__name__}, not an object.')
-    missing = [field for field in required if field not in value]
-    if missing:
-      raise ValueError(f'{path}, line {number}: no {", ".join(missing)} field.')
-    objects.append(value)
-  return objects
+  return jsonl.read_objects(path, required, what='record') if path.exists() else []
 
 
 def last_of_each_name(lines: list[dict]) -> dict[str, dict]:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qtarget import jsonl
 from qtarget.data import records as records_lib
 
 # Prompts after their shared prefix are padded up to a multiple of this, to limit recompiles.
@@ -247,23 +248,7 @@ def read_predictions(path, fields=('question', 'score')) -> list[dict]:
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'{path}: no such predictions file.')
-  rows = []
-  for number, line in enumerate(path.read_text().splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as error:
-      raise ValueError(f'{path}, line {number}, column {error.colno}: not JSON '
-                       f'({error.msg}).') from None
-    if not isinstance(row, dict):
-      raise ValueError(f'{path}, line {number}: expected a JSON object, got '
-                       f'{type(row).__name__}.')
-    missing = [f for f in fields if f not in row]
-    if missing:
-      raise ValueError(f'{path}, line {number}: the prediction has no {", ".join(missing)} '
-                       f'(it has {", ".join(sorted(row)) or "nothing"}).')
-    rows.append(row)
+  rows = jsonl.read_objects(path, required=fields, what='prediction')
   if not rows:
     raise ValueError(f'{path}: no predictions in the file.')
   return rows

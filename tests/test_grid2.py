@@ -550,10 +550,10 @@ def test_one_json_lines_reader_names_the_bad_line_and_recording_is_atomic(tmp_pa
   path.write_text('{"name": "a"}\n\n{"name": "b"}\n')
   assert stats.read_json_lines(path) == [{'name': 'a'}, {'name': 'b'}]  # blank line skipped
   path.write_text('{"name": "a"}\n{"name": "b", "acc\n')  # a torn last line
-  with pytest.raises(ValueError, match=r'runs.jsonl, line 2: not JSON \(.* at column 15\)'):
+  with pytest.raises(ValueError, match=r'runs.jsonl, line 2, column 15: not JSON \(.*\)'):
     stats.read_json_lines(path)
   path.write_text('{"name": "a"}\n[1, 2]\n')
-  with pytest.raises(ValueError, match='line 2: a JSON list, not an object'):
+  with pytest.raises(ValueError, match='line 2: expected a JSON object, got list'):
     stats.read_json_lines(path)
   registry = compare.Registry(tmp_path / 'results')
   assert registry.records() == {} and registry.lines() == []
@@ -568,7 +568,8 @@ def test_one_json_lines_reader_names_the_bad_line_and_recording_is_atomic(tmp_pa
   registry.add({'name': 'z/sft/0'})
   assert [r['name'] for r in registry.lines()] == ['x/sft/0', 'x/sft/0', 'y/sft/0', 'z/sft/0']
   registry.path.write_text('\n{"accuracy": 0.1}\n')
-  with pytest.raises(ValueError, match='runs.jsonl, line 2: no name field'):
+  with pytest.raises(ValueError,
+                     match=r'runs.jsonl, line 2: the record has no name \(it has accuracy\)'):
     registry.records()
 
 
