@@ -69,8 +69,7 @@ def _run_config(grid, name: str):
 
 def code_version() -> dict:
   """The commit the code runs at, and whether tracked files differ from it."""
-  def git(*args):
-    return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True).stdout
+  git = lambda *args: stats.git(ROOT, *args) or ''  # '' where git cannot answer
   return {'commit': git('rev-parse', 'HEAD').strip() or None,
           'dirty': bool(git('status', '--porcelain', '--untracked-files=no').strip())}
 

@@ -6,7 +6,6 @@ import collections
 import math
 import pathlib
 import re
-import subprocess
 
 import numpy as np
 
@@ -114,17 +113,6 @@ RUN_CODE = ('qtarget/', 'experiments/measure.py', 'experiments/compare.py',
             'experiments/stats.py', 'configs/compare2_smollm2.py', 'configs/smollm2_demo.py')
 
 
-def _git(root: pathlib.Path, *args) -> str | None:
-  """git's output, or None where git cannot answer (no git, not a repository, a commit this
-  checkout lacks: a shallow clone or an archive)."""
-  try:
-    result = subprocess.run(['git', *args], cwd=root, capture_output=True, text=True,
-                            timeout=60, check=False)
-  except (OSError, subprocess.TimeoutExpired):
-    return None
-  return result.stdout if result.returncode == 0 else None
-
-
 def code_versions(records: list[dict], root: pathlib.Path = stats.ROOT) -> list[str]:
   """Each commit the records (replaced ones included) were trained or measured at, in the order
   of their first finished record, with the files of RUN_CODE changed from the previous commit
@@ -161,8 +149,8 @@ def code_versions(records: list[dict], root: pathlib.Path = stats.ROOT) -> list[
   for commit, when in first.items():
     files = between = None
     if previous is not None:
-      files = _git(root, 'diff', '--name-only', '-z', previous, commit, '--', *RUN_CODE)
-      between = _git(root, 'log', '--format=%h', f'{previous}..{commit}', '--', *RUN_CODE)
+      files = stats.git(root, 'diff', '--name-only', '-z', previous, commit, '--', *RUN_CODE)
+      between = stats.git(root, 'log', '--format=%h', f'{previous}..{commit}', '--', *RUN_CODE)
     if previous is None:
       change, via = 'the first version', '-'
     elif files is None or between is None:

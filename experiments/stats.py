@@ -1,5 +1,5 @@
-"""What both compare.py and report.py need: the repository root, the one reader of the grids'
-JSON-lines files and seed-level intervals."""
+"""What both compare.py and report.py need: the repository root, git, the reader and writer of
+the grids' JSON-lines files and seed-level intervals."""
 
 import fcntl
 import json
@@ -7,6 +7,7 @@ import math
 import os
 import pathlib
 import stat
+import subprocess
 import tempfile
 
 from qtarget import jsonl
@@ -20,6 +21,17 @@ def read_json_lines(path: pathlib.Path, required: tuple[str, ...] = ()) -> list[
   ``qtarget.jsonl.read_objects``, naming the file and the line."""
   path = pathlib.Path(path)
   return jsonl.read_objects(path, required, what='record') if path.exists() else []
+
+
+def git(root: pathlib.Path, *args) -> str | None:
+  """git's output in ``root``, or None where git cannot answer (no git, not a repository, a
+  commit this checkout lacks: a shallow clone or an archive)."""
+  try:
+    result = subprocess.run(['git', *args], cwd=root, capture_output=True, text=True,
+                            timeout=60, check=False)
+  except (OSError, subprocess.TimeoutExpired):
+    return None
+  return result.stdout if result.returncode == 0 else None
 
 
 def last_of_each_name(lines: list[dict]) -> dict[str, dict]:
