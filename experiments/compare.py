@@ -32,6 +32,7 @@ import os
 import pathlib
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -369,7 +370,7 @@ def run(args) -> None:
             else f'(base evaluation) {name}')
     return
   registry.path.touch()  # started here: an interrupted first run resumes without the check
-  started, count = time.time(), 0
+  started, count, student_seconds = time.time(), 0, []
   while todo and not (args.max_runs and count >= args.max_runs):
     name, count = todo[0], count + 1
     _log(f'[{count}/{count + len(todo) - 1}] {name} ...')
@@ -379,10 +380,24 @@ def run(args) -> None:
     clean_up(grid, name)  # after the record: a kill in between leaves files, not a hole
     done[name] = record
     names, todo = _todo(grid, done, args.only)  # a selection may have added runs
-    elapsed = time.time() - started
+    if not (is_teacher(name) or name.startswith('base/')):
+      student_seconds.append(record['wall_seconds'])
     _log(f'{name}: accuracy {record["accuracy"]:.3f} in {record["wall_seconds"]:.0f} s '
-         f'(session so far {elapsed / 60:.1f} min; about '
-         f'{elapsed / count * len(todo) / 60:.0f} min left for the {len(todo)} runs planned)')
+         f'(session so far {(time.time() - started) / 60:.1f} min; '
+         f'{_time_left(todo, student_seconds)})')
+
+
+def _time_left(todo: list[str], student_seconds: list[float]) -> str:
+  """The time the planned runs still need, at this session's median student run: teachers
+  (minutes each) and Base would skew a mean of every run so far."""
+  students = [n for n in todo if not (is_teacher(n) or n.startswith('base/'))]
+  others = len(todo) - len(students)
+  if not student_seconds:
+    return f'{len(todo)} runs planned; a time estimate after the first student run'
+  minutes = statistics.median(student_seconds) * len(students) / 60
+  return (f'about {minutes:.0f} min left for the {len(students)} student runs planned, at this '
+          f'session\'s median of {len(student_seconds)}' +
+          (f', plus {others} teacher or Base run(s)' if others else ''))
 
 
 # Statistics and the report.

@@ -41,13 +41,18 @@ def load(path: pathlib.Path) -> list[dict]:
 def record(path: pathlib.Path, now: str | None = None) -> dict:
   """Appends this machine to ``path`` unless it is the last one listed; returns the entry in
   force."""
-  machines, cpu = load(path), describe()
-  if machines and machines[-1]['cpu'] == cpu:
-    return machines[-1]
-  entry = {'since': now or time.strftime('%Y-%m-%d %H:%M'), 'cpu': cpu,
-           'source': 'experiments/machines.py'}
-  stats.write_json_lines(path, [entry], append=True)
-  return entry
+  cpu, in_force = describe(), []
+
+  def add_if_new(machines: list[dict]) -> list[dict] | None:
+    if machines and machines[-1]['cpu'] == cpu:
+      in_force.append(machines[-1])
+      return None
+    in_force.append({'since': now or time.strftime('%Y-%m-%d %H:%M'), 'cpu': cpu,
+                     'source': 'experiments/machines.py'})
+    return machines + in_force
+
+  stats.update_json_lines(path, add_if_new, required=('since', 'cpu'))
+  return in_force[0]
 
 
 def machine_of(run: dict, machines: list[dict]) -> str | None:

@@ -160,9 +160,8 @@ def keep(source: pathlib.Path) -> list[str]:
   record of the same name there is replaced), naming this machine; returns the names."""
   target = stats.ROOT / DIRECTORY
   (target / 'predictions').mkdir(parents=True, exist_ok=True)
-  previous = {r['name']: r for r in _kept()}
   relative = source.relative_to(source.parents[1])  # experiments/<results dir>
-  added = []
+  added = {}
   for record in stats.read_json_lines(source / 'runs.jsonl', required=('name',)):
     if record['name'].startswith('teacher/'):
       continue
@@ -173,10 +172,12 @@ def keep(source: pathlib.Path) -> list[str]:
         entry['predictions'] = f'{DIRECTORY}/predictions/{name}'
     record['predictions'] = str(record.get('predictions', '')).replace(str(relative), DIRECTORY)
     record['machine'] = machines.describe()
-    previous[record['name']] = record
-    added.append(record['name'])
-  stats.write_json_lines(target / 'runs.jsonl', list(previous.values()))
-  return added
+    added[record['name']] = record
+  # The kept records are read again under the write's lock, so a concurrent keep is not lost.
+  stats.update_json_lines(
+      target / 'runs.jsonl', lambda kept: list({**stats.last_of_each_name(kept), **added}.values()),
+      required=('name',))
+  return list(added)
 
 
 def main():

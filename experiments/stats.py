@@ -1,6 +1,7 @@
 """What both compare.py and report.py need: the repository root, git, the reader and writer of
 the grids' JSON-lines files and seed-level intervals."""
 
+import contextlib
 import fcntl
 import json
 import math
@@ -39,35 +40,59 @@ def last_of_each_name(lines: list[dict]) -> dict[str, dict]:
   return {r['name']: r for r in lines}
 
 
-def write_json_lines(path: pathlib.Path, objects: list[dict], append: bool = False) -> None:
-  """Writes ``objects`` one per line to ``path`` (after its lines with ``append``). The file is
-  written whole to a temporary file beside it and renamed into place, holding a lock on the
-  directory: a process killed while writing leaves the previous file, never a torn line, and
-  two processes appending to one file both keep their lines (a caller that reads, changes and
-  writes the whole list back is not protected between its read and this write)."""
-  path = pathlib.Path(path)
+@contextlib.contextmanager
+def _directory_locked(path: pathlib.Path):
+  """An exclusive lock on ``path``'s directory (held until the block ends), yielding the
+  directory's descriptor: every writer of the grids' files in that directory takes it."""
   directory = os.open(path.parent, os.O_RDONLY)
   try:
     fcntl.flock(directory, fcntl.LOCK_EX)
+    yield directory
+  finally:
+    os.close(directory)  # releases the lock
+
+
+def _replace(path: pathlib.Path, objects: list[dict], directory: int, prefix: str = '') -> None:
+  """``prefix`` and then ``objects`` one per line, written to a temporary file beside ``path``,
+  synced and renamed into place: a process killed meanwhile leaves the previous file."""
+  handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.partial')
+  try:
+    with os.fdopen(handle, 'w', encoding='utf-8') as f:
+      f.write(prefix + ''.join(json.dumps(o) + '\n' for o in objects))
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(partial, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
+    os.replace(partial, path)
+    os.fsync(directory)  # the rename itself, on disk
+  except BaseException:
+    pathlib.Path(partial).unlink(missing_ok=True)
+    raise
+
+
+def write_json_lines(path: pathlib.Path, objects: list[dict], append: bool = False) -> None:
+  """Writes ``objects`` one per line to ``path`` (after its lines with ``append``), whole and
+  renamed into place under the directory's lock: a process killed while writing leaves the
+  previous file, never a torn line, and two processes appending to one file both keep their
+  lines. A caller that reads, changes and writes back uses ``update_json_lines``."""
+  path = pathlib.Path(path)
+  with _directory_locked(path) as directory:
     text = path.read_text(encoding='utf-8') if append and path.exists() else ''
     if text and not text.endswith('\n'):  # a last line written by hand
       text += '\n'
-    text += ''.join(json.dumps(o) + '\n' for o in objects)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.',
-                                       suffix='.partial')
-    try:
-      with os.fdopen(handle, 'w', encoding='utf-8') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-      os.chmod(partial, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
-      os.replace(partial, path)
-      os.fsync(directory)  # the rename itself, on disk
-    except BaseException:
-      pathlib.Path(partial).unlink(missing_ok=True)
-      raise
-  finally:
-    os.close(directory)  # releases the lock
+    _replace(path, objects, directory, prefix=text)
+
+
+def update_json_lines(path: pathlib.Path, change, required: tuple[str, ...] = ()):
+  """Reads ``path``'s records (as ``read_json_lines``), passes them to ``change`` and writes
+  back the list it returns (nothing when it returns None), all under one lock: another
+  writer's lines cannot land between the read and the write and be lost. Returns what
+  ``change`` returned."""
+  path = pathlib.Path(path)
+  with _directory_locked(path) as directory:
+    changed = change(read_json_lines(path, required))
+    if changed is not None:
+      _replace(path, changed, directory)
+    return changed
 
 
 # Student-t 97.5% quantiles by degrees of freedom, to three decimals.

@@ -321,3 +321,18 @@ def test_a_grid_naming_no_results_dir_or_report_is_refused_without_the_flag(tmp_
   assert refused.returncode != 0 and 'names no RESULTS_DIR: pass --results_dir' in refused.stderr
   refused = run('report', '--results_dir', str(tmp_path / 'results'))
   assert refused.returncode != 0 and 'names no REPORT: pass --output' in refused.stderr
+
+
+def test_time_left_counts_student_runs_at_their_median_only():
+  sys.path.insert(0, str(ROOT / 'experiments'))
+  try:
+    import compare  # pylint: disable=g-import-not-at-top  (experiments/compare.py)
+  finally:
+    sys.path.pop(0)
+  todo = ['teacher/chain3', 'base/0', 'chain3_clean/sft/4', 'chain3_clean/dft/4']
+  assert 'after the first student run' in compare._time_left(todo, [])  # pylint: disable=protected-access
+  # Median of 200, 240 and 1000 s is 240 s; two student runs to go: 8 min, the teacher and Base
+  # named apart (a mean over everything so far would be 480 s a run, 16 min).
+  left = compare._time_left(todo, [200.0, 1000.0, 240.0])  # pylint: disable=protected-access
+  assert left.startswith('about 8 min left for the 2 student runs planned'), left
+  assert left.endswith('plus 2 teacher or Base run(s)'), left

@@ -602,6 +602,28 @@ def test_recording_a_run_is_atomic_and_two_writers_keep_both_records(tmp_path, m
   assert len(registry.lines()) == 2 + 80
 
 
+def test_read_change_write_under_one_lock_loses_no_concurrent_update(tmp_path):
+  stats = _experiments_module('stats')
+  path = tmp_path / 'counts.jsonl'
+  assert stats.update_json_lines(path, lambda lines: None) is None and not path.exists()
+  stats.write_json_lines(path, [{'name': 'n', 'count': 0}])
+  # Each process reads the count, waits, and writes it back one higher, 25 times: a read outside
+  # the write's lock would let the two overwrite each other's increments.
+  # Both start once both are ready (imports take longer than the 25 updates).
+  script = (f'import pathlib, sys, time; sys.path.insert(0, {str(ROOT / "experiments")!r})\n'
+            f'import stats; ready = pathlib.Path({str(tmp_path)!r})\n'
+            '(ready / ("ready" + sys.argv[1])).touch()\n'
+            'while len(list(ready.glob("ready*"))) < 2: time.sleep(0.005)\n'
+            'def bump(lines):\n  time.sleep(0.005)\n'
+            '  return [dict(lines[-1], count=lines[-1]["count"] + 1)]\n'
+            f'for _ in range(25): stats.update_json_lines({str(path)!r}, bump, ("name",))')
+  writers = [subprocess.Popen([sys.executable, '-c', script, str(i)]) for i in range(2)]
+  assert [w.wait(timeout=120) for w in writers] == [0, 0]
+  assert stats.read_json_lines(path) == [{'name': 'n', 'count': 50}]
+  with pytest.raises(ValueError, match='counts.jsonl, line 1: the record has no other'):
+    stats.update_json_lines(path, lambda lines: lines, required=('other',))
+
+
 def test_answer_calibration_and_the_paired_eta_table(grid, tmp_path):
   questions2 = _experiments_module('questions2')
   path = tmp_path / 'greedy.jsonl'
