@@ -25,7 +25,8 @@ def _verdict_counts(grid, records, settings, seeds_allowed=None):
     method = records2.selected_method(grid, setting, 'target_sft')
     for family in records2.BASELINES:
       baseline = records2.selected_method(grid, setting, family)
-      result = (records2.paired(records, setting, method, baseline, seeds_allowed)
+      result = (records2.paired(records, setting, method, baseline, seeds_allowed,
+                                records2.baseline_setting(grid, setting, baseline))
                 if method and baseline else None)
       if result and len(result['seeds']) > 1:
         counts[family][result['verdict']].append((setting, result))

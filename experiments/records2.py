@@ -93,22 +93,34 @@ def selected_method(grid, setting: str, family: str) -> str | None:
   return entry['selected'] if entry else None
 
 
+def baseline_setting(grid, setting: str, baseline: str) -> str:
+  """The setting whose runs stand for the method ``baseline`` in ``setting``. A method that does
+  not use the teacher trains the same with the weaker prior as in chain3_noisy (the two configs
+  differ only in the workdir), so chain3_noisy_weak pairs with chain3_noisy's runs of it; any
+  other, in its own setting."""
+  return tuned_from(setting) if grid.METHODS[baseline][2] != 'teacher' else setting
+
+
 def paired(records: dict, setting: str, method: str, baseline: str,
-           seeds_allowed=None) -> dict | None:
+           seeds_allowed=None, baseline_setting: str | None = None) -> dict | None:
   """Target-SFT's (``method``) greedy test accuracy minus ``baseline``'s, seed by seed (the
   Student-t interval over seeds) and by a bootstrap over seeds and problems together; only
-  ``seeds_allowed`` when given."""
+  ``seeds_allowed`` when given. The baseline's runs are those of ``baseline_setting`` (default
+  ``setting``), which must share the test problems."""
+  other = baseline_setting or setting
+  ours = lambda seed: f'{setting}/{method}/{seed}'
+  theirs = lambda seed: f'{other}/{baseline}/{seed}'
   seeds = sorted(int(n.split('/')[2]) for n in records
-                 if n.startswith(f'{setting}/{method}/') and
-                 f'{setting}/{baseline}/{n.split("/")[2]}' in records and
+                 if n.startswith(f'{setting}/{method}/') and n.count('/') == 2 and
+                 theirs(n.split('/')[2]) in records and
                  (seeds_allowed is None or int(n.split('/')[2]) in seeds_allowed))
   if not seeds:
     return None
-  runs = [scores(records[f'{setting}/{m}/{s}']) for s in seeds for m in (method, baseline)]
+  runs = [scores(records[name(s)]) for s in seeds for name in (ours, theirs)]
   questions = runs[0][0]
   if any(q != questions for q, _ in runs):
-    raise ValueError(f'{setting}: {method} and {baseline} were not scored on the same problems '
-                     'in the same order.')
+    raise ValueError(f'{setting}: {method} and {other}\'s {baseline} were not scored on the '
+                     'same problems in the same order.')
   diff = np.array([runs[2 * i][1] - runs[2 * i + 1][1] for i in range(len(seeds))])
   per_seed = diff.mean(axis=1)
   mean, half = stats.mean_and_interval(list(per_seed))
@@ -140,11 +152,13 @@ def zero_spread(values) -> bool:
   return len(values) > 1 and float(np.std(values)) < ZERO_SPREAD
 
 
-def seed_differences(records, setting, method, baseline, seeds_allowed=None) -> list[float]:
-  """``method``'s greedy test accuracy minus ``baseline``'s in ``setting``, one per seed both
-  have (only ``seeds_allowed`` when given), in seed order."""
+def seed_differences(records, setting, method, baseline, seeds_allowed=None,
+                     baseline_setting: str | None = None) -> list[float]:
+  """``method``'s greedy test accuracy minus ``baseline``'s in ``setting`` (the baseline's runs
+  those of ``baseline_setting`` when given), one per seed both have (only ``seeds_allowed`` when
+  given), in seed order."""
   ours = seed_accuracies(records, setting, method)
-  theirs = seed_accuracies(records, setting, baseline)
+  theirs = seed_accuracies(records, baseline_setting or setting, baseline)
   return [ours[s] - theirs[s] for s in sorted(set(ours) & set(theirs))
           if seeds_allowed is None or s in seeds_allowed]
 

@@ -15,6 +15,7 @@ import ledger2  # pylint: disable=import-error  (experiments/ledger2.py)
 import machines  # pylint: disable=import-error  (experiments/machines.py)
 import paired2  # pylint: disable=import-error  (experiments/paired2.py)
 import plots2  # pylint: disable=import-error  (experiments/plots2.py)
+import prior2  # pylint: disable=import-error  (experiments/prior2.py)
 import questions2  # pylint: disable=import-error  (experiments/questions2.py)
 import records2  # pylint: disable=import-error  (experiments/records2.py)
 import reproduce2  # pylint: disable=import-error  (experiments/reproduce2.py)
@@ -69,6 +70,7 @@ def write(grid, registry, output, args, planned: list[str]) -> None:
   lines += findings2.summary(grid, records, planned, reproductions)
   lines += _power(grid, records)
   lines += _accuracy(grid, records)
+  lines += prior2.section(grid, records)
   lines += _eta(grid, records)
   lines += questions2.eta_table(grid, records)
   lines += _sweep(grid, records)
@@ -104,8 +106,9 @@ def _verdict_table(grid, records, seeds_allowed=None):
     cells = []
     for family in records2.BASELINES:
       baseline = records2.selected_method(grid, setting, family)
-      result = (records2.paired(records, setting, method, baseline, seeds_allowed) if baseline
-                else None)
+      result = (records2.paired(records, setting, method, baseline, seeds_allowed,
+                                records2.baseline_setting(grid, setting, baseline))
+                if baseline else None)
       if result is None:
         cells.append('-')
         continue
@@ -130,7 +133,11 @@ def _verdicts(grid, records):
            '(same data order and corruptions), in points: mean ± 95% Student-t half-width over '
            'seeds, [bootstrap 95% interval over seeds and problems together], (n) seeds, and the '
            'verdict (win / loss when the seed-level interval excludes 0, else tie; n/a with one '
-           "seed). Tuned baselines are at their own selected value; '-' means not run yet.", '',
+           "seed). Tuned baselines are at their own selected value; '-' means not run yet. "
+           f'The {records2.PRIOR_QUALITY} row (the weaker prior) pairs Target-SFT with '
+           f"distillation's runs of its own setting and with {records2.tuned_from(records2.PRIOR_QUALITY)}'s "
+           'runs of every method that does not use the teacher: their configs are the same but '
+           'for the workdir.', '',
            *table, '',
            f'{compared} comparisons have two or more seeds. Each is at 95% without correction '
            f'for multiplicity: were every method equal, about {0.05 * compared:.1f} of them '

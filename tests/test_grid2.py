@@ -863,3 +863,59 @@ def test_code_versions_say_which_files_of_the_runs_code_changed(tmp_path):
       '| `ffffffffff` | 2026-01-03 00:00 | 1 / 1 (1 with uncommitted changes) | unknown: git '
       'could not compare the two here | - |']
   assert ledger2.code_versions([{'finished': '-'}], tmp_path) == []
+
+
+def test_the_weaker_prior_pairs_with_the_stronger_settings_runs(grid, tmp_path):
+  report2 = _experiments_module('report2')
+  prior2 = _experiments_module('prior2')
+  questions = [f'q{i}' for i in range(10)]
+  records = {'teacher/chain3': {'name': 'teacher/chain3', 'accuracy': 0.9},
+             'teacher/chain3_weak': {'name': 'teacher/chain3_weak', 'accuracy': 0.5}}
+  right = {  # problems right out of 10, seeds 0, 1, 2
+      'chain3_noisy/sft': (4, 5, 6), 'chain3_noisy/distill': (7, 7, 8),
+      'chain3_noisy/target_sft_eta1': (7, 8, 8), 'chain3_noisy_weak/distill': (3, 4, 4),
+      'chain3_noisy_weak/target_sft_eta1': (6, 8, 8)}
+  for run, counts in right.items():
+    for seed, count in enumerate(counts):
+      name = f'{run}/{seed}'
+      path = tmp_path / f"{name.replace('/', '__')}.jsonl"
+      path.write_text(''.join(json.dumps({'question': q, 'score': float(i < count)}) + '\n'
+                              for i, q in enumerate(questions)))
+      records[name] = {'name': name, 'method': run.split('/')[1], 'seed': seed,
+                       'accuracy': count / 10,
+                       'scored': {'test_greedy': {'accuracy': count / 10,
+                                                  'predictions': str(path)}}}
+  grid.selection_file.write_text(json.dumps(
+      {'chain3_noisy/target_sft': {'selected': 'target_sft_eta1'}}))
+  assert [grid.METHODS[m][2] for m in ('sft', 'dft', 'distill')] == [None, None, 'teacher']
+  half = 100 * 4.303 * math.sqrt(1 / 300) / math.sqrt(3)  # three differences k, k, k +- 0.1
+  table = '\n'.join(report2._verdict_table(grid, records)[0])  # pylint: disable=protected-access
+  # Weak Target-SFT 6, 8, 8 against chain3_noisy's SFT 4, 5, 6 (SFT uses no prior): +2, +3, +2;
+  # against its own setting's distillation 3, 4, 4: +3, +4, +4. DFT has no runs here.
+  row = next(line for line in table.splitlines() if line.startswith('| chain3_noisy_weak |'))
+  cells = row.split(' | ')
+  assert cells[1] == "1 (chain3_noisy's)"
+  assert cells[2].startswith(f'**win** +23.3 ± {half:.1f} [') and cells[2].endswith('(3)'), row
+  assert cells[3] == '-' and cells[4].startswith(f'**win** +36.7 ± {half:.1f} ['), row
+
+  section = '\n'.join(prior2.section(grid, records))
+  assert ('`teacher/chain3` (100 steps, greedy test 90.0%), `teacher/chain3_weak` (10 steps, '
+          'greedy test 50.0%)') in section, section
+  # Weaker minus stronger: distillation -4, -3, -4 (lower); Target-SFT -1, 0, 0 (a tie).
+  assert (f'| distill | 73.3 ± 14.3 (3) | 36.7 ± 14.3 (3) | **lower** -36.7 ± {half:.1f} ['
+          in section), section
+  assert (f'| target_sft_eta1 | 76.7 ± 14.3 (3) | 73.3 ± 28.7 (3) | **no difference shown** '
+          f'-3.3 ± {half:.1f} [') in section, section
+  # Against distillation: 0, +1, 0 with the stronger prior, +3, +4, +4 with the weaker: the
+  # margin moves +3, +3, +4.
+  assert (f'- Target-SFT minus distill: +3.3 ± {half:.1f} (3 seeds) with the stronger prior, '
+          f'+36.7 ± {half:.1f} (3) with the weaker; the change, paired by seed: '
+          f'+33.3 ± {half:.1f} (3 seeds;') in section, section
+  # Against SFT (no prior): +3, +3, +2 with the stronger prior, +2, +3, +2 with the weaker.
+  assert (f'- Target-SFT minus sft: +26.7 ± {half:.1f} (3 seeds) with the stronger prior, '
+          f"+23.3 ± {half:.1f} (3) with the weaker (SFT uses no prior: the change is Target-SFT's "
+          'own, in the table).') in section, section
+  del records['chain3_noisy_weak/distill/0'], records['chain3_noisy_weak/target_sft_eta1/0']
+  del records['chain3_noisy_weak/distill/1'], records['chain3_noisy_weak/distill/2']
+  del records['chain3_noisy_weak/target_sft_eta1/1'], records['chain3_noisy_weak/target_sft_eta1/2']
+  assert 'Not run yet' in '\n'.join(prior2.section(grid, records))
