@@ -298,7 +298,8 @@ def _todo(grid, done: dict, patterns) -> tuple[list[str], list[str]]:
   names = run_names(grid, done)
   if patterns:
     names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
-  todo = [n for n in names if n not in done]
+  cut = getattr(grid, 'is_cut', lambda name: False)  # runs the grid's budget cut: never run
+  todo = [n for n in names if n not in done and not cut(n)]
   if 'teacher' in todo:  # a grid with teacher_config(): every student may need it
     todo = ['teacher'] + [n for n in todo if n != 'teacher']
   return names, todo
@@ -362,7 +363,9 @@ def run(args) -> None:
                      'names look like SETTING/METHOD/SEED (list them with --dry_run).')
   if not registry.path.exists() and not args.new_results:  # a grid's first session here
     _check_no_trained_runs(grid, names, registry, args.dry_run)
-  _log(f'{len(names) - len(todo)} of {len(names)} runs recorded; {len(todo)} to go' + (
+  cut = [n for n in names if n not in done and getattr(grid, 'is_cut', lambda n: False)(n)]
+  _log(f'{len(names) - len(todo) - len(cut)} of {len(names)} runs recorded; {len(todo)} to go' +
+       (f'; {len(cut)} cut by the grid (is_cut), not run' if cut else '') + (
       ' (more appear as hyperparameters are selected)' if hasattr(grid, 'run_plan') else ''))
   if args.dry_run:
     for name in todo[:args.max_runs] if args.max_runs else todo:

@@ -105,13 +105,21 @@ def _summary(grid, records, planned, reproductions) -> list[str]:
           f'{100 * (np.mean(noisy) - np.mean(clean)):+.1f} points, {interval}.')
   lines += _question_bullets(grid, records)
   lines += reproduce2.summary_line(reproductions)
-  missing = collections.Counter(records2.run_kind(grid, n) for n in planned if n not in records)
+  is_cut = getattr(grid, 'is_cut', lambda name: False)
+  cut = collections.Counter(records2.run_kind(grid, n) for n in planned
+                            if n not in records and is_cut(n))
+  missing = collections.Counter(records2.run_kind(grid, n) for n in planned
+                                if n not in records and not is_cut(n))
   unselected = [s for s in grid.SETTINGS
                 if records2.selected_method(grid, s, 'target_sft') is None]
   lines.append('- Not run yet: ' + (', '.join(f'{n} {kind} run(s)' for kind, n in sorted(
       missing.items())) if missing else 'nothing planned') + (
           f'; settings with no eta selected yet: {", ".join(unselected)}' if unselected
           else '') + '. Runs that wait for a selection are not counted until it is made.')
+  if cut:
+    lines.append('- Cut by the budget (PREREGISTRATION change 26), never run: ' + ', '.join(
+        f'{n} {kind} run(s)' for kind, n in sorted(cut.items())) + ' of ' + ', '.join(
+            getattr(grid, 'CUT_FAMILIES', ())) + ': nothing here compares Target-SFT with them.')
   steps = grid.run_config(main[0], grid.PRIMARY_FIXED[0], 0).steps
   teacher_steps = sorted({s for _, s in grid.TEACHERS.values()})
   measure = grid.MEASURE

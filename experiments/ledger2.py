@@ -24,12 +24,16 @@ def superseded(lines: list[dict]) -> list[dict]:
 
 
 def status(grid, records, planned, replaced=()):
-  missing = [n for n in planned if n not in records]
+  is_cut = getattr(grid, 'is_cut', lambda name: False)
+  cut = [n for n in planned if n not in records and is_cut(n)]
+  missing = [n for n in planned if n not in records and not is_cut(n)]
   trained = [r for r in records.values() if r['method'] not in ('base', 'teacher')]
   lines = ['## Status and budget', '',
-           f'{len(planned) - len(missing)} of the {len(planned)} runs planned so far are '
-           'recorded (runs waiting for a selection are added when it is made; '
-           '`python experiments/compare.py run --config configs/compare2_smollm2.py` resumes).']
+           f'{len(planned) - len(missing) - len(cut)} of the {len(planned)} runs planned so far '
+           'are recorded' + (f' and {len(cut)} are cut by the budget (never run; see below)'
+                             if cut else '') +
+           '; runs waiting for a selection are added when it is made, and '
+           '`python experiments/compare.py run --config configs/compare2_smollm2.py` resumes.']
   if trained:
     # Medians, by what a run measures (validation or not): a run that shared the machine or was
     # paused inflates a mean. Only chain3 has run so far where products2 has no trained run: its
@@ -49,6 +53,7 @@ def status(grid, records, planned, replaced=()):
     rate = lambda v: median(walls[v]) or median(walls[not v])
     shown = lambda xs: f'{median(xs):.0f} s ({len(xs)} runs)' if xs else 'none yet'
     left = sum(rate(validated(n)) for n in missing if n.count('/') == 2)
+    cut_hours = sum(rate(validated(n)) for n in cut) / 3600
     by_kind = collections.defaultdict(float)  # what each of the budget's cuts would save
     for n in missing:
       if n.count('/') == 2:
@@ -64,9 +69,11 @@ def status(grid, records, planned, replaced=()):
               'the estimates); CPU '
               f'seconds, recorded from PREREGISTRATION change 14 on: {shown(cpus[True])} and '
               f'{shown(cpus[False])}. At these rates the {len(missing)} planned runs still to go '
-              f'need about {left / 3600:.1f} h (' + ', '.join(
+              f'need about {left / 3600:.1f} h' + (' (' + ', '.join(
                   f'{kind} {hours / 3600:.1f} h' for kind, hours in sorted(by_kind.items())) +
-              ')' + (
+              ')' if by_kind else '') + (
+                  f'; the {len(cut)} cut ones would need about {cut_hours:.1f} h' if cut else
+                  '') + (
                   f' (no run of {", ".join(unmeasured)} is trained yet; products2 generates up '
                   'to twice the tokens of chain3, so this is low)' if unmeasured else '') + '.']
     if cpus[True] or cpus[False]:
@@ -91,8 +98,13 @@ def status(grid, records, planned, replaced=()):
               f'its finished attempt) took {spent:.1f} h of wall time, against the issue\'s '
               f'about {BUDGET_HOURS} h. As PREREGISTRATION change 23 records, the primaries run '
               'to all their seeds (never cut), then the prior-quality axis, and the '
-              'secondaries, the first cut, last; whether to spend the machine time the last two '
-              'need is the planners\' decision.']
+              'secondaries, the first cut, last; ' + (
+                  'PREREGISTRATION change 26 cuts the secondaries (' +
+                  ', '.join(getattr(grid, 'CUT_FAMILIES', ())) + f'): none of their {len(cut)} '
+                  'planned runs (the selection runs; the seeds after a selection come on top) is run, and no number here stands for them. Emptying the config\'s '
+                  '`CUT_FAMILIES` resumes them.' if cut else
+                  'whether to spend the machine time the last two need is the planners\' '
+                  'decision.')]
   teachers = [r for n, r in sorted(records.items()) if n.startswith('teacher/')]
   if teachers:
     lines += ['', 'Teachers (the priors), greedy test accuracy: ' + ', '.join(

@@ -133,9 +133,12 @@ def _verdicts(grid, records):
            '(same data order and corruptions), in points: mean ± 95% Student-t half-width over '
            'seeds, [bootstrap 95% interval over seeds and problems together], (n) seeds, and the '
            'verdict (win / loss when the seed-level interval excludes 0, else tie; n/a with one '
-           "seed). Tuned baselines are at their own selected value; '-' means not run yet. "
+           "seed). Tuned baselines are at their own selected value; '-' means not run yet" + (
+               f" ({', '.join(getattr(grid, 'CUT_FAMILIES', ()))}: cut by the budget, never run)"
+               if getattr(grid, 'CUT_FAMILIES', ()) else '') + '. '
            f'The {records2.PRIOR_QUALITY} row (the weaker prior) pairs Target-SFT with '
-           f"distillation's runs of its own setting and with {records2.tuned_from(records2.PRIOR_QUALITY)}'s "
+           "distillation's runs of its own setting and with "
+           f"{records2.tuned_from(records2.PRIOR_QUALITY)}'s "
            'runs of every method that does not use the teacher: their configs are the same but '
            'for the workdir.', '',
            *table, '',
@@ -267,7 +270,9 @@ def _sweep(grid, records):
     if any(c != '-' for c in cells):
       rows.append(f'| {setting} | ' + ' | '.join(cells) + ' |')
   if not rows:
-    return lines[:2] + ['None yet: the secondaries run last (see the budget above).', '']
+    return lines[:2] + [('None: the secondaries were cut by the budget (see above).'
+                         if getattr(grid, 'CUT_FAMILIES', ()) else
+                         'None yet: the secondaries run last (see the budget above).'), '']
   return lines + rows + ['']
 
 

@@ -396,8 +396,9 @@ def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path)
   assert ('- Against sft: 1 win, 0 tie, 0 loss over 1 setting(s) with two or more seeds '
           '(chain3_clean (win +50.0)); none yet on seeds 2, 3, 4 alone.') in summary, summary
   assert '- Against dft' not in summary  # one seed
-  assert ('Not run yet: 1 primary run(s), 2 prior-quality axis run(s), 1 secondary run(s)'
-          in summary)
+  assert 'Not run yet: 1 primary run(s), 2 prior-quality axis run(s); settings' in summary, summary
+  assert ('- Cut by the budget (PREREGISTRATION change 26), never run: 1 secondary run(s) of '
+          'label_smoothing, sft_kl, asft') in summary, summary
   assert 'With the weaker prior' not in summary
   assert 'No comparison has two paired seeds yet' in '\n'.join(findings2.summary(grid, {}, [], []))
   assert 'training longer than 20 steps (teachers: 10 or 100)' in summary
@@ -718,7 +719,10 @@ def test_status_says_when_the_budget_is_spent_and_the_sweep_when_empty(grid):
           "12.5 h of wall time, against the issue's about 12 h.") in text
   sweep = report2._sweep(grid, records)
   assert sweep[0].startswith('## The full sweep') and not any(l.startswith('|') for l in sweep)
-  assert 'None yet: the secondaries run last (see the budget above).' in sweep
+  assert 'None: the secondaries were cut by the budget (see above).' in sweep
+  grid.CUT_FAMILIES = ()
+  assert 'None yet: the secondaries run last (see the budget above).' in report2._sweep(  # pylint: disable=protected-access
+      grid, records)
   records['chain3_clean/asft_lam0.05/0'] = {
       **run('chain3_clean/asft_lam0.05/0', 0.1), 'seed': 0,
       'scored': {'validation': {'accuracy': 0.4}}}
@@ -919,3 +923,27 @@ def test_the_weaker_prior_pairs_with_the_stronger_settings_runs(grid, tmp_path):
   del records['chain3_noisy_weak/distill/1'], records['chain3_noisy_weak/distill/2']
   del records['chain3_noisy_weak/target_sft_eta1/1'], records['chain3_noisy_weak/target_sft_eta1/2']
   assert 'Not run yet' in '\n'.join(prior2.section(grid, records))
+
+
+def test_cut_families_are_never_run_and_reported_as_cut(grid):
+  compare = _experiments_module('compare')
+  findings2 = _experiments_module('findings2')
+  ledger2 = _experiments_module('ledger2')
+  assert grid.CUT_FAMILIES == ('label_smoothing', 'sft_kl', 'asft')
+  assert grid.is_cut('chain3_clean/asft_lam0.05/0') and not grid.is_cut('chain3_clean/sft/0')
+  assert not grid.is_cut('teacher/chain3') and not grid.is_cut('chain3_clean/target_sft_eta1/2')
+  names, todo = compare._todo(grid, {}, None)  # pylint: disable=protected-access
+  secondaries = [n for n in names if grid.family(n.split('/')[1]) in grid.CUT_FAMILIES]
+  assert len(secondaries) == 72 and not set(secondaries) & set(todo)  # in the plan, never run
+  assert 'chain3_noisy_weak/distill/4' in todo and len(todo) == len(names) - 72
+  records = {'teacher/chain3': {'name': 'teacher/chain3', 'method': 'teacher', 'seed': 0,
+                                'accuracy': 0.9, 'wall_seconds': 600.0}}
+  status = '\n'.join(ledger2.status(grid, records, names))
+  assert f'1 of the {len(names)} runs planned so far are recorded and 72 are cut by the budget' \
+      in status, status
+  summary = '\n'.join(findings2.summary(grid, records, names, []))
+  assert ('- Cut by the budget (PREREGISTRATION change 26), never run: 72 secondary run(s) of '
+          'label_smoothing, sft_kl, asft') in summary, summary
+  assert 'secondary' not in next(l for l in summary.splitlines() if l.startswith('- Not run yet'))
+  grid.CUT_FAMILIES = ()  # emptied: the secondaries are planned to run again
+  assert len(compare._todo(grid, {}, None)[1]) == len(names)  # pylint: disable=protected-access
