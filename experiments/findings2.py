@@ -104,6 +104,7 @@ def _summary(grid, records, planned, reproductions) -> list[str]:
           'included; the paper expects it larger with noise. Noisy minus clean: '
           f'{100 * (np.mean(noisy) - np.mean(clean)):+.1f} points, {interval}.')
   lines += _question_bullets(grid, records)
+  lines += _where_it_differs(grid, records)
   lines += reproduce2.summary_line(reproductions)
   is_cut = getattr(grid, 'is_cut', lambda name: False)
   cut = collections.Counter(records2.run_kind(grid, n) for n in planned
@@ -235,6 +236,45 @@ def _question_bullets(grid, records) -> list[str]:
         f'{s} selected {chosen}, best on test {best} ({100 * lost:.1f} points lost)'
         for s, (chosen, best, lost) in costs_of_selection) + ' (test means over the selection '
         'seeds).')
+  return lines
+
+
+_DIFFERS_ON = ('train NLL', 'held-out NLL', 'ECE', 'answer ECE', 'harder (points)',
+               'easier (points)')
+
+
+def _where_it_differs(grid, records) -> list[str]:
+  """Per primary baseline, the measurements of the paired table below on which Target-SFT's
+  seed-level interval excludes 0, setting by setting: fit, calibration or transfer."""
+  main = [s for s in grid.SETTINGS if s in grid.MAIN_SETTINGS]
+  lines = []
+  for baseline in grid.PRIMARY_FIXED:
+    found, compared = [], 0
+    for measure in _DIFFERS_ON:
+      higher, lower = [], []
+      for setting in main:
+        method = records2.selected_method(grid, setting, 'target_sft')
+        if method is None:
+          continue
+        mean, half, n = paired2.paired_measure(records, setting, method, baseline, measure)
+        if n < 2 or not half > 0:  # one seed, or zero spread: no interval to read
+          continue
+        compared += 1
+        if abs(mean) > half:
+          shown = paired2.MEASURES[measure][2].format(mean)
+          (higher if mean > 0 else lower).append(f'{setting} ({shown})')
+      if higher or lower:
+        found.append(f'{measure}: ' + ' and '.join(
+            f'{word} in {", ".join(cells)}' for word, cells in (('higher', higher),
+                                                                 ('lower', lower)) if cells))
+    if compared:
+      lines.append(f'  - against {baseline} ({compared} compared): ' +
+                   ('; '.join(found) if found else 'nowhere') + '.')
+  if lines:
+    lines.insert(0, '- Where Target-SFT differs beyond accuracy: the measurements of the paired '
+                 'table of the open questions whose seed-level 95% interval excludes 0 (no '
+                 'correction; a lower NLL is a closer fit, a lower ECE better calibration; this '
+                 'summary was added in session 32):')
   return lines
 
 

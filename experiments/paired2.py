@@ -14,7 +14,7 @@ import records2  # pylint: disable=import-error  (experiments/records2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 # name: (how a record gives it, how two records compare, how the cell is written).
-_MEASURES = {
+MEASURES = {
     'step CPU s (ratio)': (lambda r: r.get('mean_step_cpu_seconds'), 'ratio', '{:.2f}'),
     'ECE': (lambda r: (r.get('calibration') or {}).get('ece'), 'difference', '{:+.3f}'),
     'held-out NLL': (lambda r: (r.get('calibration') or {}).get('held_out_nll'), 'difference',
@@ -39,11 +39,11 @@ def _usable(value, kind) -> bool:
 
 
 def paired_measure(records, setting, method, baseline, measure) -> tuple:
-  """``method`` against ``baseline`` on one of ``_MEASURES``, over the seeds where both have a
+  """``method`` against ``baseline`` on one of ``MEASURES``, over the seeds where both have a
   usable value. A difference: its mean over seeds and the 95% Student-t half-width, and the
   count. A ratio: the geometric mean of the per-seed ratios and its 95% interval (the t interval
   of the log ratios, exponentiated: never below 0), and the count."""
-  read, kind, _ = _MEASURES[measure]
+  read, kind, _ = MEASURES[measure]
   ours = {r['seed']: r for r in records2.runs(records, setting, method)}
   theirs = {r['seed']: r for r in records2.runs(records, setting, baseline)}
   # A time is compared only with one on the same machine (the records' 'machine', when set).
@@ -70,8 +70,8 @@ def _against_baselines(grid, records) -> list[str]:
            'negative ECE difference means better calibrated tokens; a negative NLL difference, a '
            'higher probability on the held-out (or training) demonstrations. The variants are '
            f'measured for seeds {", ".join(map(str, grid.MEASURED_VARIANT_SEEDS))} only.', '',
-           '| setting | baseline | ' + ' | '.join(_MEASURES) + ' |',
-           '|---|---|' + '---|' * len(_MEASURES)]
+           '| setting | baseline | ' + ' | '.join(MEASURES) + ' |',
+           '|---|---|' + '---|' * len(MEASURES)]
   rows = 0
   for setting in grid.SETTINGS:
     method = records2.selected_method(grid, setting, 'target_sft')
@@ -80,13 +80,13 @@ def _against_baselines(grid, records) -> list[str]:
     for baseline in grid.PRIMARY_FIXED:
       cells = [records2.interval_cell(*paired_measure(records, setting, method, baseline, m),
                                       spec[2])
-               for m, spec in _MEASURES.items()]
+               for m, spec in MEASURES.items()]
       if any(c != '-' for c in cells):
         rows += 1
         lines.append(f'| {setting} | {baseline} | ' + ' | '.join(cells) + ' |')
   if not rows:
     lines.append('| (no setting has a selected eta and a paired baseline run yet) |' +
-                 ' |' * (len(_MEASURES) + 1))
+                 ' |' * (len(MEASURES) + 1))
   return lines + ['']
 
 

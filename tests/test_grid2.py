@@ -947,3 +947,28 @@ def test_cut_families_are_never_run_and_reported_as_cut(grid):
   assert 'secondary' not in next(l for l in summary.splitlines() if l.startswith('- Not run yet'))
   grid.CUT_FAMILIES = ()  # emptied: the secondaries are planned to run again
   assert len(compare._todo(grid, {}, None)[1]) == len(names)  # pylint: disable=protected-access
+
+
+def test_summary_names_where_target_sft_differs_beyond_accuracy(grid):
+  findings2 = _experiments_module('findings2')
+  records = {}
+  # Target-SFT minus SFT by seed: train NLL +0.30, +0.32, +0.34 (mean +0.32, half-width
+  # 4.303 x 0.02 / sqrt(3) = 0.050: higher); ECE -0.01, +0.01, 0 (mean 0: no); held-out NLL
+  # -0.1, -0.2, -0.3 (mean -0.2, half-width 0.248: no).
+  for seed, (train, ece, held_out) in enumerate(((0.30, -0.01, -0.1), (0.32, 0.01, -0.2),
+                                                 (0.34, 0.0, -0.3))):
+    for method, sign in (('target_sft_eta0.5', 1), ('sft', 0)):
+      name = f'chain3_clean/{method}/{seed}'
+      records[name] = {'name': name, 'method': method, 'seed': seed, 'accuracy': 0.5,
+                       'fit': {'train_nll': 1.0 + sign * train},
+                       'calibration': {'ece': 0.1 + sign * ece,
+                                       'held_out_nll': 1.0 + sign * held_out}}
+  grid.selection_file.write_text(json.dumps(
+      {'chain3_clean/target_sft': {'selected': 'target_sft_eta0.5'}}))
+  lines = findings2._where_it_differs(grid, records)  # pylint: disable=protected-access
+  assert lines[0].startswith('- Where Target-SFT differs beyond accuracy')
+  assert lines[1:] == ['  - against sft (3 compared): train NLL: higher in chain3_clean (+0.320).']
+  for seed in range(3):
+    records[f'chain3_clean/target_sft_eta0.5/{seed}']['fit']['train_nll'] = 1.1  # +0.1 each
+  assert findings2._where_it_differs(grid, records)[1:] == [  # pylint: disable=protected-access
+      '  - against sft (2 compared): nowhere.']  # zero spread is no interval to read
