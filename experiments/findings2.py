@@ -268,13 +268,16 @@ def _where_it_differs(grid, records) -> list[str]:
             f'{word} in {", ".join(cells)}' for word, cells in (('higher', higher),
                                                                  ('lower', lower)) if cells))
     if compared:
-      lines.append(f'  - against {baseline} ({compared} compared): ' +
+      lines.append(f'  - against {baseline} ({compared} setting-by-measure comparisons, about '
+                   f'{0.05 * compared:.1f} by chance): ' +
                    ('; '.join(found) if found else 'nowhere') + '.')
   if lines:
     lines.insert(0, '- Where Target-SFT differs beyond accuracy: the measurements of the paired '
-                 'table of the open questions whose seed-level 95% interval excludes 0 (no '
-                 'correction; a lower NLL is a closer fit, a lower ECE better calibration; this '
-                 'summary was added in session 32):')
+                 'table of the open questions whose seed-level 95% interval excludes 0, over '
+                 'all seeds (the selection seeds included); with no correction about 1 in 20 '
+                 'comparisons would exclude 0 by chance, and a small difference can be real '
+                 'but immaterial (a lower NLL is a closer fit, a lower ECE better calibration; '
+                 'this summary was added in session 32):')
   return lines
 
 

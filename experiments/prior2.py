@@ -72,15 +72,37 @@ def section(grid, records) -> list[str]:
                     baseline)
     if not (strong and weak):
       continue
-    moved = [weak[s] - strong[s] for s in sorted(set(strong) & set(weak))]
+    moved = {s: weak[s] - strong[s] for s in sorted(set(strong) & set(weak))}
+    later = {s: d for s, d in moved.items() if s not in grid.SELECTION_SEEDS}
     lines.append(
         f'- Target-SFT minus {baseline}: {_points(*_interval(strong))} ({len(strong)} seeds) '
         f'with the stronger prior, {_points(*_interval(weak))} ({len(weak)}) with the weaker' + (
-            f'; the change, paired by seed: {_points(*stats.mean_and_interval(moved))} '
-            f'({len(moved)} seeds; above 0: Target-SFT loses less than distillation when the '
-            'prior weakens)' if baseline == 'distill' else
+            f'; the change, paired by seed: {_change(moved)}, on seeds '
+            f'{", ".join(map(str, sorted(later)))} alone {_change(later)} (above 0: Target-SFT '
+            'loses less than distillation when the prior weakens)'
+            if baseline == 'distill' else
             " (SFT uses no prior: the change is Target-SFT's own, in the table)") + '.')
+  selection = ', '.join(map(str, grid.SELECTION_SEEDS))
+  lines += [
+      f"- Seeds {selection} of {_STRONG}'s Target-SFT are the runs its eta was selected on: their "
+      'test scores share the luck that won the selection, which makes the weaker-minus-stronger '
+      'change of Target-SFT (and the change of its margin) a little more negative than it is; '
+      'distillation has no selection. The paired tables of the other measurements and the '
+      f'power table pair within a setting, so they have no SFT or DFT rows for {_WEAK}.']
   return lines + ['']
+
+
+def _change(by_seed: dict) -> str:
+  """The mean change over seeds ± its 95% t half-width, (n), read as the verdict table reads
+  a comparison: above / below 0 when the interval excludes it."""
+  if not by_seed:
+    return 'no seed'
+  mean, half = _interval(by_seed)
+  if math.isnan(half):
+    return f'{_points(mean, half)} (1 seed)'
+  reading = ('no difference shown' if abs(mean) <= half else 'above 0' if mean > 0
+             else 'below 0')
+  return f'{_points(mean, half)} ({len(by_seed)} seeds: {reading})'
 
 
 def _margins(records, setting, method, baseline_setting, baseline) -> dict[int, float]:

@@ -139,8 +139,9 @@ def _verdicts(grid, records):
            f'The {records2.PRIOR_QUALITY} row (the weaker prior) pairs Target-SFT with '
            "distillation's runs of its own setting and with "
            f"{records2.tuned_from(records2.PRIOR_QUALITY)}'s "
-           'runs of every method that does not use the teacher: their configs are the same but '
-           'for the workdir.', '',
+           'runs of every method that does not use the teacher: the same config and seed but '
+           'for the workdir, trained at earlier commits and on other machines (PREREGISTRATION '
+           'change 25).', '',
            *table, '',
            f'{compared} comparisons have two or more seeds. Each is at 95% without correction '
            f'for multiplicity: were every method equal, about {0.05 * compared:.1f} of them '

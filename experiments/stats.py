@@ -40,15 +40,26 @@ def last_of_each_name(lines: list[dict]) -> dict[str, dict]:
   return {r['name']: r for r in lines}
 
 
+_LOCKED = set()  # the directories this process holds the lock of
+
+
 @contextlib.contextmanager
 def _directory_locked(path: pathlib.Path):
   """An exclusive lock on ``path``'s directory (held until the block ends), yielding the
-  directory's descriptor: every writer of the grids' files in that directory takes it."""
+  directory's descriptor: every writer of the grids' files in that directory takes it. A write
+  inside another's block (an ``update_json_lines`` change that writes) would wait on its own
+  lock forever, so it raises instead."""
+  key = os.path.realpath(path.parent)
+  if key in _LOCKED:
+    raise RuntimeError(f'{path.parent} is already locked by this process: a JSON-lines write '
+                       'inside an update_json_lines change would wait on itself.')
   directory = os.open(path.parent, os.O_RDONLY)
   try:
     fcntl.flock(directory, fcntl.LOCK_EX)
+    _LOCKED.add(key)
     yield directory
   finally:
+    _LOCKED.discard(key)
     os.close(directory)  # releases the lock
 
 

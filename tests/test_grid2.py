@@ -623,6 +623,12 @@ def test_read_change_write_under_one_lock_loses_no_concurrent_update(tmp_path):
   assert stats.read_json_lines(path) == [{'name': 'n', 'count': 50}]
   with pytest.raises(ValueError, match='counts.jsonl, line 1: the record has no other'):
     stats.update_json_lines(path, lambda lines: lines, required=('other',))
+  # A write inside a change would wait on its own lock: it raises, and the lock is released.
+  with pytest.raises(RuntimeError, match='already locked by this process'):
+    stats.update_json_lines(path, lambda lines: stats.write_json_lines(
+        tmp_path / 'machines.jsonl', [{}]))
+  stats.write_json_lines(tmp_path / 'machines.jsonl', [{'since': 'x'}])
+  assert stats.read_json_lines(path) == [{'name': 'n', 'count': 50}]
 
 
 def test_answer_calibration_and_the_paired_eta_table(grid, tmp_path):
@@ -914,7 +920,9 @@ def test_the_weaker_prior_pairs_with_the_stronger_settings_runs(grid, tmp_path):
   # margin moves +3, +3, +4.
   assert (f'- Target-SFT minus distill: +3.3 ± {half:.1f} (3 seeds) with the stronger prior, '
           f'+36.7 ± {half:.1f} (3) with the weaker; the change, paired by seed: '
-          f'+33.3 ± {half:.1f} (3 seeds;') in section, section
+          f'+33.3 ± {half:.1f} (3 seeds: above 0), on seeds 2 alone +40.0 (1 seed) '
+          '(above 0: Target-SFT loses less') in section, section
+  assert "Seeds 0, 1 of chain3_noisy's Target-SFT are the runs its eta was selected on" in section
   # Against SFT (no prior): +3, +3, +2 with the stronger prior, +2, +3, +2 with the weaker.
   assert (f'- Target-SFT minus sft: +26.7 ± {half:.1f} (3 seeds) with the stronger prior, '
           f"+23.3 ± {half:.1f} (3) with the weaker (SFT uses no prior: the change is Target-SFT's "
@@ -965,10 +973,26 @@ def test_summary_names_where_target_sft_differs_beyond_accuracy(grid):
                                        'held_out_nll': 1.0 + sign * held_out}}
   grid.selection_file.write_text(json.dumps(
       {'chain3_clean/target_sft': {'selected': 'target_sft_eta0.5'}}))
+  # chain3_noisy: train and held-out NLL -0.30, -0.32, -0.34 (lower, half-width 0.050); ECE 0,
+  # +0.1, 0 (no).
+  for seed, held_out in enumerate((-0.30, -0.32, -0.34)):
+    for method, sign in (('target_sft_eta0.5', 1), ('sft', 0)):
+      name = f'chain3_noisy/{method}/{seed}'
+      records[name] = {'name': name, 'method': method, 'seed': seed, 'accuracy': 0.5,
+                       'fit': {'train_nll': 1.0 + sign * held_out},
+                       'calibration': {'ece': 0.1, 'held_out_nll': 1.0 + sign * held_out}}
+  records['chain3_noisy/target_sft_eta0.5/1']['calibration']['ece'] = 0.2
+  grid.selection_file.write_text(json.dumps(
+      {'chain3_clean/target_sft': {'selected': 'target_sft_eta0.5'},
+       'chain3_noisy/target_sft': {'selected': 'target_sft_eta0.5'}}))
   lines = findings2._where_it_differs(grid, records)  # pylint: disable=protected-access
   assert lines[0].startswith('- Where Target-SFT differs beyond accuracy')
-  assert lines[1:] == ['  - against sft (3 compared): train NLL: higher in chain3_clean (+0.320).']
+  # 6 comparisons: about 0.3 would exclude 0 by chance.
+  assert lines[1:] == ['  - against sft (6 setting-by-measure comparisons, about 0.3 by chance): '
+                       'train NLL: higher in chain3_clean (+0.320) and lower in chain3_noisy '
+                       '(-0.320); held-out NLL: lower in chain3_noisy (-0.320).'], lines
+  records = {n: r for n, r in records.items() if n.startswith('chain3_clean/')}
   for seed in range(3):
     records[f'chain3_clean/target_sft_eta0.5/{seed}']['fit']['train_nll'] = 1.1  # +0.1 each
   assert findings2._where_it_differs(grid, records)[1:] == [  # pylint: disable=protected-access
-      '  - against sft (2 compared): nowhere.']  # zero spread is no interval to read
+      '  - against sft (2 setting-by-measure comparisons, about 0.1 by chance): nowhere.']
