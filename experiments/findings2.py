@@ -69,7 +69,10 @@ def _verdict_lines(grid, records, settings, label) -> list[str]:
 
 
 def _summary(grid, records, planned, reproductions) -> list[str]:
-  lines = ['## What held, what did not, what is untested (so far)', '']
+  unfinished = any(n not in records and not getattr(grid, 'is_cut', lambda name: False)(n)
+                   for n in planned)
+  lines = ['## What held, what did not, what is untested' + (' (so far)' if unfinished else ''),
+           '']
   main = [s for s in grid.SETTINGS if s != _PRIOR_QUALITY]
   lines += _verdict_lines(grid, records, main, 'Against') or [
       '- No comparison has two paired seeds yet: nothing is decided.']
