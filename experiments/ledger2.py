@@ -68,15 +68,18 @@ def status(grid, records, planned, replaced=()):
               'PREREGISTRATION change 11 found the first runs on the first machine about twice '
               'the estimates); CPU '
               f'seconds, recorded from PREREGISTRATION change 14 on: {shown(cpus[True])} and '
-              f'{shown(cpus[False])}. At these rates the {len(missing)} planned runs still to go '
-              f'need about {left / 3600:.1f} h' + (' (' + ', '.join(
+              f'{shown(cpus[False])}. ' + (
+                  f'At these rates the {len(missing)} planned runs still to go need about '
+                  f'{left / 3600:.1f} h' if missing else 'No planned run is still to go') + (
+                  ' (' + ', '.join(
                   f'{kind} {hours / 3600:.1f} h' for kind, hours in sorted(by_kind.items())) +
               ')' if by_kind else '') + (
-                  f'; the {len(cut)} cut ones would need about {cut_hours:.1f} h' if cut else
+                  f'; the {len(cut)} cut ones would need about {cut_hours:.1f} h at these '
+                  'rates' if cut else
                   '') + (
                   f' (no run of {", ".join(unmeasured)} is trained yet; products2 generates up '
                   'to twice the tokens of chain3, so this is low)' if unmeasured else '') + '.']
-    if cpus[True] or cpus[False]:
+    if missing and (cpus[True] or cpus[False]):
       # Pauses and other work inflate wall time; a run alone keeps both cores busy, so its CPU
       # seconds over 2 approximate its wall time alone.
       cpu_rate = lambda v: (median(cpus[v]) or median(cpus[not v])) / CORES

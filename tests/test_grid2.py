@@ -957,6 +957,12 @@ def test_cut_families_are_never_run_and_reported_as_cut(grid):
   finished = ['teacher/chain3'] + secondaries  # every run not cut is recorded: no '(so far)'
   assert findings2.summary(grid, records, finished, [])[0] == (
       '## What held, what did not, what is untested')
+  student = {'name': 'chain3_clean/sft/0', 'method': 'sft', 'seed': 0, 'accuracy': 0.5,
+             'wall_seconds': 250.0}
+  status = '\n'.join(ledger2.status(grid, {**records, student['name']: student},
+                                    finished + [student['name']]))
+  assert 'No planned run is still to go; the 72 cut ones would need about' in status, status
+  assert 'still to go need' not in status, status
   grid.CUT_FAMILIES = ()  # emptied: the secondaries are planned to run again
   assert len(compare._todo(grid, {}, None)[1]) == len(names)  # pylint: disable=protected-access
 
