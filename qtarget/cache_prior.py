@@ -13,12 +13,10 @@ Rerun after an interruption: finished shards are kept. Then train with
 ``--config.prior.source=cached``.
 """
 
-import pathlib
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

@@ -27,7 +27,6 @@ import re
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from qtarget import hlo
 from qtarget import targets

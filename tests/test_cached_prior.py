@@ -1,6 +1,5 @@
 """The prior's top-k cache: exact at k = V, within the stated bound below it."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

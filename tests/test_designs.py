@@ -3,7 +3,6 @@
 import json
 import pathlib
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """The notebooks run top to bottom on CPU (their cells assert the results they show)."""
 
-import os
 import pathlib
 
 import nbclient

@@ -73,7 +73,7 @@ def check_same_run(workdir: pathlib.Path, saved: dict, current: dict, step: int)
     if saved.get('steps') == step and current.get('steps', 0) > step:  # finished: train more
       export = workdir / 'hf'
       first = ('' if (export / 'model.safetensors').exists() else
-               f' (export it first: the same command as before with --config.export_hf=True)')
+               ' (export it first: the same command as before with --config.export_hf=True)')
       further = (' To train the finished run further, start a new workdir from its export, '
                  f'{export}{first}: --config.model.source=hf --config.model.path={export}; the '
                  "optimizer state and the warmup start anew, and prior.source='initial' would "

@@ -9,20 +9,17 @@ JSON lines, evaluates before and after, and exports the model to a Hugging Face 
 """
 
 import json
-import os
 import pathlib
 import signal
 import sys
 import threading
 import time
-from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
 from qtarget import targets
-from qtarget.models import layout
 from qtarget.train import checkpointing
 from qtarget.train import checks
 from qtarget.train import loading
