@@ -97,15 +97,19 @@ def _summary(grid, records, planned, reproductions) -> list[str]:
       if records2.zero_spread(noisy) or records2.zero_spread(clean):  # Welch understates
         interval = ('no interval (a setting\'s seeds give the same difference: zero spread, '
                     'degenerate)')
+        reading = ''
       else:
         welch = scipy.stats.ttest_ind(noisy, clean, equal_var=False).confidence_interval(0.95)
         interval = (f'95% interval [{100 * welch.low:+.1f}, {100 * welch.high:+.1f}] (Welch, '
                     'the two settings\' seeds taken as independent)')
+        reading = (': larger with noise, as the paper expects' if welch.low > 0 else
+                   ': smaller with noise, contrary to the paper\'s expectation' if welch.high < 0
+                   else ': no difference shown')
       lines.append(
           f'- {task}: the margin over SFT is {margin(margins["noisy"])} with noisy '
           f'demonstrations and {margin(margins["clean"])} with clean ones, selection seeds '
           'included; the paper expects it larger with noise. Noisy minus clean: '
-          f'{100 * (np.mean(noisy) - np.mean(clean)):+.1f} points, {interval}.')
+          f'{100 * (np.mean(noisy) - np.mean(clean)):+.1f} points, {interval}{reading}.')
   lines += _question_bullets(grid, records)
   lines += _where_it_differs(grid, records)
   lines += reproduce2.summary_line(reproductions)
@@ -174,7 +178,9 @@ def _pooled_table(grid, records) -> list[str]:
            'secondary analysis.', '',
            '| settings | seeds | baseline | settings (pairs) | mean over pairs | mean over settings |',
            '|---|---|---|---|---|---|']
-  points = lambda m, h: f'{100 * m:+.1f}' + ('' if math.isnan(h) else f' ± {100 * h:.1f}')
+  # round first and add 0.0, so that a mean that rounds to zero prints +0.0, never -0.0
+  points = lambda m, h: f'{round(100 * m, 1) + 0.0:+.1f}' + (
+      '' if math.isnan(h) else f' ± {100 * h:.1f}')
   for label, settings in groups:
     for seeds_label, allowed in (('all', None), (', '.join(map(str, added)), added)):
       for family in grid.PRIMARY_FIXED:
@@ -276,8 +282,9 @@ def _where_it_differs(grid, records) -> list[str]:
                    ('; '.join(found) if found else 'nowhere') + '.')
   if lines:
     lines.insert(0, '- Where Target-SFT differs beyond accuracy: the measurements of the paired '
-                 'table of the open questions whose seed-level 95% interval excludes 0, over '
-                 'all seeds (the selection seeds included); with no correction about 1 in 20 '
+                 'table of the open questions whose seed-level 95% interval excludes 0, in the '
+                 f'{len(main)} main settings (the weaker prior\'s row is in the table), over all '
+                 'seeds (the selection seeds included); with no correction about 1 in 20 '
                  'comparisons would exclude 0 by chance, and a small difference can be real '
                  'but immaterial (a lower NLL is a closer fit, a lower ECE better calibration; '
                  'this summary was added in session 32):')

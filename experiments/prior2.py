@@ -27,7 +27,9 @@ def _weaker_minus_stronger(records, method) -> str:
   low, high = result['bootstrap']
   reading = {'win': 'higher', 'loss': 'lower', 'tie': 'no difference shown',
              'n/a': 'one seed'}[result['verdict']]
-  return (f'**{reading}** {_points(result["mean"], result["half"])} '
+  degenerate = (' (zero spread: the interval is degenerate, not evidence)'
+                if result['zero_spread'] else '')
+  return (f'**{reading}** {_points(result["mean"], result["half"])}{degenerate} '
           f'[{100 * low:+.1f}, {100 * high:+.1f}] ({len(result["seeds"])})')
 
 
@@ -100,6 +102,8 @@ def _change(by_seed: dict) -> str:
   mean, half = _interval(by_seed)
   if math.isnan(half):
     return f'{_points(mean, half)} (1 seed)'
+  if records2.zero_spread(list(by_seed.values())):  # the same change in every seed
+    return f'{_points(mean, half)} ({len(by_seed)} seeds: zero spread, degenerate, not evidence)'
   reading = ('no difference shown' if abs(mean) <= half else 'above 0' if mean > 0
              else 'below 0')
   return f'{_points(mean, half)} ({len(by_seed)} seeds: {reading})'

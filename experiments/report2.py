@@ -126,6 +126,27 @@ def _verdict_table(grid, records, seeds_allowed=None):
   return lines, compared
 
 
+def _stand_in_provenance(grid, records) -> str:
+  """Which seeds of the weaker prior's stand-in runs (the stronger setting's runs of the methods
+  that do not use the teacher) share the commit and the machine of the weaker setting's own runs
+  of the same seed."""
+  weak, stronger = records2.PRIOR_QUALITY, records2.tuned_from(records2.PRIOR_QUALITY)
+  stand_ins = [m for m in grid.PRIMARY_FIXED if records2.baseline_setting(grid, weak, m) != weak]
+  where = lambda r: ((r.get('code') or {}).get('commit'), r.get('machine'))
+  same, other = [], []
+  for seed in grid.PRIMARY_SEEDS:
+    own = {where(r) for n, r in records.items()
+           if n.startswith(f'{weak}/') and r.get('seed') == seed}
+    theirs = [records.get(f'{stronger}/{m}/{seed}') for m in stand_ins]
+    if len(own) != 1 or not all(theirs):
+      continue  # not yet run, or the weaker setting's own runs differ among themselves
+    (same if all(where(r) in own for r in theirs) else other).append(str(seed))
+  parts = ([f'seed(s) {", ".join(same)} trained at the commit and on the machine (CPU model) of '
+            'the weaker setting\'s runs of the same seed'] if same else []) + (
+      [f'seed(s) {", ".join(other)} at earlier commits or on other machines'] if other else [])
+  return '; '.join(parts) if parts else 'no stand-in run recorded yet'
+
+
 def _verdicts(grid, records):
   table, compared = _verdict_table(grid, records)
   lines = ['## Verdict: Target-SFT (eta selected on validation) against each baseline', '',
@@ -133,15 +154,15 @@ def _verdicts(grid, records):
            '(same data order and corruptions), in points: mean ± 95% Student-t half-width over '
            'seeds, [bootstrap 95% interval over seeds and problems together], (n) seeds, and the '
            'verdict (win / loss when the seed-level interval excludes 0, else tie; n/a with one '
-           "seed). Tuned baselines are at their own selected value; '-' means not run yet" + (
+           "seed). Tuned baselines are at their own selected value; '-' means no runs to pair" + (
                f" ({', '.join(getattr(grid, 'CUT_FAMILIES', ()))}: cut by the budget, never run)"
                if getattr(grid, 'CUT_FAMILIES', ()) else '') + '. '
            f'The {records2.PRIOR_QUALITY} row (the weaker prior) pairs Target-SFT with '
            "distillation's runs of its own setting and with "
            f"{records2.tuned_from(records2.PRIOR_QUALITY)}'s "
            'runs of every method that does not use the teacher: the same config and seed but '
-           'for the workdir, trained at earlier commits and on other machines (PREREGISTRATION '
-           'change 25).', '',
+           f'for the workdir; {_stand_in_provenance(grid, records)} (PREREGISTRATION changes 25 '
+           'and 28).', '',
            *table, '',
            f'{compared} comparisons have two or more seeds. Each is at 95% without correction '
            f'for multiplicity: were every method equal, about {0.05 * compared:.1f} of them '
@@ -167,7 +188,7 @@ def _power(grid, records):
   not a result): per task and primary baseline, the pooled SD over seeds of a Target-SFT value
   minus the baseline."""
   pooled = collections.defaultdict(lambda: [0.0, 0])  # (task, baseline) -> [squares, df]
-  for setting in grid.SETTINGS:
+  for setting in grid.MAIN_SETTINGS:  # the weaker prior's setting has no SFT or DFT of its own
     for method in grid.TUNED['target_sft']:
       for baseline in grid.PRIMARY_FIXED:
         diffs = np.array(records2.seed_differences(records, setting, method, baseline))
@@ -216,9 +237,15 @@ def _accuracy(grid, records):
       for s in grid.SETTINGS) + ' |')
   families = list(grid.PRIMARY_FIXED) + list(grid.TUNED)
   chosen = lambda s, f: records2.selected_method(grid, s, f)
+  # A method that does not use the teacher stands in the weaker prior's setting by the stronger
+  # setting's runs (as the verdict table pairs them), marked as such.
+  source = lambda s, f: records2.baseline_setting(grid, s, f) if f in grid.PRIMARY_FIXED else s
+  marked = lambda s, f, cell: (f"{cell} ({source(s, f)}'s)" if cell != '-' and source(s, f) != s
+                               else cell)
   for family in families:
-    row = [_cell([r['accuracy'] for r in records2.runs(records, s, chosen(s, f))]) if chosen(s, f)
-           else '-' for s in grid.SETTINGS for f in [family]]
+    row = [marked(s, f, _cell([r['accuracy'] for r in records2.runs(
+        records, source(s, f), chosen(s, f))])) if chosen(s, f) else '-'
+           for s in grid.SETTINGS for f in [family]]
     if any(c != '-' for c in row):
       lines.append(f'| {_family_label(grid, family)} | ' + ' | '.join(row) + ' |')
   lines += ['', '| method (Average@4 / pass@4) | ' + ' | '.join(grid.SETTINGS) + ' |',
@@ -227,12 +254,12 @@ def _accuracy(grid, records):
     row = []
     for s in grid.SETTINGS:
       method = chosen(s, family)
-      runs = [r for r in records2.runs(records, s, method)
+      runs = [r for r in records2.runs(records, source(s, family), method)
               if records2.value(r, 'test_sampled') is not None
               ] if method else []
-      row.append('-' if not runs else
-                 f"{_cell([records2.value(r, 'test_sampled') for r in runs])} / "
-                 f"{_cell([records2.value(r, 'test_sampled', 'pass_at_4') for r in runs])}")
+      row.append('-' if not runs else marked(
+          s, family, f"{_cell([records2.value(r, 'test_sampled') for r in runs])} / "
+          f"{_cell([records2.value(r, 'test_sampled', 'pass_at_4') for r in runs])}"))
     if any(c != '-' for c in row):
       lines.append(f'| {_family_label(grid, family)} | ' + ' | '.join(row) + ' |')
   return lines + ['']
@@ -305,13 +332,15 @@ def _cost(grid, records):
            'Wall time counts whatever else ran on the machine; CPU time counts it much less, but '
            "XLA's thread pool and cache contention still move it. SFT's own row is a geometric "
            'mean of ratios to an arithmetic mean, so it sits just below 1 where its runs differ. '
-           'The paired ratio (same seed, same machine) is in the open-questions section.', '',
+           'The paired ratio (same seed, same machine) is in the open-questions section. '
+           f'{records2.PRIOR_QUALITY} divides by {records2.tuned_from(records2.PRIOR_QUALITY)}\'s '
+           'SFT runs on the same machine (its own setting has none; they were trained in earlier sessions, so the ratio is not paired in time).', '',
            '| method | ' + ' | '.join(grid.SETTINGS) + ' |', '|---|' + '---|' * len(grid.SETTINGS)]
   for method in grid.METHODS:
     row = []
     for s in grid.SETTINGS:
       ratios = {'mean_step_seconds': [], 'mean_step_cpu_seconds': []}
-      sft = records2.runs(records, s, 'sft')
+      sft = records2.runs(records, records2.baseline_setting(grid, s, 'sft'), 'sft')
       for run in records2.runs(records, s, method):
         for field, kept in ratios.items():
           same = [r[field] for r in sft if r.get(field) and r.get('machine') == run.get('machine')]

@@ -418,6 +418,7 @@ def test_findings_pair_the_other_measurements_and_count_verdicts(grid, tmp_path)
   assert (f'- chain3: the margin over SFT is +70.0 ± {half:.1f} (2 seeds) with noisy '
           'demonstrations and +50.0 ± 24.8 (3 seeds) with clean ones') in summary, summary
   assert 'Noisy minus clean: +20.0 points, 95% interval [' in summary  # 70 - 50
+  assert "seeds taken as independent): no difference shown." in summary  # 2 seeds, wide
   # Cost: chain3_clean's geometric mean 1.22 (above), chain3_noisy's 3.0 / 2.0 = 1.5.
   assert "takes 1.22-1.50 times SFT's CPU seconds" in summary and '2 setting(s)' in summary
   assert 'is at the floor' not in summary
@@ -1006,3 +1007,57 @@ def test_summary_names_where_target_sft_differs_beyond_accuracy(grid):
     records[f'chain3_clean/target_sft_eta0.5/{seed}']['fit']['train_nll'] = 1.1  # +0.1 each
   assert findings2._where_it_differs(grid, records)[1:] == [  # pylint: disable=protected-access
       '  - against sft (2 setting-by-measure comparisons, about 0.1 by chance): nowhere.']
+
+
+def test_the_weaker_priors_stand_ins_are_shown_and_traced(grid):
+  report2 = _experiments_module('report2')
+  prior2 = _experiments_module('prior2')
+  questions2 = _experiments_module('questions2')
+  records = {}
+  xeon, amd = 'Xeon', 'EPYC'
+
+  def add(name, accuracy, commit, machine, cpu=1.0):
+    records[name] = {'name': name, 'method': name.split('/')[1], 'seed': int(name[-1]),
+                     'accuracy': accuracy, 'code': {'commit': commit}, 'machine': machine,
+                     'mean_step_seconds': cpu, 'mean_step_cpu_seconds': cpu}
+
+  # Seed 0's stand-ins ran at another commit and machine, seed 1's at the weak runs' own.
+  for seed, (commit, machine) in enumerate((('old', amd), ('new', xeon))):
+    add(f'chain3_noisy/sft/{seed}', 0.5, commit, machine, cpu=2.0)
+    add(f'chain3_noisy/dft/{seed}', 0.3, commit, machine)
+    add(f'chain3_noisy_weak/distill/{seed}', 0.6, 'new', xeon, cpu=3.0)
+    add(f'chain3_noisy_weak/target_sft_eta1/{seed}', 0.6, 'new', xeon, cpu=3.0)
+  add('chain3_noisy/dft/1', 0.3, 'new', amd)  # one stand-in on another machine: not the same
+  assert report2._stand_in_provenance(grid, records) == (  # pylint: disable=protected-access
+      'seed(s) 0, 1 at earlier commits or on other machines')
+  add('chain3_noisy/dft/1', 0.3, 'new', xeon)
+  assert report2._stand_in_provenance(grid, records) == (  # pylint: disable=protected-access
+      "seed(s) 1 trained at the commit and on the machine (CPU model) of the weaker setting's "
+      'runs of the same seed; seed(s) 0 at earlier commits or on other machines')
+  grid.selection_file.write_text(json.dumps(
+      {'chain3_noisy/target_sft': {'selected': 'target_sft_eta1'}}))
+  accuracy = '\n'.join(report2._accuracy(grid, records))  # pylint: disable=protected-access
+  sft_row = next(l for l in accuracy.splitlines() if l.startswith('| sft |')).split(' | ')
+  assert sft_row[2] == '50.0 ± 0.0 (2)' and sft_row[-1] == "50.0 ± 0.0 (2) (chain3_noisy's) |"
+  distill_row = next(l for l in accuracy.splitlines() if l.startswith('| distill |'))
+  assert distill_row.endswith('| 60.0 ± 0.0 (2) |'), distill_row  # its own setting's runs
+  # Cost: the weak distill runs (3.0 s) over chain3_noisy's SFT on the same machine (seed 1's,
+  # 2.0 s): 1.50, from both runs (seed 0's SFT ran elsewhere, but seed 1's is the same machine).
+  cost = '\n'.join(report2._cost(grid, records))  # pylint: disable=protected-access
+  assert next(l for l in cost.splitlines() if l.startswith('| distill |')).endswith(
+      '| 1.50 / 1.50 (2) |'), cost
+  # A margin change that is the same in every seed is degenerate, not 'above 0'.
+  assert prior2._change({0: 0.1, 1: 0.1, 2: 0.1}) == (  # pylint: disable=protected-access
+      '+10.0 ± 0.0 (3 seeds: zero spread, degenerate, not evidence)')
+  assert prior2._change({0: 0.1, 1: 0.2, 2: 0.15}).endswith('(3 seeds: above 0)')  # pylint: disable=protected-access
+  # An eta tying the selected one on test: the selected one is the best, nothing lost.
+  for method in grid.TUNED['target_sft']:
+    for seed in grid.SELECTION_SEEDS:
+      records[f'chain3_clean/{method}/{seed}'] = {
+          'seed': seed, 'scored': {'test_greedy': {'accuracy': 0.4}}}
+  grid.selection_file.write_text(json.dumps(
+      {'chain3_clean/target_sft': {'selected': 'target_sft_eta1'}}))
+  assert questions2.selection_cost(grid, records, 'chain3_clean') == ('1', '1', 0.0)
+  records['chain3_clean/target_sft_eta0.5/0']['scored']['test_greedy']['accuracy'] = 0.5
+  assert questions2.selection_cost(grid, records, 'chain3_clean') == pytest.approx(
+      ('1', '0.5', 0.05))
