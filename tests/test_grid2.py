@@ -1049,7 +1049,8 @@ def test_the_weaker_priors_stand_ins_are_shown_and_traced(grid):
   # A margin change that is the same in every seed is degenerate, not 'above 0'.
   assert prior2._change({0: 0.1, 1: 0.1, 2: 0.1}) == (  # pylint: disable=protected-access
       '+10.0 ± 0.0 (3 seeds: zero spread, degenerate, not evidence)')
-  assert prior2._change({0: 0.1, 1: 0.2, 2: 0.15}).endswith('(3 seeds: above 0)')  # pylint: disable=protected-access
+  change = prior2._change  # pylint: disable=protected-access
+  assert change({0: 0.1, 1: 0.2, 2: 0.15}).endswith('(3 seeds: above 0)')
   # An eta tying the selected one on test: the selected one is the best, nothing lost.
   for method in grid.TUNED['target_sft']:
     for seed in grid.SELECTION_SEEDS:
