@@ -305,6 +305,22 @@ def _todo(grid, done: dict, patterns) -> tuple[list[str], list[str]]:
   return names, todo
 
 
+def _teachers_needed(grid, done: dict, patterns) -> set[str]:
+  """The recorded teachers whose export a run still to go reads as its prior."""
+  exports = {(ROOT / _run_config(grid, n).workdir / 'hf').resolve(): n
+             for n in done if is_teacher(n)}
+  needed = set()
+  for name in _todo(grid, done, patterns)[1]:
+    if is_teacher(name) or name.startswith('base/'):
+      continue
+    prior = _run_config(grid, name).get('prior')
+    if prior is not None and prior.get('source') == 'hf' and prior.get('path'):
+      teacher = exports.get((ROOT / prior.path).resolve())
+      if teacher:
+        needed.add(teacher)
+  return needed
+
+
 def use_compilation_cache(grid) -> str:
   """Points the runs' processes at one persistent compilation cache (unless the environment
   already names one): every run compiles the same train step and generation programs, and a
@@ -351,12 +367,17 @@ def run(args) -> None:
     _log(f'compilation cache: {use_compilation_cache(grid)}')
   registry = Registry(ROOT / args.results_dir)
   done = registry.records()
+  needed = _teachers_needed(grid, done, args.only)
   for name in [n for n in done if is_teacher(n)]:
     if not (ROOT / _run_config(grid, name).workdir / 'hf').exists():
       # The export is the students' prior and lives outside git (0.5 GB): a fresh checkout
       # retrains it with the same config and seed before any run that needs it.
-      _log(f'the recorded {name} has no export here; training it again')
-      del done[name]
+      if name in needed:
+        _log(f'the recorded {name} has no export here; training it again')
+        del done[name]
+      else:
+        _log(f'the recorded {name} has no export here; no run still to go reads it, so it is '
+             'not trained again')
   names, todo = _todo(grid, done, args.only)
   if args.only and not names:
     raise SystemExit(f'--only {" ".join(args.only)} matches no run of {args.config}; run '

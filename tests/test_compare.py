@@ -153,7 +153,10 @@ def teacher_config():
   return ml_collections.ConfigDict({{'workdir': {teacher!r}}})
 
 def get_config(name):
-  return teacher_config()
+  if name == 'teacher':
+    return teacher_config()
+  return ml_collections.ConfigDict({{'workdir': {teacher!r} + '_student', 'prior': {{
+      'source': 'hf', 'path': {teacher!r} + '/hf'}}}})
 '''
 
 
@@ -177,6 +180,15 @@ def test_teacher_without_export_is_trained_again_before_the_students(tmp_path):
   assert '2 of 3 runs recorded; 1 to go' in planned.stdout
   commands = [line for line in planned.stdout.splitlines() if not line.startswith('[compare')]
   assert [c.split(':')[-1] for c in commands] == ['clean/sft/0']
+
+  # Every student recorded, the export gone again (a fresh checkout of a finished grid): no run
+  # still to go reads the teacher, so it is not trained again.
+  (tmp_path / 'teacher' / 'hf').rmdir()
+  with open(results / 'runs.jsonl', 'a') as f:
+    f.write(json.dumps({'name': 'clean/sft/0'}) + '\n')
+  planned = _compare('run', '--config', str(grid), '--dry_run', results=results)
+  assert 'no run still to go reads it, so it is not trained again' in planned.stdout
+  assert '3 of 3 runs recorded; 0 to go' in planned.stdout, planned.stdout
 
 
 _BASE_AND_TEACHER_GRID = '''
