@@ -394,7 +394,7 @@ def run(args) -> None:
             else f'(base evaluation) {name}')
     return
   registry.path.touch()  # started here: an interrupted first run resumes without the check
-  started, count, student_seconds = time.time(), 0, []
+  started, count, student_seconds = time.time(), 0, {True: [], False: []}
   while todo and not (args.max_runs and count >= args.max_runs):
     name, count = todo[0], count + 1
     _log(f'[{count}/{count + len(todo) - 1}] {name} ...')
@@ -405,22 +405,32 @@ def run(args) -> None:
     done[name] = record
     names, todo = _todo(grid, done, args.only)  # a selection may have added runs
     if not (is_teacher(name) or name.startswith('base/')):
-      student_seconds.append(record['wall_seconds'])
+      student_seconds[_on_validation(grid, name)].append(record['wall_seconds'])
     _log(f'{name}: accuracy {record["accuracy"]:.3f} in {record["wall_seconds"]:.0f} s '
          f'(session so far {(time.time() - started) / 60:.1f} min; '
-         f'{_time_left(todo, student_seconds)})')
+         f'{_time_left(todo, student_seconds, lambda n: _on_validation(grid, n))})')
 
 
-def _time_left(todo: list[str], student_seconds: list[float]) -> str:
-  """The time the planned runs still need, at this session's median student run: teachers
+def _on_validation(grid, name: str) -> bool:
+  """Whether a run is also measured on validation (a selection run: about 1.3x as long)."""
+  measurements = getattr(grid, 'measurements', None)
+  return bool(measurements and measurements(name).get('validation'))
+
+
+def _time_left(todo: list[str], student_seconds: dict[bool, list[float]],
+               on_validation=lambda name: False) -> str:
+  """The time the planned runs still need, each at this session's median student run of its
+  kind (measured on validation or not; the other kind's median until one has run): teachers
   (minutes each) and Base would skew a mean of every run so far."""
   students = [n for n in todo if not (is_teacher(n) or n.startswith('base/'))]
   others = len(todo) - len(students)
-  if not student_seconds:
+  seen = sum(len(v) for v in student_seconds.values())
+  if not seen:
     return f'{len(todo)} runs planned; a time estimate after the first student run'
-  minutes = statistics.median(student_seconds) * len(students) / 60
+  median = lambda kind: statistics.median(student_seconds[kind] or student_seconds[not kind])
+  minutes = sum(median(on_validation(n)) for n in students) / 60
   return (f'about {minutes:.0f} min left for the {len(students)} student runs planned, at this '
-          f'session\'s median of {len(student_seconds)}' +
+          f'session\'s medians of {seen}' +
           (f', plus {others} teacher or Base run(s)' if others else ''))
 
 

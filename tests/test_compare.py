@@ -342,9 +342,15 @@ def test_time_left_counts_student_runs_at_their_median_only():
   finally:
     sys.path.pop(0)
   todo = ['teacher/chain3', 'base/0', 'chain3_clean/sft/4', 'chain3_clean/dft/4']
-  assert 'after the first student run' in compare._time_left(todo, [])  # pylint: disable=protected-access
+  time_left = compare._time_left  # pylint: disable=protected-access
+  assert 'after the first student run' in time_left(todo, {True: [], False: []})
   # Median of 200, 240 and 1000 s is 240 s; two student runs to go: 8 min, the teacher and Base
   # named apart (a mean over everything so far would be 480 s a run, 16 min).
-  left = compare._time_left(todo, [200.0, 1000.0, 240.0])  # pylint: disable=protected-access
+  left = time_left(todo, {True: [], False: [200.0, 1000.0, 240.0]})
   assert left.startswith('about 8 min left for the 2 student runs planned'), left
   assert left.endswith('plus 2 teacher or Base run(s)'), left
+  # Runs measured on validation go at their own median: sft/4 at 330 s, dft/4 at 240 s: 9.5 min.
+  left = time_left(todo, {True: [330.0], False: [200.0, 1000.0, 240.0]},
+                   on_validation=lambda name: name.endswith('sft/4'))
+  assert left.startswith('about 10 min left for the 2 student runs planned'), left
+  assert "at this session's medians of 4" in left, left
