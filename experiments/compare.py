@@ -367,17 +367,18 @@ def run(args) -> None:
     _log(f'compilation cache: {use_compilation_cache(grid)}')
   registry = Registry(ROOT / args.results_dir)
   done = registry.records()
-  needed = _teachers_needed(grid, done, args.only)
-  for name in [n for n in done if is_teacher(n)]:
-    if not (ROOT / _run_config(grid, name).workdir / 'hf').exists():
-      # The export is the students' prior and lives outside git (0.5 GB): a fresh checkout
-      # retrains it with the same config and seed before any run that needs it.
-      if name in needed:
-        _log(f'the recorded {name} has no export here; training it again')
-        del done[name]
-      else:
-        _log(f'the recorded {name} has no export here; no run still to go reads it, so it is '
-             'not trained again')
+  # A teacher's export is the students' prior and lives outside git (0.5 GB): a fresh checkout
+  # retrains it with the same config and seed before any run still to go that reads it.
+  unexported = [n for n in done
+                if is_teacher(n) and not (ROOT / _run_config(grid, n).workdir / 'hf').exists()]
+  needed = _teachers_needed(grid, done, args.only) if unexported else set()
+  for name in unexported:
+    if name in needed:
+      _log(f'the recorded {name} has no export here; training it again')
+      del done[name]
+    else:
+      _log(f'the recorded {name} has no export here; no run still to go reads it, so it is '
+           'not trained again')
   names, todo = _todo(grid, done, args.only)
   if args.only and not names:
     raise SystemExit(f'--only {" ".join(args.only)} matches no run of {args.config}; run '
@@ -405,16 +406,10 @@ def run(args) -> None:
     done[name] = record
     names, todo = _todo(grid, done, args.only)  # a selection may have added runs
     if not (is_teacher(name) or name.startswith('base/')):
-      student_seconds[_on_validation(grid, name)].append(record['wall_seconds'])
+      student_seconds[stats.measured_on_validation(grid, name)].append(record['wall_seconds'])
     _log(f'{name}: accuracy {record["accuracy"]:.3f} in {record["wall_seconds"]:.0f} s '
          f'(session so far {(time.time() - started) / 60:.1f} min; '
-         f'{_time_left(todo, student_seconds, lambda n: _on_validation(grid, n))})')
-
-
-def _on_validation(grid, name: str) -> bool:
-  """Whether a run is also measured on validation (a selection run: about 1.3x as long)."""
-  measurements = getattr(grid, 'measurements', None)
-  return bool(measurements and measurements(name).get('validation'))
+         f'{_time_left(todo, student_seconds, lambda n: stats.measured_on_validation(grid, n))})')
 
 
 def _time_left(todo: list[str], student_seconds: dict[bool, list[float]],

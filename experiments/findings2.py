@@ -4,7 +4,6 @@ the other measurements are experiments/paired2.py). Nothing here picks or reads 
 """
 
 import collections
-import math
 
 import numpy as np
 import scipy.stats
@@ -178,9 +177,7 @@ def _pooled_table(grid, records) -> list[str]:
            'secondary analysis.', '',
            '| settings | seeds | baseline | settings (pairs) | mean over pairs | mean over settings |',
            '|---|---|---|---|---|---|']
-  # round first and add 0.0, so that a mean that rounds to zero prints +0.0, never -0.0
-  points = lambda m, h: f'{round(100 * m, 1) + 0.0:+.1f}' + (
-      '' if math.isnan(h) else f' ± {100 * h:.1f}')
+  points = stats.signed_points
   for label, settings in groups:
     for seeds_label, allowed in (('all', None), (', '.join(map(str, added)), added)):
       for family in grid.PRIMARY_FIXED:

@@ -38,7 +38,7 @@ def status(grid, records, planned, replaced=()):
     # Medians, by what a run measures (validation or not): a run that shared the machine or was
     # paused inflates a mean. Only chain3 has run so far where products2 has no trained run: its
     # runs generate twice the tokens, so the estimate is low until they are measured.
-    validated = lambda name: grid.measurements(name)['validation']
+    validated = lambda name: stats.measured_on_validation(grid, name)
     walls = {True: [], False: []}
     cpus = {True: [], False: []}
     # The rates of the machine the grid runs on now, once it has a few runs (machines differ).

@@ -14,8 +14,7 @@ _STRONG = records2.tuned_from(_WEAK)
 _CHANGE = 25  # the PREREGISTRATION change that fixed these analyses before the axis ran
 
 
-def _points(mean, half) -> str:
-  return f'{100 * mean:+.1f}' + ('' if math.isnan(half) else f' ± {100 * half:.1f}')
+_points = stats.signed_points
 
 
 def _weaker_minus_stronger(records, method) -> str:

@@ -125,6 +125,20 @@ def t_975(df: int) -> float:
   return _T_975[df] if df in _T_975 else t_quantile(0.975, df)
 
 
+def measured_on_validation(grid, name: str) -> bool:
+  """Whether the grid measures a run on validation too (a selection run: about 1.3x as long);
+  a grid without ``measurements`` (the first one) measures none."""
+  measurements = getattr(grid, 'measurements', None)
+  return bool(measurements and measurements(name).get('validation'))
+
+
+def signed_points(mean: float, half: float) -> str:
+  """A fraction's mean in signed points, ± its half-width unless undefined (NaN); a mean that
+  rounds to zero prints +0.0, never -0.0."""
+  shown = f'{round(100 * mean, 1) + 0.0:+.1f}'  # adding 0.0 turns a rounded -0.0 into 0.0
+  return shown + ('' if math.isnan(half) else f' ± {100 * half:.1f}')
+
+
 def mean_and_interval(values: list[float]) -> tuple[float, float]:
   """Mean and half-width of the 95% Student-t interval over seeds (nan with one value)."""
   n = len(values)

@@ -675,6 +675,13 @@ def test_shared_record_helpers_cells_caches_and_degenerate_intervals(grid, tmp_p
   assert records2.interval_cell(12.34, float('nan'), 1) == '12.3 (1)'
   assert records2.interval_cell(-1.25, 2.5, 3, '{:+.1f}') == '-1.2 ± 2.5 (3)'
   assert records2.interval_cell(1.2, (0.9, 1.6), 2, '{:.2f}') == '1.20 [0.90, 1.60] (2)'
+  # Signed points: a mean that rounds to zero is +0.0, never -0.0; no interval for one value.
+  stats = _experiments_module('stats')
+  assert stats.signed_points(-0.0004, 0.013) == '+0.0 ± 1.3'
+  assert stats.signed_points(-0.0123, float('nan')) == '-1.2'
+  assert stats.measured_on_validation(grid, 'chain3_clean/target_sft_eta1/0')
+  assert not stats.measured_on_validation(grid, 'chain3_clean/target_sft_eta1/2')
+  assert not stats.measured_on_validation(object(), 'chain3_clean/target_sft_eta1/0')
   # Per-seed differences over the seeds both have, in seed order; only the allowed seeds.
   records = {f'chain3_clean/{m}/{s}': {'name': f'chain3_clean/{m}/{s}', 'seed': s,
                                         'accuracy': a}
