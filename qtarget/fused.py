@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from qtarget import cached_prior as cached_prior_lib
@@ -56,20 +58,20 @@ class FusedAux(NamedTuple):
 
 
 def _chunk_values(method, hidden_CxH, head_HxV, labels_C, weights_C, prior_hidden_CxP,
-                  prior_head_PxV, prior_cache_C, hyper_C, static):
-  """Loss, logit gradient and metrics of one chunk of tokens, in float32."""
-  logits = jnp.dot(hidden_CxH, head_HxV, preferred_element_type=jnp.float32)
+                  prior_head_PxV, prior_cache_C, hyper_C, static, dtype=jnp.float32):
+  """Loss, logit gradient and metrics of one chunk of tokens, in ``dtype`` (float32, or
+  float64 for the one-call form's float64 inputs)."""
+  logits = jnp.dot(hidden_CxH, head_HxV, preferred_element_type=dtype)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   label_log_prob = targets_lib.label_log_probs(log_probs, labels_C)
   prior_log_probs = None
-  prior_entropy = jnp.zeros(labels_C.shape, jnp.float32)
+  prior_entropy = jnp.zeros(labels_C.shape, dtype)
   if method.needs_prior:
     if prior_cache_C is not None:  # the cached top-k prior, its tail spread like the student's
       prior_log_probs = cached_prior_lib.prior_log_probs(prior_cache_C, log_probs)
       prior_entropy = cached_prior_lib.bucket_entropy(prior_cache_C)
     else:
-      prior_logits = jnp.dot(prior_hidden_CxP, prior_head_PxV,
-                             preferred_element_type=jnp.float32)
+      prior_logits = jnp.dot(prior_hidden_CxP, prior_head_PxV, preferred_element_type=dtype)
       prior_log_probs = jax.nn.log_softmax(prior_logits, axis=-1)
       prior_probs = jnp.exp(prior_log_probs)
       prior_entropy = -jnp.sum(jnp.where(prior_probs > 0, prior_probs * prior_log_probs, 0.0),
@@ -136,9 +138,11 @@ def _fused(implementation, method_key, chunking, hidden_NxH, head_HxV, labels_N,
 
 
 def _forward(method_key, chunking, hidden_NxH, head_HxV, labels_N, weights_N,
-             prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N):
+             prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N, with_grads=True):
+  """``(weighted total, aux, (grad_hidden, grad_head))``; without ``with_grads`` the chunks
+  skip the two gradient matmuls and the grads are None (the one-call form's forward pass)."""
   method, static = targets_lib.METHODS[method_key[0]], dict(method_key[1])
-  chunk_size, accumulation = chunking
+  chunk_size, accumulation, dtype = _unpack_chunking(chunking)
   accumulator_dtype = jnp.float32 if accumulation == 'float32' else head_HxV.dtype
   n = labels_N.shape[0]
   pad = (-n) % chunk_size
@@ -147,7 +151,7 @@ def _forward(method_key, chunking, hidden_NxH, head_HxV, labels_N, weights_N,
   xs = {
       'hidden': as_chunks(hidden_NxH),
       'labels': as_chunks(labels_N),
-      'weights': as_chunks(weights_N.astype(jnp.float32)),
+      'weights': as_chunks(weights_N.astype(dtype)),
       'hyper': {k: as_chunks(v) for k, v in hyper_N.items()},
   }
   if method.needs_prior and prior_cache is not None:
@@ -158,22 +162,54 @@ def _forward(method_key, chunking, hidden_NxH, head_HxV, labels_N, weights_N,
   def step(grad_head, x):
     loss, grad_logits, aux = _chunk_values(
         method, x['hidden'], head_HxV, x['labels'], x['weights'], x.get('prior_hidden'),
-        prior_head_PxV, x.get('prior_cache'), x['hyper'], static)
+        prior_head_PxV, x.get('prior_cache'), x['hyper'], static, dtype)
+    weighted = jnp.sum(loss * x['weights'])
+    if not with_grads:
+      return grad_head, (weighted, None, aux)
     grad_logits = grad_logits.astype(head_HxV.dtype)
-    grad_hidden = jnp.dot(grad_logits, head_HxV.T, preferred_element_type=jnp.float32)
+    grad_hidden = jnp.dot(grad_logits, head_HxV.T, preferred_element_type=dtype)
     # A narrow accumulator takes the product in its own dtype: a float32 product would be an
     # H x V float32 temporary, the very array this option removes.
     grad_head = grad_head + jnp.dot(x['hidden'].T, grad_logits,
                                     preferred_element_type=accumulator_dtype)
-    weighted = jnp.sum(loss * x['weights'])
     return grad_head, (weighted, grad_hidden.astype(hidden_NxH.dtype), aux)
 
-  grad_head, (weighted, grad_hidden, aux) = jax.lax.scan(
-      step, jnp.zeros_like(head_HxV, accumulator_dtype), xs)  # zeros_like: keeps a shard_map type
+  # zeros_like: keeps a shard_map type
+  init = jnp.zeros_like(head_HxV, accumulator_dtype) if with_grads else None
+  grad_head, (weighted, grad_hidden, aux) = jax.lax.scan(step, init, xs)
   unchunk = lambda x: x.reshape((chunks * chunk_size,) + x.shape[2:])[:n]
   aux = jax.tree.map(unchunk, aux)
-  grads = (unchunk(grad_hidden), grad_head.astype(head_HxV.dtype))
+  grads = (unchunk(grad_hidden), grad_head.astype(head_HxV.dtype)) if with_grads else None
   return jnp.sum(weighted), aux, grads
+
+
+def _unpack_chunking(chunking):
+  """``(tokens per chunk, head-gradient accumulation[, compute dtype name])``."""
+  chunk_size, accumulation, *dtype = chunking
+  return chunk_size, accumulation, jnp.dtype(dtype[0] if dtype else 'float32')
+
+
+def explicit_mesh(*trees):
+  """``(mesh, axes)``: the mesh of the first input sharded over axes of ``Explicit`` type, and
+  those axes (``(None, ())`` when no input is). Reshaping tokens into chunks is not defined on
+  an explicitly sharded token axis, so the fused losses run under ``jax.sharding.auto_axes``
+  over these axes: the compiler partitions the chunked scan as on an ``Auto`` mesh."""
+  for x in jax.tree.leaves(trees):
+    sharding = getattr(jax.typeof(x), 'sharding', None)
+    mesh = getattr(sharding, 'mesh', None)
+    if mesh is None or mesh.empty:
+      continue
+    explicit = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                     if kind == AxisType.Explicit)
+    if explicit:
+      return mesh, explicit
+  return None, ()
+
+
+def token_sharding(mesh, labels) -> NamedSharding:
+  """The sharding of per-token outputs: the labels' own (their first axis's spec)."""
+  spec = getattr(getattr(jax.typeof(labels), 'sharding', None), 'spec', None)
+  return NamedSharding(mesh, PartitionSpec(*(tuple(spec) if spec is not None else ())))
 
 
 def _fused_fwd(implementation, method_key, chunking, hidden_NxH, head_HxV, labels_N,
@@ -274,6 +310,28 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
     >>> aux.per_token_loss.shape
     (4,)
   """
+  method_key, chunking, args = prepare(
+      hidden_NxH, head_HxV, labels_N, method, prior_hidden_NxP=prior_hidden_NxP,
+      prior_head_PxV=prior_head_PxV, weights_N=weights_N, chunk_size=chunk_size,
+      implementation=implementation, prior_cache=prior_cache,
+      head_grad_accumulation=head_grad_accumulation, hyperparameters=hyperparameters)
+  call = functools.partial(_fused, implementation, method_key, chunking)
+  mesh, explicit = explicit_mesh(args)
+  if explicit:
+    per_token = token_sharding(mesh, labels_N)
+    call = jax.sharding.auto_axes(call, axes=explicit, out_sharding=(
+        NamedSharding(mesh, PartitionSpec()), FusedAux(*[per_token] * len(FusedAux._fields))))
+  total, aux = call(*args)
+  return total, jax.lax.stop_gradient(aux)
+
+
+def prepare(hidden_NxH, head_HxV, labels_N, method, *, prior_hidden_NxP, prior_head_PxV,
+            weights_N, chunk_size, implementation, prior_cache, head_grad_accumulation,
+            hyperparameters, compute_dtype='float32'):
+  """Checks the fused loss's inputs and puts them in the form its scan takes:
+  ``(method_key, chunking, (hidden, head, labels, weights, prior hidden, prior head, prior
+  cache, hyperparameters as [N] arrays))``. Shared by :func:`q_cross_entropy_fused` and the
+  one-call :func:`qtarget.q_loss_fused`."""
   spec = targets_lib.resolve(method)
   method = spec.name
   _check_inputs(hidden_NxH, head_HxV, labels_N, weights_N, 'hidden_NxH', 'head_HxV')
@@ -319,19 +377,18 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
                      f"method {method!r} needs implementation='xla'.")
   _check_labels_where_weighted(labels_N, head_HxV.shape[1], weights_N)
   traced, static = spec.split_hyperparameters(hyperparameters)
-  hyper_N = {name: jnp.broadcast_to(jnp.asarray(jax.lax.stop_gradient(v), jnp.float32), (n,))
+  hyper_N = {name: jnp.broadcast_to(jnp.asarray(jax.lax.stop_gradient(v), compute_dtype), (n,))
              for name, v in traced.items()}
-  weights_N = (jnp.ones((n,), jnp.float32) if weights_N is None
-               else jax.lax.stop_gradient(jnp.asarray(weights_N, jnp.float32)))
+  weights_N = (jnp.ones((n,), compute_dtype) if weights_N is None
+               else jax.lax.stop_gradient(jnp.asarray(weights_N, compute_dtype)))
   if prior_hidden_NxP is not None:
     prior_hidden_NxP = jax.lax.stop_gradient(prior_hidden_NxP)
     prior_head_PxV = jax.lax.stop_gradient(prior_head_PxV)
   chunk_size = min(chunk_size, max(n, 1))
   method_key = (method, tuple(sorted(static.items())))
-  chunking = (chunk_size, head_grad_accumulation)
-  total, aux = _fused(implementation, method_key, chunking, hidden_NxH, head_HxV, labels_N,
-                      weights_N, prior_hidden_NxP, prior_head_PxV, prior_cache, hyper_N)
-  return total, jax.lax.stop_gradient(aux)
+  chunking = (chunk_size, head_grad_accumulation, compute_dtype)
+  return method_key, chunking, (hidden_NxH, head_HxV, labels_N, weights_N, prior_hidden_NxP,
+                                prior_head_PxV, prior_cache, hyper_N)
 
 
 def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
@@ -365,19 +422,26 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
     raise ValueError(f'{n} tokens do not split over the mesh axes {token_axes} '
                      f'({shards} devices).')
   tokens, rows, whole = PartitionSpec(token_axes), PartitionSpec(token_axes, None), PartitionSpec()
+  # Scalars (hyperparameters) and absent weights enter whole and are broadcast on each device:
+  # broadcast outside, they would be replicated arrays declared split.
   args = {'hidden': hidden_NxH, 'head': head_HxV, 'labels': labels_N,
-          'weights': (jnp.ones((n,), jnp.float32) if weights_N is None
-                      else jnp.asarray(weights_N, jnp.float32)),
-          'hyper': {name: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n,))
+          'hyper': {name: jnp.asarray(v, jnp.float32) if jnp.ndim(v) == 0
+                    else jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n,))
                     for name, v in traced.items()}}
-  specs = {'hidden': rows, 'head': whole, 'labels': tokens, 'weights': tokens,
-           'hyper': {name: tokens for name in traced}}
+  specs = {'hidden': rows, 'head': whole, 'labels': tokens,
+           'hyper': {name: whole if jnp.ndim(v) == 0 else tokens for name, v in traced.items()}}
+  if weights_N is not None:
+    args['weights'], specs['weights'] = jnp.asarray(weights_N, jnp.float32), tokens
   if prior_hidden_NxP is not None:
     args.update(prior_hidden=prior_hidden_NxP, prior_head=prior_head_PxV)
     specs.update(prior_hidden=rows, prior_head=whole)
   if prior_cache is not None:
     args['prior_cache'] = cached_prior_lib.CachedPrior(*prior_cache)
     specs['prior_cache'] = cached_prior_lib.CachedPrior(rows, rows, tokens)
+  if any(kind == AxisType.Explicit for kind in mesh.axis_types):
+    # shard_map takes explicitly sharded inputs only as its specs lay them out.
+    args = jax.tree.map(lambda x, spec: jax.sharding.reshard(x, NamedSharding(mesh, spec)),
+                        args, specs)
 
   _check_labels_where_weighted(labels_N, head_HxV.shape[1], weights_N)
 
@@ -386,13 +450,15 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
     # cast the one sum of the head gradient over the token axes, done in float32.
     varying = lambda x: jax.lax.pcast(x.astype(jnp.float32), token_axes,
                                       to='varying').astype(x.dtype)
+    local_n = a['labels'].shape[0]
+    hyper = {name: jnp.broadcast_to(v, (local_n,)) for name, v in a['hyper'].items()}
     loss, aux = q_cross_entropy_fused(
         a['hidden'], varying(a['head']), a['labels'], method,
         prior_hidden_NxP=a.get('prior_hidden'),
         prior_head_PxV=None if 'prior_head' not in a else varying(a['prior_head']),
-        weights_N=a['weights'], chunk_size=chunk_size, implementation=implementation,
+        weights_N=a.get('weights'), chunk_size=chunk_size, implementation=implementation,
         prior_cache=a.get('prior_cache'), head_grad_accumulation=head_grad_accumulation,
-        **a['hyper'], **static)
+        **hyper, **static)
     return jax.lax.psum(loss, token_axes), aux
 
   aux_specs = FusedAux(*([tokens] * len(FusedAux._fields)))
