@@ -206,6 +206,14 @@ def explicit_mesh(*trees):
   return None, ()
 
 
+def sharded_token_axes(labels_N) -> tuple[str, ...]:
+  """The mesh axes an explicitly sharded ``[N]`` labels array splits its tokens over."""
+  spec = getattr(getattr(jax.typeof(labels_N), 'sharding', None), 'spec', None)
+  if not spec or spec[0] is None:
+    return ()
+  return tuple(spec[0]) if isinstance(spec[0], tuple) else (spec[0],)
+
+
 def token_sharding(mesh, labels) -> NamedSharding:
   """The sharding of per-token outputs: the labels' own (their first axis's spec)."""
   spec = getattr(getattr(jax.typeof(labels), 'sharding', None), 'spec', None)
@@ -317,6 +325,13 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
       head_grad_accumulation=head_grad_accumulation, hyperparameters=hyperparameters)
   call = functools.partial(_fused, implementation, method_key, chunking)
   mesh, explicit = explicit_mesh(args)
+  token_axes = sharded_token_axes(labels_N) if explicit else ()
+  if token_axes:  # each device scans its own tokens
+    return q_cross_entropy_fused_sharded(
+        hidden_NxH, head_HxV, labels_N, method, mesh=mesh, token_axes=token_axes,
+        prior_hidden_NxP=prior_hidden_NxP, prior_head_PxV=prior_head_PxV, weights_N=weights_N,
+        chunk_size=chunk_size, implementation=implementation, prior_cache=prior_cache,
+        head_grad_accumulation=head_grad_accumulation, **hyperparameters)
   if explicit:
     per_token = token_sharding(mesh, labels_N)
     call = jax.sharding.auto_axes(call, axes=explicit, out_sharding=(

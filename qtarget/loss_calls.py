@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
+from jax.sharding import PartitionSpec as P
 
 from qtarget import cached_prior as cached_prior_lib
 from qtarget import fused as fused_lib
@@ -152,8 +152,11 @@ def q_loss_fused(hidden: Array, head: Array, labels: Array, method: 'str | targe
   Returns:
     As :func:`q_loss`: ``[...]`` per-token losses (and :class:`TokenMetrics`).
 
-  Works under ``jax.jit`` on a mesh of ``Explicit`` or ``Auto`` axes (tokens split over data
-  axes, the head whole or split).
+  Under ``jax.jit`` on a mesh (``jax.set_mesh``): with tokens split over axes of ``Explicit``
+  type (``jax.make_mesh``'s default), each device scans its own tokens under ``shard_map``
+  with the whole head, gathered once, and the head's gradient is summed over those axes once;
+  on ``Auto`` axes the compiler places the scan and gathers the tokens to every device (correct,
+  not divided: :func:`qtarget.fused.q_cross_entropy_fused_sharded` divides it there).
 
   Example:
     >>> hidden, head = jnp.ones((2, 3, 4)), jnp.eye(4, 6)
@@ -196,7 +199,10 @@ def q_loss_fused(hidden: Array, head: Array, labels: Array, method: 'str | targe
       head_grad_accumulation='float32', hyperparameters=hyper_N, compute_dtype=dtype.name)
   call = functools.partial(_per_token, method_key, chunking)
   mesh, explicit = fused_lib.explicit_mesh(args)
-  if explicit:
+  token_axes = fused_lib.sharded_token_axes(args[2]) if explicit else ()
+  if token_axes:
+    call = _split_over_tokens(mesh, token_axes, method_key, chunking, args)
+  elif explicit:
     per_token = fused_lib.token_sharding(mesh, args[2])
     call = jax.sharding.auto_axes(call, axes=explicit, out_sharding=(
         per_token, fused_lib.FusedAux(*[per_token] * len(fused_lib.FusedAux._fields))))
@@ -261,6 +267,28 @@ def _per_token_bwd(method_key, chunking, inputs, cotangents):
 
 
 _per_token.defvjp(_per_token_fwd, _per_token_bwd)
+
+
+def _split_over_tokens(mesh, token_axes, method_key, chunking, args):
+  """``_per_token`` under ``shard_map``: each device scans its own tokens with the whole head
+  (gathered once); the head's gradient is summed over ``token_axes`` once, in float32."""
+  tokens, rows, whole = P(token_axes), P(token_axes, None), P()
+  cache_specs = None if args[6] is None else CachedPrior(rows, rows, tokens)
+  specs = (rows, whole, tokens, tokens, None if args[4] is None else rows,
+           None if args[5] is None else whole, cache_specs, {name: tokens for name in args[7]})
+
+  def local(hidden, head, labels, weights, prior_hidden, prior_head, cache, hyper):
+    varying = lambda x: None if x is None else jax.lax.pcast(
+        x.astype(jnp.float32), token_axes, to='varying').astype(x.dtype)
+    local_chunking = (min(chunking[0], labels.shape[0]),) + tuple(chunking[1:])
+    return _per_token(method_key, local_chunking, hidden, varying(head), labels, weights,
+                      prior_hidden, varying(prior_head), cache, hyper)
+
+  aux_specs = fused_lib.FusedAux(*[tokens] * len(fused_lib.FusedAux._fields))
+  split = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(tokens, aux_specs))
+  # shard_map takes explicitly sharded inputs only as its specs lay them out.
+  reshard = lambda x, spec: jax.sharding.reshard(x, NamedSharding(mesh, spec))
+  return lambda *inputs: split(*jax.tree.map(reshard, inputs, specs))
 
 
 def _masked(metrics: TokenMetrics, where: Array | None) -> TokenMetrics:

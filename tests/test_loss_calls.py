@@ -1,6 +1,8 @@
 """The one-call losses (qtarget.q_loss, q_loss_fused, token_mean) against the two-call form,
 jax.grad, optax, bad input, checkify, and meshes of Explicit and Auto axes."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
@@ -349,3 +351,27 @@ def test_docstring_examples():
   result = doctest.testmod(loss_calls, extraglobs={'jnp': jnp},
                            optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted >= 3 and result.failed == 0
+
+
+def test_an_explicit_mesh_divides_the_tokens_between_devices():
+  """Read from the compiled program: each of 8 devices runs 1/8 of the chunks, and the only
+  collective is the head gradient's one all-reduce (no token array is gathered)."""
+  n, hidden_size, vocab, chunk = 4096, 64, 2048, 128
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
+  sharded = lambda shape, dtype, spec: jax.ShapeDtypeStruct(shape, dtype,
+                                                            sharding=NamedSharding(mesh, spec))
+  args = (sharded((n, hidden_size), jnp.float32, P('data')),
+          sharded((hidden_size, vocab), jnp.float32, P()), sharded((n,), jnp.int32, P('data')))
+  calls = {
+      'one_call': lambda h, w, y: qtarget.q_loss_fused(h, w, y, 'dft', chunk_size=chunk).sum(),
+      'weighted_sum': lambda h, w, y: fused.q_cross_entropy_fused(h, w, y, 'dft',
+                                                                  chunk_size=chunk)[0],
+  }
+  for name, loss in calls.items():
+    with jax.set_mesh(mesh):
+      text = jax.jit(jax.grad(loss, (0, 1))).lower(*args).compile().as_text()
+    trips = re.findall(r'known_trip_count[^\n]*?"n":"(\d+)"', text)
+    assert trips == [str(n // 8 // chunk)], (name, trips)
+    collectives = re.findall(r' (all-gather|all-reduce|all-to-all|reduce-scatter|'
+                             r'collective-permute)(?:-start)?\(', text)
+    assert collectives == ['all-reduce'], (name, collectives)
