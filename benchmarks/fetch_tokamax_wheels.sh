@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetches tokamax and its pure-Python dependencies (no jax: the GPU image has it) into
-# .whl/tokamax for `bash benchmarks/gpu_session.sh tokamax`; the GPU machine reaches no registry.
-# About 4 MB. Run on this machine before a session with a lent GPU (its Python: 3.12).
+# .whl/tokamax for `bash benchmarks/gpu_benchmarks.sh tokamax`, for a GPU machine that reaches no
+# package registry. About 4 MB. Run it where pip reaches PyPI, before the GPU run (the GPU
+# image's Python: 3.12).
 set -euo pipefail
 PY=${PY:-3.12}
 mkdir -p .whl/tokamax

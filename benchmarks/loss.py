@@ -1,7 +1,7 @@
 """Loss-head benchmark: time and compiled memory of fwd+bwd, as ratios within one process.
 
     python benchmarks/loss.py            # CPU: scaled-down shapes
-    python benchmarks/loss.py --gpu      # the issue's three shapes (on a GPU)
+    python benchmarks/loss.py --gpu      # three model-sized shapes (on a GPU)
 
 Compared, each as loss and gradients with respect to the hidden states and the head:
   optax_ce     optax's hard-label cross-entropy on dense logits (hidden @ head)
@@ -87,7 +87,7 @@ def _time(fn, args, repeats, slow_s=None):
   """Median seconds of ``fn(*args)`` after one warm-up call.
 
   With ``slow_s``, a warm-up slower than that is the only measurement (a slow kernel at a large
-  shape would otherwise eat a lent GPU's minutes).
+  shape would otherwise take minutes of GPU time).
   """
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
@@ -214,7 +214,7 @@ def report(rows, device):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--gpu', action='store_true', help="the issue's GPU shapes")
+  parser.add_argument('--gpu', action='store_true', help='the three model-sized GPU shapes')
   parser.add_argument('--dtype', default=None, help='float32 or bfloat16 (default: bf16 on GPU)')
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--chunk-sizes', '--chunk-size', default=None,

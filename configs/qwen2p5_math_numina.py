@@ -91,11 +91,12 @@ def _paper_config():
   config.data.seq_len = 2048
   config.data.truncate = True  # long solutions are cut (and counted) rather than stopping
   config.data.difficulty = {}
+  config.data.rationale.style = ''  # the file's own solutions
 
   config.loss = 'fused'  # the dense one needs 22 GiB of temporaries per v5e chip (16 GiB HBM)
   config.steps = 2000
   config.batch_size = 64  # rows of 2048 tokens per step, across all devices
-  config.accum_steps = 2  # fits a v5e:4x4 slice (see the README's scaling section)
+  config.accum_steps = 2  # fits a v5e:4x4 slice (docs/pods.md)
   config.optimizer.learning_rate = 1e-5
   config.optimizer.warmup_steps = 100
   config.optimizer.weight_decay = 0.01

@@ -208,7 +208,7 @@ def train_run(grid, config_path: str, name: str, registry: Registry) -> dict:
   if measured:
     record.update(_measured_record(name, _measure(config_path, name, str(workdir / 'hf'),
                                                   workdir, registry)))
-    # CPU seconds of this session's training and measuring (contention moves them far less
+    # CPU seconds of this invocation's training and measuring (contention moves them far less
     # than wall time; a run resumed from its export counts the measuring only).
     record.update(wall_seconds=round(time.time() - started, 1),
                   cpu_seconds=round(_children_cpu_seconds() - cpu_started, 1),
@@ -383,7 +383,7 @@ def run(args) -> None:
   if args.only and not names:
     raise SystemExit(f'--only {" ".join(args.only)} matches no run of {args.config}; run '
                      'names look like SETTING/METHOD/SEED (list them with --dry_run).')
-  if not registry.path.exists() and not args.new_results:  # a grid's first session here
+  if not registry.path.exists() and not args.new_results:  # a grid's first invocation here
     _check_no_trained_runs(grid, names, registry, args.dry_run)
   cut = [n for n in names if n not in done and getattr(grid, 'is_cut', lambda n: False)(n)]
   _log(f'{len(names) - len(todo) - len(cut)} of {len(names)} runs recorded; {len(todo)} to go' +
@@ -408,13 +408,13 @@ def run(args) -> None:
     if not (is_teacher(name) or name.startswith('base/')):
       student_seconds[stats.measured_on_validation(grid, name)].append(record['wall_seconds'])
     _log(f'{name}: accuracy {record["accuracy"]:.3f} in {record["wall_seconds"]:.0f} s '
-         f'(session so far {(time.time() - started) / 60:.1f} min; '
+         f'(this invocation so far {(time.time() - started) / 60:.1f} min; '
          f'{_time_left(todo, student_seconds, lambda n: stats.measured_on_validation(grid, n))})')
 
 
 def _time_left(todo: list[str], student_seconds: dict[bool, list[float]],
                on_validation=lambda name: False) -> str:
-  """The time the planned runs still need, each at this session's median student run of its
+  """The time the planned runs still need, each at this invocation's median student run of its
   kind (measured on validation or not; the other kind's median until one has run): teachers
   (minutes each) and Base would skew a mean of every run so far."""
   students = [n for n in todo if not (is_teacher(n) or n.startswith('base/'))]
@@ -425,7 +425,7 @@ def _time_left(todo: list[str], student_seconds: dict[bool, list[float]],
   median = lambda kind: statistics.median(student_seconds[kind] or student_seconds[not kind])
   minutes = sum(median(on_validation(n)) for n in students) / 60
   return (f'about {minutes:.0f} min left for the {len(students)} student runs planned, at this '
-          f'session\'s medians of {seen}' +
+          f'invocation\'s medians of {seen}' +
           (f', plus {others} teacher or Base run(s)' if others else ''))
 
 

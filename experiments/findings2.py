@@ -284,7 +284,7 @@ def _where_it_differs(grid, records) -> list[str]:
                  'seeds (the selection seeds included); with no correction about 1 in 20 '
                  'comparisons would exclude 0 by chance, and a small difference can be real '
                  'but immaterial (a lower NLL is a closer fit, a lower ECE better calibration; '
-                 'this summary was added in session 32):')
+                 'this summary was added after pre-registration, on 2026-12-03):')
   return lines
 
 

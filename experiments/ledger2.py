@@ -1,5 +1,5 @@
 """The grid's ledger: how many runs are recorded and still to go, the machine time they took
-against the issue's budget, the code versions and machines, and the table of every run
+against the budget, the code versions and machines, and the table of every run
 (experiments/report2.py puts these first and last in RESULTS.md)."""
 
 import collections
@@ -13,7 +13,7 @@ import records2  # pylint: disable=import-error  (experiments/records2.py)
 import stats  # pylint: disable=import-error  (experiments/stats.py)
 
 CORES = 2  # the grid machine's; CPU seconds / CORES is a run's wall time alone
-BUDGET_HOURS = 12  # issue 18: the whole grid within about 12 hours of machine time
+BUDGET_HOURS = 12  # the budget (PREREGISTRATION.md): the whole grid in about 12 h of machine time
 
 
 def superseded(lines: list[dict]) -> list[dict]:
@@ -90,7 +90,7 @@ def status(grid, records, planned, replaced=()):
                 'PREREGISTRATION change 15 (the runs from chain3_multi/sft/0 on).']
   lines += ['', 'Pre-registered estimate (`PREREGISTRATION.md`, before any run): about 249 runs, '
             '20.5 h of this machine in all, 11.9 h for the teachers, Base and the primaries of '
-            f'the six settings, which run first; over the issue\'s {BUDGET_HOURS} h the '
+            f'the six settings, which run first; over the budget of {BUDGET_HOURS} h the '
             'secondaries and the prior-quality axis are cut first. Whatever has not run is '
             'reported as not run.']
   attempts = list(records.values()) + list(replaced)
@@ -98,7 +98,7 @@ def status(grid, records, planned, replaced=()):
   if spent > BUDGET_HOURS:
     lines += ['', f'**The budget is spent.** The {len(attempts)} records of `runs.jsonl` '
               f'(replaced teacher records included; a run interrupted and restarted counts only '
-              f'its finished attempt) took {spent:.1f} h of wall time, against the issue\'s '
+              f'its finished attempt) took {spent:.1f} h of wall time, against the budget of '
               f'about {BUDGET_HOURS} h. As PREREGISTRATION change 23 records, the primaries run '
               'to all their seeds (never cut), then the prior-quality axis, and the '
               'secondaries, the first cut, last; ' + (
@@ -106,8 +106,7 @@ def status(grid, records, planned, replaced=()):
                   ', '.join(getattr(grid, 'CUT_FAMILIES', ())) + f'): none of their {len(cut)} '
                   'planned runs (the selection runs; the seeds after a selection come on top) is run, and no number here stands for them. Emptying the config\'s '
                   '`CUT_FAMILIES` resumes them.' if cut else
-                  'whether to spend the machine time the last two need is the planners\' '
-                  'decision.')]
+                  'whether to spend the machine time the last two need is not decided here.')]
   teachers = [r for n, r in sorted(records.items()) if n.startswith('teacher/')]
   if teachers:
     lines += ['', 'Teachers (the priors), greedy test accuracy: ' + ', '.join(
@@ -121,8 +120,8 @@ def status(grid, records, planned, replaced=()):
   return lines + ['']
 
 
-# The files a run is made of: the trainer and model code, the measurement, the runner and its
-# helpers, and the grid's definition. Any edit counts, comments included; the installed
+# The files a run is made of: the trainer and model code, the measurement, the runner and the
+# modules it imports, and the grid's definition. Any edit counts, comments included; the installed
 # libraries are not in git, and the parts of qtarget/ a run never imports are listed too.
 RUN_CODE = ('qtarget/', 'experiments/measure.py', 'experiments/compare.py',
             'experiments/stats.py', 'configs/compare2_smollm2.py', 'configs/smollm2_demo.py')

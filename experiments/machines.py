@@ -1,13 +1,14 @@
 """Which machine each grid run ran on: step times compare only within one machine.
 
 ``results2/machines.jsonl`` lists the machines in the order they ran the grid, each with the time
-from which it did (``since``, as the records' ``finished``). A session starts with
+from which it did (``since``, as the records' ``finished``). Every start of the grid on a machine
+begins with
 
     python experiments/machines.py --record experiments/results2/machines.jsonl
 
 which appends this machine if it differs from the last one listed. A machine changes only
-between sessions, and an interrupted run restarts on the new one, so a run belongs to the last
-machine listed at or before its ``finished`` time.
+between two such starts, and an interrupted run restarts on the new one, so a run belongs to
+the last machine listed at or before its ``finished`` time.
 """
 
 import argparse
@@ -73,7 +74,7 @@ def main():
                       help='append this machine to this machines.jsonl if it is new there')
   parser.add_argument('--since', default=None,
                       help="'YYYY-MM-DD HH:MM' the machine started (default: now; first thing "
-                      'in a session, before any run finishes)')
+                      'on a machine, before any run finishes)')
   args = parser.parse_args()
   if args.record:
     entry = record(args.record, args.since)

@@ -1,6 +1,6 @@
 """Two of issue 18's open questions, measured from the grid's prediction files: how calibrated
 the trained models' answers are, and how much the choice of eta matters (paired within seeds).
-Added in session 29, after the pre-registration: secondary analyses, labelled so in RESULTS.md.
+Added after pre-registration, on 2026-12-02: secondary analyses, labelled so in RESULTS.md.
 """
 
 
@@ -64,7 +64,8 @@ def eta_table(grid, records) -> list[str]:
   reference = etas[-1]
   others = ('dft',) + tuple(etas[:-1])
   label = lambda m: 'DFT (0)' if m == 'dft' else m.split('eta')[-1]
-  lines = ['### Sensitivity to eta, paired within seed (added in session 29; secondary)', '',
+  lines = ['### Sensitivity to eta, paired within seed (added after pre-registration, on '
+           '2026-12-02; secondary)', '',
            f'Greedy accuracy of each eta minus eta {label(reference)}\'s in the same seed, in '
            'points, mean ± 95% t half-width over the (setting, seed) pairs (n pairs), on '
            'validation (what selects) / test; DFT is eta 0 and has no validation runs. Then the '
@@ -104,7 +105,8 @@ def eta_table(grid, records) -> list[str]:
 def answer_calibration_table(grid, records) -> list[str]:
   """Per setting and primary method: answer-level ECE and Brier score, mean over seeds."""
   methods = tuple(grid.PRIMARY_FIXED) + ('target_sft',)
-  lines = ['### Answer-level calibration (added in session 29; secondary)', '',
+  lines = ['### Answer-level calibration (added after pre-registration, on 2026-12-02; '
+           'secondary)', '',
            'Greedy test answers: confidence (the mean probability of the answer\'s own tokens) '
            f'against full-credit correctness; ECE over {ANSWER_BINS} equal-width bins and the '
            'Brier score, mean over seeds ± 95% t half-width (n seeds); Target-SFT at the '

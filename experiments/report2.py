@@ -334,8 +334,8 @@ def _cost(grid, records):
            'mean of ratios to an arithmetic mean, so it sits just below 1 where its runs differ. '
            'The paired ratio (same seed, same machine) is in the open-questions section. '
            f'{records2.PRIOR_QUALITY} divides by {records2.tuned_from(records2.PRIOR_QUALITY)}\'s '
-           'SFT runs on the same machine (its own setting has none; they were trained in '
-           'earlier sessions, so the ratio is not paired in time).', '',
+           'SFT runs on the same machine (its own setting has none; they were trained '
+           'earlier, so the ratio is not paired in time).', '',
            '| method | ' + ' | '.join(grid.SETTINGS) + ' |', '|---|' + '---|' * len(grid.SETTINGS)]
   for method in grid.METHODS:
     row = []

@@ -1,7 +1,7 @@
 """Reading a compiled (SPMD-partitioned) XLA program: per-device array shapes and collectives.
 
 The text of ``jax.jit(f).lower(...).compile().as_text()`` describes one device's program, so
-every shape in it is a per-device shape. These helpers turn it into data that tests and
+every shape in it is a per-device shape. The functions here turn it into data that tests and
 ``compile_check`` can assert on and report: which collectives run, how often, on what shapes and
 how many bytes their results hold.
 """

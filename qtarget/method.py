@@ -106,7 +106,7 @@ def _same_value(a, b, depth: int) -> bool:
   if a is b:
     return True
   if callable(a) and callable(b) and hasattr(a, '__code__') and hasattr(b, '__code__'):
-    return _same_function(a, b, depth + 1)  # a helper function of a config file loaded again
+    return _same_function(a, b, depth + 1)  # a function of a config file loaded again
   return bool(a == b)
 
 

@@ -15,8 +15,8 @@ import xla_flags
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 _DEVICES_FLAG = '--xla_force_host_platform_device_count=8'
 # Many tests (and the CLI processes they start, which inherit the variables) compile the same
-# small programs: one compilation cache for the session turns the repeats into loads. A fresh
-# directory each session, so nothing is carried from another version of the code.
+# small programs: one compilation cache for the whole test run turns the repeats into loads. A
+# fresh directory each run, so nothing is carried from another version of the code.
 # The process that makes it (pytest's main process under xdist, whose workers inherit the
 # variable) removes it at exit.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
@@ -35,8 +35,7 @@ _REQUIRED_IN_CI = {'torch': 'torch', 'transformers': 'transformers', 'gguf': 'gg
                    'libtpu': 'libtpu (the tpu extra)'}
 
 
-def pytest_sessionstart(session):
-  del session
+def pytest_sessionstart():
   if os.environ.get('CI'):
     missing = [name for module, name in _REQUIRED_IN_CI.items()
                if importlib.util.find_spec(module) is None]

@@ -353,4 +353,4 @@ def test_time_left_counts_student_runs_at_their_median_only():
   left = time_left(todo, {True: [330.0], False: [200.0, 1000.0, 240.0]},
                    on_validation=lambda name: name.endswith('sft/4'))
   assert left.startswith('about 10 min left for the 2 student runs planned'), left
-  assert "at this session's medians of 4" in left, left
+  assert "at this invocation's medians of 4" in left, left

@@ -119,7 +119,7 @@ def get_config():
   config.hparams = {{}}
   return config
 ''')
-  cli = test_train_cli  # pylint: disable=protected-access  (its helpers)
+  cli = test_train_cli  # pylint: disable=protected-access  (its private functions)
   runs = {}
   for loss in ('dense', 'fused'):
     workdir = tmp_path / loss

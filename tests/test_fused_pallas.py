@@ -19,7 +19,7 @@ from qtarget import targets
 import test_fused
 
 BLOCKS = {'tokens': 16, 'vocab': 64, 'hidden': 16}
-# 'pallas' on a GPU (benchmarks/gpu_session.sh): the same checks with the compiled kernels.
+# 'pallas' on a GPU (benchmarks/gpu_benchmarks.sh): the same checks with the compiled kernels.
 IMPLEMENTATION = os.environ.get('QTARGET_PALLAS_IMPLEMENTATION', 'pallas_interpret')
 
 

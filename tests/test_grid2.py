@@ -730,7 +730,7 @@ def test_status_says_when_the_budget_is_spent_and_the_sweep_when_empty(grid):
   text = '\n'.join(ledger2.status(grid, records, list(records), replaced))
   assert ('**The budget is spent.** The 4 records of `runs.jsonl` (replaced teacher records '
           'included; a run interrupted and restarted counts only its finished attempt) took '
-          "12.5 h of wall time, against the issue's about 12 h.") in text
+          "12.5 h of wall time, against the budget of about 12 h.") in text
   sweep = report2._sweep(grid, records)
   assert sweep[0].startswith('## The full sweep') and not any(l.startswith('|') for l in sweep)
   assert 'None: the secondaries were cut by the budget (see above).' in sweep

@@ -67,7 +67,7 @@ def test_metrics_reach_jsonl_and_tensorboard_and_resume_rewinds_them(tmp_path):
       (1, 'loss'), (1, 'skipped_updates'), (2, 'loss'), (2, 'skipped_updates'), (3, 'loss'),
       (3, 'skipped_updates')]
   assert _scalars(resumed)[:2] == [(3, 'loss', 0.25), (3, 'skipped_updates', 3.0)]
-  # TensorBoard hides the first file's steps from 3 on: a session START at the purge step.
+  # TensorBoard hides the first file's steps from 3 on: a SessionLog START at the purge step.
   starts = [e.step for e in resumed if e.session_log.status == e.session_log.START]
   assert starts == [3]
 

@@ -18,7 +18,7 @@ QUICK_COMPILE = '--xla_backend_optimization_level=0'
 
 
 def optimization_flag() -> str:
-  """The LLVM level of this test session: the one in XLA_FLAGS, else QUICK_COMPILE."""
+  """The LLVM level of this test run: the one in XLA_FLAGS, else QUICK_COMPILE."""
   for flag in os.environ.get('XLA_FLAGS', '').split():
     if flag.startswith('--xla_backend_optimization_level='):
       return flag
@@ -27,6 +27,6 @@ def optimization_flag() -> str:
 
 def with_devices(count: int | None = None) -> str:
   """The flags for a process with ``count`` fake CPU devices (None: JAX's default, one), at the
-  session's LLVM level."""
+  test run's LLVM level."""
   devices = [] if count is None else [f'--xla_force_host_platform_device_count={count}']
   return ' '.join(devices + [optimization_flag()])

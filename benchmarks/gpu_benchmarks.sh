@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The one prepared script for a session with a lent GPU. The device tool runs it in the repository
-# root and brings back $OUT (at most 8 files). Correctness first, then the loss-head and
-# train-step benchmarks; each part has its own time limit, logs to $OUT and writes its JSON as it
-# goes, so a part that fails or runs out of time does not cost the others.
+# The GPU benchmarks and the GPU kernel tests in one script. Run it from the repository root on a
+# GPU machine; it writes its logs and JSON to $OUT (default /tmp/gpu_benchmarks). Correctness
+# first, then the loss-head and train-step benchmarks; each part has its own time limit, logs to
+# $OUT and writes its JSON as it goes, so a part that fails or runs out of time does not cost the
+# others.
 #
-#   device run (carry .whl):  bash benchmarks/gpu_session.sh
+#   bash benchmarks/gpu_benchmarks.sh [PART ...]
 #
-# .whl (ignored by git) holds the pure-Python wheels the GPU image lacks or has at another
-# version than the one tested here: ml_collections 1.1.0 and flax 0.12.12 (fetched with
-# `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl NAME==VERSION`).
-# The machine cannot reach a registry, so qtarget runs from the working tree through PYTHONPATH.
+# .whl (ignored by git) may hold pure-Python wheels that the GPU machine's image lacks or has at
+# another version than the one tested: ml_collections 1.1.0 and flax 0.12.12 (fetched with
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl NAME==VERSION`), for
+# a machine that reaches no package registry; qtarget runs from the working tree through
+# PYTHONPATH.
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_session}
+OUT=${OUT:-/tmp/gpu_benchmarks}
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-python3}
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -34,7 +36,7 @@ part() {  # part NAME SECONDS COMMAND...: one timed part, its output in $OUT/NAM
   echo "[$name] exit $? after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/env.txt"
 }
 # Parts: attention and train_step by default (about 7 minutes); name others as arguments (e.g.
-# `bash benchmarks/gpu_session.sh tests loss`): tests, loss, loss_pallas, train_step,
+# `bash benchmarks/gpu_benchmarks.sh tests loss`): tests, loss, loss_pallas, train_step,
 # train_step_cached, loss_small_chunks, attention, tokamax.
 tests() {  # the Pallas kernels compiled with Triton, against the dense loss at small shapes (the
   # same tests run interpreted on CPU in the default suite; conftest defaults JAX to the CPU).
@@ -44,9 +46,9 @@ tests() {  # the Pallas kernels compiled with Triton, against the dense loss at 
     part test_fused_pallas 90 \
     $PYTHON -m pytest -q -p no:cacheprovider tests/test_fused_pallas.py
 }
-loss() {  # the three loss-head shapes: optax CE, dense Q, fused Q (chunks of 1024 and
-  # 512, head gradient accumulated in float32 and in bfloat16) and the matmul floor; the Pallas
-  # kernels (21x the floor on an H100) only with `loss_pallas`
+loss() {  # the three loss-head shapes of `benchmarks/loss.py --gpu`: optax CE, dense Q, fused Q
+  # (chunks of 1024 and 512, head gradient accumulated in float32 and in bfloat16) and the matmul
+  # floor; the Pallas kernels (21x the floor on an H100) only with `loss_pallas`
   part loss 240 $PYTHON benchmarks/loss.py --gpu --no-pallas --chunk-sizes 1024,512 \
     --out "$OUT/loss_gpu.json"
 }
@@ -86,7 +88,7 @@ loss_small_chunks() {  # the fused loss's memory at smaller token chunks (no Pal
     --out "$OUT/loss_gpu_small_chunks.json"
 }
 parts=("$@")
-# The default: the first part of a session, about 7 minutes of GPU time with the start.
+# The default: attention and train_step, about 7 minutes of GPU time with the start.
 [ ${#parts[@]} -eq 0 ] && parts=(attention train_step)
 for name in "${parts[@]}"; do
   case $name in
