@@ -12,6 +12,9 @@ def get_config():
   config.model.architecture.update(dict(
       vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
       num_kv_heads=2, rope_theta=10000.0, tie_word_embeddings=True))
+  # Answer-only sums of two terms (at most 52 tokens an example), not the demo's worked steps.
+  config.data.difficulty.update(dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2))
+  config.data.rationale.style = ''
   config.data.train_size = 200
   config.data.eval_size = 8
   config.data.seq_len = 128

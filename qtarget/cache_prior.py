@@ -10,9 +10,13 @@ run in batches sharded over the config's mesh. For every response token it store
 k most likely tokens, their log-probabilities and the log of the tail mass
 (:mod:`qtarget.data.prior_cache`), in shards of ``prior.cache.records_per_shard`` examples.
 Rerun after an interruption: finished shards are kept. Then train with
-``--config.prior.source=cached``.
+``--config.prior.source=cached``. While it writes it holds the lock of the run's workdir (the
+cache's default place, ``WORKDIR/prior_cache``) or of the cache directory set in
+``prior.cache.path`` (:mod:`qtarget.train.workdir_lock`): a training run or another
+``cache_prior`` there stops it at once, and it stops them.
 """
 
+import pathlib
 import sys
 import time
 
@@ -22,7 +26,8 @@ from flax import nnx
 
 from qtarget import cached_prior
 from qtarget.data import prior_cache as store
-from qtarget.train.errors import ConfigError
+from qtarget.train import workdir_lock
+from qtarget.train.errors import ConfigError, WorkdirLocked
 
 
 def _load_prior(config, mesh, rules):
@@ -73,20 +78,37 @@ def _row_arrays(examples: list[dict], row: list[int], seq_len: int) -> dict:
   return {'tokens': tokens, 'segment_ids': segments, 'positions': positions}
 
 
+def locked_directory(config) -> pathlib.Path:
+  """The directory whose lock :func:`build` holds: the workdir where the cache is its default
+  ``WORKDIR/prior_cache`` (a training run there reads it), else the cache directory."""
+  directory = store.cache_directory(config)
+  workdir = pathlib.Path(config.workdir)
+  return workdir if directory.resolve() == (workdir / 'prior_cache').resolve() else directory
+
+
 def build(config, *, progress: bool = True, stop_after_shards: int | None = None
           ) -> store.Metadata:
   """Builds (or finishes) the cache of ``config``; returns its metadata.
 
-  ``stop_after_shards`` stops after writing that many new shards (to test resumption).
+  It holds the lock of :func:`locked_directory` while it writes, and raises
+  :class:`~qtarget.train.errors.WorkdirLocked` before writing anything where another live
+  process holds it. ``stop_after_shards`` stops after writing that many new shards (to test
+  resumption).
   """
-  from qtarget.data import builders, pipeline  # pylint: disable=g-import-not-at-top
-  from qtarget import compile_check  # pylint: disable=g-import-not-at-top
-  from qtarget.train import loop, sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from qtarget.train import step as step_lib  # pylint: disable=g-import-not-at-top
   store.check_cache_config(config)
   if jax.process_count() > 1:
     raise ConfigError('cache_prior runs on one host (its mesh may span that host\'s devices); '
                       f'this job has {jax.process_count()} processes.')
+  with workdir_lock.WorkdirLock(locked_directory(config), purpose='cache_prior'):
+    return _build(config, progress=progress, stop_after_shards=stop_after_shards)
+
+
+def _build(config, *, progress: bool, stop_after_shards: int | None) -> store.Metadata:
+  """:func:`build` under the lock."""
+  from qtarget.data import builders, pipeline  # pylint: disable=g-import-not-at-top
+  from qtarget import compile_check  # pylint: disable=g-import-not-at-top
+  from qtarget.train import loop, sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from qtarget.train import step as step_lib  # pylint: disable=g-import-not-at-top
   started = time.time()
   directory = store.cache_directory(config)
   mesh = sharding_lib.build_mesh(config.mesh)
@@ -222,7 +244,7 @@ def main(argv) -> None:
   try:
     checks.check_config(config)
     build(config, progress=config.progress_bar)
-  except (ConfigError, store.PriorCacheError) as error:
+  except (ConfigError, store.PriorCacheError, WorkdirLocked) as error:
     sys.exit(f'[qtarget.cache_prior] {type(error).__name__}: {error}')
 
 

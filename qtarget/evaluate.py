@@ -12,6 +12,7 @@ by reasoning-gym's ``score_answer`` for reasoning-gym tasks, or by MATH-style eq
 import dataclasses
 import functools
 import json
+import math
 import numbers
 import pathlib
 import time
@@ -252,6 +253,45 @@ def read_predictions(path, fields=('question', 'score')) -> list[dict]:
   if not rows:
     raise ValueError(f'{path}: no predictions in the file.')
   return rows
+
+
+_Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(accuracy: float, num_problems: int, z: float = _Z_95) -> tuple[float, float]:
+  r"""The Wilson score interval of an accuracy measured on ``num_problems`` problems (95% by
+  default): unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or 1.
+
+  .. math::
+    \frac{\hat p + \frac{z^2}{2n} \pm z \sqrt{\frac{\hat p (1 - \hat p)}{n}
+    + \frac{z^2}{4n^2}}}{1 + \frac{z^2}{n}}
+
+  Args:
+    accuracy: the observed share :math:`\hat p` in [0, 1] (a mean score with partial credit is
+      read as a share).
+    num_problems: :math:`n`, at least 1.
+    z: the normal quantile of the confidence level.
+
+  Example:
+    >>> [round(x, 4) for x in wilson_interval(0.5, 100)]
+    [0.4038, 0.5962]
+  """
+  if num_problems < 1:
+    raise ValueError(f'num_problems={num_problems}: an interval needs at least one problem.')
+  if not 0.0 <= accuracy <= 1.0:
+    raise ValueError(f'accuracy={accuracy}: must lie in [0, 1].')
+  n, p = float(num_problems), float(accuracy)
+  centre = p + z * z / (2 * n)
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+  scale = 1 + z * z / n
+  return max(0.0, (centre - half) / scale), min(1.0, (centre + half) / scale)
+
+
+def format_accuracy(accuracy: float, num_problems: int) -> str:
+  """An accuracy and its 95% Wilson interval: ``format_accuracy(0.5, 100)`` is
+  ``'0.500 [0.404, 0.596]'``."""
+  low, high = wilson_interval(accuracy, num_problems)
+  return f'{accuracy:.3f} [{low:.3f}, {high:.3f}]'
 
 
 @dataclasses.dataclass

@@ -339,3 +339,42 @@ def test_read_predictions_names_the_file_and_line_of_a_bad_prediction(tmp_path):
     evaluate.read_predictions(path)
   with pytest.raises(FileNotFoundError, match='missing.jsonl: no such predictions file'):
     evaluate.read_predictions(tmp_path / 'missing.jsonl')
+
+
+def _wilson_reference(accuracy, n, z=1.959963984540054):
+  """The Wilson interval as its definition: the p with (accuracy - p)^2 = z^2 p (1 - p) / n,
+  the two roots of a quadratic in p, in float64 from numpy's polynomial solver."""
+  a, b, c = 1 + z * z / n, -(2 * accuracy + z * z / n), accuracy * accuracy
+  return tuple(sorted(np.roots([a, b, c]).real))
+
+
+@pytest.mark.parametrize('accuracy, n', [(0.5, 100), (0.105, 256), (0.66, 128), (0.03, 64),
+                                         (0.999, 1000), (0.25, 4)])
+def test_wilson_interval_solves_its_defining_equation(accuracy, n):
+  low, high = evaluate.wilson_interval(accuracy, n)
+  np.testing.assert_allclose((low, high), _wilson_reference(accuracy, n), rtol=1e-9, atol=1e-12)
+  assert 0.0 <= low < accuracy < high <= 1.0
+
+
+def test_wilson_interval_known_values_and_ends():
+  np.testing.assert_allclose(evaluate.wilson_interval(0.5, 100), (0.403832, 0.596168), atol=1e-6)
+  z2 = 1.959963984540054 ** 2
+  assert evaluate.wilson_interval(0.0, 10) == (0.0, pytest.approx(z2 / (10 + z2)))
+  low, high = evaluate.wilson_interval(1.0, 10)
+  assert low == pytest.approx(10 / (10 + z2)) and high == pytest.approx(1.0)
+  # Narrower with more problems; the 99% interval holds the 95% one.
+  assert np.ptp(evaluate.wilson_interval(0.3, 256)) < np.ptp(evaluate.wilson_interval(0.3, 128))
+  low99, high99 = evaluate.wilson_interval(0.3, 128, z=2.5758293035489004)
+  low95, high95 = evaluate.wilson_interval(0.3, 128)
+  assert low99 < low95 and high95 < high99
+
+
+def test_wilson_interval_rejects_what_is_not_a_share():
+  with pytest.raises(ValueError, match='at least one problem'):
+    evaluate.wilson_interval(0.5, 0)
+  with pytest.raises(ValueError, match=r'must lie in \[0, 1\]'):
+    evaluate.wilson_interval(1.2, 10)
+
+
+def test_format_accuracy():
+  assert evaluate.format_accuracy(0.5, 100) == '0.500 [0.404, 0.596]'

@@ -69,7 +69,7 @@ def test_resume_after_sigkill_reaches_the_same_parameters(tmp_path):
   # Half the tiny config's rows and tokens (its examples are at most 52 tokens long): four
   # processes run 8-step trainings, and a step's cost is the 49k-token vocabulary's logits.
   small = ('--config.data.seq_len=64', '--config.batch_size=2')
-  env = _env()  # with the session's compilation cache (conftest.py)
+  env = _env()  # with the test run's compilation cache (conftest.py)
   reference = tmp_path / 'reference'
   subprocess.run(_command(reference, *small), env=env, check=True, capture_output=True)
   expected = _exported(reference)
@@ -105,6 +105,94 @@ def test_resume_after_sigkill_reaches_the_same_parameters(tmp_path):
   # The metrics log has each step once, in order.
   steps = [json.loads(line)['step'] for line in _metric_lines(interrupted)]
   assert steps == list(range(1, 9))
+
+
+def test_the_printed_result_gives_both_accuracies_with_their_intervals():
+  from qtarget import config_files  # pylint: disable=g-import-not-at-top
+  from qtarget.train import loop  # pylint: disable=g-import-not-at-top
+  config = config_files.load_module(ROOT / 'configs' / 'tiny.py').get_config()
+  summary = {'accuracy_before': 0.105, 'accuracy_after': 0.66, 'wall_seconds': 512.4,
+             'eval_before': {'problems': 256, 'k': 1}, 'eval_after': {'problems': 256, 'k': 1}}
+  assert loop.accuracy_lines(summary, config) == [
+      'held-out accuracy (256 test problems of chain_sum, greedy, 95% Wilson intervals): '
+      'before 0.105 [0.073, 0.149] -> after 0.660 [0.600, 0.715]; wall time 512 s',
+      'Target-SFT against SFT, DFT and distillation over seeds and tasks: '
+      'experiments/grid2/RESULTS.md']
+  config.eval.split = 'validation'
+  summary['eval_after']['k'] = 4
+  assert loop.accuracy_lines(summary, config)[0].startswith(
+      'held-out accuracy (256 validation problems of chain_sum, Average@4, ')
+  assert loop.accuracy_lines({**summary, 'accuracy_before': None}, config) == []
+
+
+def test_the_evaluated_split_is_checked_before_anything_loads():
+  from qtarget.train import loop  # pylint: disable=g-import-not-at-top
+  config = test_train_step.tiny_config()
+  assert loop.checked_eval_split(config) == 'test'
+  config.eval.split = 'validation'
+  assert loop.checked_eval_split(config) == 'validation'
+  config.eval.validation_problems = 3
+  with pytest.raises(train.ConfigError, match='already read that split'):
+    loop.checked_eval_split(config)
+  config.eval.validation_problems = 0
+  config.data.kind = 'files'
+  with pytest.raises(train.ConfigError, match="'files' has a test split only"):
+    loop.checked_eval_split(config)
+  config.eval.split = 'train'
+  with pytest.raises(train.ConfigError, match=r"eval.split='train': must be one of"):
+    loop.checked_eval_split(config)
+
+
+@pytest.mark.slow  # a CLI process; the split's problems are tested in test_data
+def test_evaluations_on_the_validation_split(tmp_path):
+  """eval.split=validation: before and after read validation problems, none of them a test
+  problem, and the printed result names the split."""
+  workdir = tmp_path / 'on_validation'
+  flags = ['--config.steps=1', '--config.eval.before=True', '--config.eval.after=True',
+           '--config.eval.num_problems=3', '--config.eval.split=validation',
+           '--config.export_hf=False']
+  run = subprocess.run(_command(workdir, *flags), env=_env(), check=True, capture_output=True,
+                       text=True)
+  assert re.search(r'^\[qtarget\] held-out accuracy \(3 validation problems of chain_sum, greedy, '
+                   r'95% Wilson intervals\): before \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] -> after '
+                   r'\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]; wall time \d+ s\n'
+                   r'\[qtarget\] Target-SFT against SFT, DFT and distillation over seeds and '
+                   r'tasks: experiments/grid2/RESULTS.md$', run.stdout, re.M), run.stdout[-2000:]
+  from qtarget import config_files  # pylint: disable=g-import-not-at-top
+  config = config_files.load_module(ROOT / 'configs' / 'tiny.py').get_config()
+  config.data.data_dir = str(tmp_path / 'tfds')
+  test = {r['prompt'] for r in train.held_out_records(config)}
+  config.eval.split = 'validation'
+  validation = [r['prompt'] for r in train.held_out_records(config)][:3]
+  for name in ('before', 'after'):
+    asked = [json.loads(line)['question'] for line in
+             (workdir / f'predictions_{name}.jsonl').read_text().splitlines()]
+    assert asked == validation and not set(asked) & test
+
+
+def test_the_cpu_is_chosen_where_it_is_the_only_backend():
+  """No TPU attached and no GPU plugin: jax never starts libtpu (installed by the tpu extra),
+  whose initialization errors would come first in the output; a platform the user sets, even
+  an empty one (jax's own choice), is left alone."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec('jax_plugins') or importlib.metadata.entry_points(
+      group='jax_plugins'):
+    pytest.skip('a jax plugin (a GPU) is installed: jax chooses')
+  probe = ('from qtarget.train import __main__ as cli; cli.choose_cpu_without_accelerators(); '
+           'import jax; jax.numpy.zeros(1).block_until_ready(); '
+           'print(jax.config.jax_platforms, [d.platform for d in jax.devices()])')
+  env = {k: v for k, v in _env().items() if k != 'JAX_PLATFORMS'}
+  chosen = subprocess.run([sys.executable, '-c', probe], env=env, capture_output=True,
+                          text=True, check=True)
+  if chosen.stdout.startswith('tpu'):
+    pytest.skip('a TPU is attached: jax chose it on import')
+  assert chosen.stdout.strip() == "cpu ['cpu']", chosen.stdout
+  assert 'TPU' not in chosen.stderr, chosen.stderr
+  for users in ('cpu', ''):
+    kept = subprocess.run([sys.executable, '-c', probe], env={**env, 'JAX_PLATFORMS': users},
+                          capture_output=True, text=True, check=True)
+    assert kept.stdout.split(' [')[0] == users, (users, kept.stdout)
 
 
 def _free_port():

@@ -12,12 +12,13 @@ Where to look:
 ``checks.py``          the config checked before anything loads; which fields define a run
 ``checkpointing.py``   checkpoints with the config, fallback, protected earlier results
 ``loop.py``            the loop: data, divergence, SIGTERM/SIGINT, evaluation, export
+``workdir_lock.py``    one run per workdir: the lock, its holder, stale locks taken over
 ``metrics_log.py``     metrics.jsonl and TensorBoard scalars, rewound on resume
 ``__main__.py``        the command line
 =====================  ====================================================================
 """
 
-from qtarget.train.errors import ConfigError
+from qtarget.train.errors import ConfigError, DiskFull, WorkdirLocked
 from qtarget.train.loading import check_same_vocabulary, load_model, model_overrides
 from qtarget.train.loop import (TrainingDiverged, TrainingInterrupted, dataset_builder,
                                 held_out_records, maybe_initialize_distributed, run)

@@ -1,9 +1,13 @@
 """``python -m qtarget.train --config configs/NAME.py [--config.key=value ...]``."""
 
 import ast
+import importlib.metadata
+import importlib.util
+import os
 import re
 import sys
 
+import jax
 from absl import app
 from ml_collections import config_flags
 
@@ -11,7 +15,7 @@ from qtarget.data import prior_cache
 from qtarget.data import records
 from qtarget.train import checks
 from qtarget.train import loop
-from qtarget.train.errors import ConfigError
+from qtarget.train.errors import ConfigError, DiskFull, WorkdirLocked
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'a configs/*.py file; override any field with --config.KEY=VALUE '
@@ -141,12 +145,31 @@ def prepare_argv(argv) -> list[str]:
   return argv
 
 
+def choose_cpu_without_accelerators() -> None:
+  """Runs on the CPU outright where it is the only backend there is (before any backend starts).
+
+  jax's automatic choice tries every backend it knows, the TPU's included: where libtpu is
+  installed (the ``tpu`` extra, which ``python -m qtarget.compile_check`` uses to describe TPU
+  topologies) but no TPU is attached, libtpu prints initialization errors (``INVALID_ARGUMENT
+  ... TPU_WORKER_HOSTNAMES``) before jax falls back to the CPU. On a TPU VM, ``import jax``
+  has already chosen ``'tpu,cpu'`` (it finds the chips on the PCI bus); a GPU comes with a jax
+  plugin package. With neither, and no platform set by the user (``JAX_PLATFORMS``, even
+  empty), this sets ``jax_platforms='cpu'``.
+  """
+  if 'JAX_PLATFORMS' in os.environ or jax.config.jax_platforms:
+    return
+  if (importlib.util.find_spec('jax_plugins') is not None or
+      importlib.metadata.entry_points(group='jax_plugins')):
+    return  # a GPU (or other) plugin: jax's own choice
+  jax.config.update('jax_platforms', 'cpu')
+
+
 def main(argv) -> None:
   del argv
   try:
     loop.run(_CONFIG.value)
   except (ConfigError, loop.TrainingDiverged, prior_cache.PriorCacheError,
-          records.RecordError) as error:
+          records.RecordError, WorkdirLocked, DiskFull) as error:
     sys.exit(f'[qtarget] {type(error).__name__}: {error}')
   except loop.TrainingInterrupted as error:
     print(f'[qtarget] {error}', file=sys.stderr)
@@ -154,5 +177,6 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+  choose_cpu_without_accelerators()
   sys.argv[1:] = prepare_argv(sys.argv[1:])
   app.run(main)

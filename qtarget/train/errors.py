@@ -1,5 +1,15 @@
-"""The trainer's error type."""
+"""The trainer's error types."""
 
 
 class ConfigError(ValueError):
   """A configuration that cannot train; raised before any work starts."""
+
+
+class WorkdirLocked(RuntimeError):
+  """Another live process holds the directory's lock (:mod:`qtarget.train.workdir_lock`); raised
+  before anything is written there."""
+
+
+class DiskFull(RuntimeError):
+  """A checkpoint or an export stopped for lack of space; what was written before it is intact
+  (the message says what was being written, the space it needed and the space that was free)."""

@@ -26,6 +26,7 @@ from qtarget.train import loading
 from qtarget.train import metrics_log
 from qtarget.train import sharding as sharding_lib
 from qtarget.train import state as state_lib
+from qtarget.train import workdir_lock
 from qtarget.train.errors import ConfigError
 from qtarget.train.step import batch_keys, student_model
 
@@ -37,9 +38,11 @@ def _log(message: str) -> None:
 
 
 def maybe_initialize_distributed(config) -> None:
-  """``jax.distributed.initialize`` for multi-host runs (a TPU pod or a GPU cluster)."""
+  """``jax.distributed.initialize`` for multi-host runs (a TPU pod or a GPU cluster), once per
+  process. It also starts JAX's preemption service (``jax_enable_preemption_service``, on by
+  default), whose SIGTERM handler tells every process of the run (:class:`_StopSignals`)."""
   dist = config.distributed
-  if not dist.enabled:
+  if not dist.enabled or jax.distributed.is_initialized():
     return
   if dist.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', dist.cpu_collectives)
@@ -50,20 +53,39 @@ def maybe_initialize_distributed(config) -> None:
   jax.distributed.initialize(**kwargs)  # without arguments: detected from the cluster
 
 
+EVAL_SPLITS = ('test', 'validation')
+
+
+def checked_eval_split(config) -> str:
+  """The held-out split ``eval.split`` names (test, unless a config chooses on validation)."""
+  split = config.eval.get('split', 'test')
+  if split not in EVAL_SPLITS:
+    raise ConfigError(f'eval.split={split!r}: must be one of {EVAL_SPLITS}.')
+  if split != 'test' and config.data.kind != 'reasoning_gym':
+    raise ConfigError(f'eval.split={split!r}: data.kind={config.data.kind!r} has a test split '
+                      'only (data.eval_path).')
+  if split != 'test' and config.eval.get('validation_problems', 0):
+    raise ConfigError(f'eval.validation_problems={config.eval.validation_problems} with '
+                      f'eval.split={split!r}: the evaluations already read that split; set '
+                      'eval.validation_problems=0.')
+  return split
+
+
 def _builder(config):
-  """The tfds builder of ``config.data`` (prepared) and the name of its held-out split or None."""
+  """The tfds builder of ``config.data`` (prepared) and the name of the held-out split its
+  evaluations read (``eval.split``), or None where the data has none."""
   from qtarget.data import builders  # pylint: disable=g-import-not-at-top
   data = config.data
+  eval_split = checked_eval_split(config)
   if data.kind == 'reasoning_gym':
     builder_config = builders.ReasoningGymConfig(
         task=data.task, train_size=data.train_size, eval_size=data.eval_size, seed=data.seed,
         difficulty=dict(data.difficulty), rationale=dict(data.get('rationale', {})))
-    eval_split = 'test'
   elif data.kind == 'files':
     builder_config = builders.LocalFilesConfig(
         train_path=data.train_path, eval_path=data.eval_path or None, task=data.task,
         prompt_field=data.prompt_field or None, response_field=data.response_field or None)
-    eval_split = 'test' if data.eval_path else None
+    eval_split = eval_split if data.eval_path else None
   else:
     raise ConfigError(f"data.kind must be 'reasoning_gym' or 'files', got {data.kind!r}.")
   return builders.prepare(builder_config, data.data_dir or None), eval_split
@@ -127,8 +149,9 @@ def _validation_records(config, test_records: list[dict]) -> list[dict]:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-  """SIGTERM or SIGINT stopped the run after saving the step it was on (a KeyboardInterrupt:
-  ``except Exception`` in a driver loop does not swallow it)."""
+  """SIGTERM or SIGINT stopped the run after saving the step it was on (in a multi-process run,
+  on every process, the step they agreed on); a KeyboardInterrupt: ``except Exception`` in a
+  driver loop does not swallow it."""
 
   def __init__(self, signum: int, step: int, directory):
     self.signum = signum
@@ -138,15 +161,22 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class _StopSignals:
   """While training, SIGTERM (a preemption, a scheduler's stop) and SIGINT (Ctrl-C) ask for a
-  checkpoint of the step in flight and a clean stop; a second one stops at once. Only in a
-  single-process run on the main thread: a multi-process save is collective, and processes
-  signalled at different steps would not agree on one, so a pod run keeps the default
-  handlers and resumes from its last regular checkpoint."""
+  checkpoint and a clean stop.
 
-  def __init__(self):
+  In a single-process run (on the main thread) the step in flight is saved; a second signal
+  stops at once. In a multi-process run a save is collective, so the processes must agree on
+  its step: JAX's preemption service owns SIGTERM there (``jax.distributed.initialize``
+  installs its handler, which tells the coordination service, which tells every process), and
+  every process asks at every step whether this is the agreed step (``reached_preemption``:
+  ``multihost_utils.reached_preemption_sync_point`` through orbax's manager); at that step all
+  of them save and stop. SIGINT keeps its default there.
+  """
+
+  def __init__(self, reached_preemption=None):
     self.received = None
     self._said = False
     self._previous = {}
+    self._reached_preemption = reached_preemption if jax.process_count() > 1 else None
 
   def __enter__(self):
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
@@ -162,8 +192,15 @@ class _StopSignals:
       return
     self.received = signum
 
-  def pending(self) -> bool:
-    """Whether a signal arrived; says once what happens next."""
+  def pending(self, step: int) -> bool:
+    """Whether to save ``step`` (just trained) and stop; says once what happens next. Every
+    process calls it at every step."""
+    if self._reached_preemption is not None:
+      if self.received is None and self._reached_preemption(step):
+        self.received = signal.SIGTERM
+        _log(f'a preemption notice (SIGTERM) reached the run: every process saves step {step}, '
+             'then stops')
+      return self.received is not None
     if self.received is not None and not self._said:
       self._said = True
       _log(f'{signal.Signals(self.received).name}: saving the current step, then stopping (send '
@@ -230,6 +267,24 @@ def _evaluate(label, state, tokenizer, eval_records, config, workdir, step, *,
           'problems': len(records), 'step': step, 'seconds': round(result.seconds, 1)}
 
 
+def accuracy_lines(summary: dict, config) -> list[str]:
+  """The run's result as printed last: held-out accuracy before and after training with their
+  95% Wilson intervals, and where the methods are compared (nothing without both evaluations)."""
+  if summary.get('accuracy_before') is None or summary.get('accuracy_after') is None:
+    return []
+  from qtarget import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  problems = summary['eval_after']['problems']
+  k = summary['eval_after']['k']
+  metric = 'greedy' if k == 1 else f'Average@{k}'
+  before = evaluate_lib.format_accuracy(summary['accuracy_before'], problems)
+  after = evaluate_lib.format_accuracy(summary['accuracy_after'], problems)
+  return [f'held-out accuracy ({problems} {checked_eval_split(config)} problems of '
+          f'{config.data.task}, {metric}, 95% Wilson intervals): before {before} -> after '
+          f"{after}; wall time {summary['wall_seconds']:.0f} s",
+          'Target-SFT against SFT, DFT and distillation over seeds and tasks: '
+          'experiments/grid2/RESULTS.md']
+
+
 def _complete(summary: dict, config, workdir: pathlib.Path) -> bool:
   """Whether a run's summary holds everything this config asks for: all its steps, each
   requested evaluation and, with ``export_hf``, the exported weights."""
@@ -244,17 +299,29 @@ def _complete(summary: dict, config, workdir: pathlib.Path) -> bool:
 
 
 def run(config) -> dict:
-  """Trains as configured; returns the summary (also written to ``workdir/summary.json``)."""
+  """Trains as configured; returns the summary (also written to ``workdir/summary.json``).
+
+  One run at a time per workdir: its lock (:mod:`qtarget.train.workdir_lock`) is taken before
+  anything is written there (in a multi-process run by process 0, the others waiting for its
+  verdict) and held until the run returns or raises; where another live process holds it, every
+  process raises :class:`~qtarget.train.errors.WorkdirLocked` at once."""
+  maybe_initialize_distributed(config)
+  with workdir_lock.hold_for_run(config.workdir, purpose='training'):
+    return _train(config)
+
+
+def _train(config) -> dict:
+  """:func:`run` under the workdir's lock."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
   tfds.disable_progress_bar()
-  maybe_initialize_distributed(config)
   started = time.time()
   workdir = pathlib.Path(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   # A bad method, hyperparameter, range or source stops here, before anything loads.
   checks.check_config(config)
+  checked_eval_split(config)
   state_lib.hyperparameters(config)
   mesh = sharding_lib.build_mesh(config.mesh)
   sharding_lib.check_layout(mesh, batch_size=config.batch_size, accum_steps=config.accum_steps)
@@ -410,7 +477,7 @@ def run(config) -> dict:
       iterator.close()
 
   eval_every = config.eval.get('every', 0)
-  with _StopSignals() as stop:
+  with _StopSignals(run_checkpoints.reached_preemption) as stop:
     for step in range(start_step, config.steps):
       local = next(iterator)
       batch = {key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key]))
@@ -426,7 +493,7 @@ def run(config) -> dict:
         flush()  # metrics are checked before anything is saved or evaluated
       if checkpoint_due:
         save(done)
-      if stop.pending():  # before an evaluation: a preemption's grace is short
+      if stop.pending(done):  # before an evaluation: a preemption's grace is short
         flush()  # checked before it is saved
         if not checkpoint_due:
           save(done)
@@ -457,13 +524,12 @@ def run(config) -> dict:
         greedy=True, num_problems=config.eval.validation_problems)
     summary['accuracy_validation'] = (summary['eval_validation'] or {}).get('accuracy')
   if config.export_hf:
-    from qtarget import checkpoints  # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     model = student_model(state)
     if jax.process_count() > 1:  # a collective: every process takes part
       nnx.update(model, multihost_utils.process_allgather(nnx.state(model), tiled=True))
     if jax.process_index() == 0:
-      checkpoints.export_hf(model, workdir / 'hf', tokenizer)
+      checkpointing.export_hf(model, workdir / 'hf', tokenizer)  # whole, or DiskFull
     summary['exported_to'] = str(workdir / 'hf')
   timed_steps = config.steps - start_step - 1  # this process's steps after its first
   if not last:  # resumed at the end (killed after the last checkpoint): its logged metrics
@@ -480,8 +546,6 @@ def run(config) -> dict:
   if jax.process_index() == 0:
     summary_path.write_text(json.dumps(summary, indent=2))
     _log('summary: ' + json.dumps(summary))
-    if summary.get('accuracy_before') is not None and summary.get('accuracy_after') is not None:
-      _log(f"held-out accuracy ({min(config.eval.num_problems, len(eval_records))} problems of "
-           f"{config.data.task}): before {summary['accuracy_before']:.3f} -> after "
-           f"{summary['accuracy_after']:.3f}; wall time {summary['wall_seconds']:.0f} s")
+    for line in accuracy_lines(summary, config):
+      _log(line)
   return summary
