@@ -8,11 +8,12 @@ Run names:
   base/TASK                    the untouched model, measured like the runs
   SETTING/METHOD/SEED          one training run
 
-``experiments/compare.py run --config configs/compare2_smollm2.py`` runs ``run_plan`` in order;
-each training run is then measured by ``experiments/measure.py`` (greedy test accuracy, the
+``python -m experiments.compare run --config configs/compare2_smollm2.py`` runs ``run_plan`` in
+order; each training run is then measured by ``experiments.measure`` (greedy test accuracy, the
 primary metric; Average@4 and pass@4; validation accuracy for tuned methods; harder and easier
 variants; calibration and fit). Tuned values are selected on validation by :func:`select`,
-frozen in ``results2/selection.json`` before any added seed runs.
+frozen in ``experiments/grid2/selection.json`` before any added seed runs. ``GRID`` at the end
+is what the runner, the measurement and the report read (experiments.grids.Grid).
 """
 
 import json
@@ -24,9 +25,8 @@ from qtarget import config_files
 
 smollm2_demo = config_files.sibling(__file__, 'smollm2_demo')
 
-RUNS_DIR = 'experiments/runs2'
-RESULTS_DIR = 'experiments/results2'
-REPORT = 'experiments/RESULTS.md'
+FOLDER = 'experiments/grid2'  # records, predictions, selection.json, RESULTS.md, plots
+RUNS_DIR = 'experiments/runs2'  # the runs' workdirs (not in git)
 
 _DIFFICULTY = {
     'chain3': {'min_terms': 3, 'max_terms': 3, 'min_digits': 1, 'max_digits': 1},
@@ -91,6 +91,9 @@ METHODS = {
     'asft_lam0.2': ('asft', {'lam': 0.2}, 'initial'),
 }
 PRIMARY_FIXED = ('sft', 'dft', 'distill')
+# What Target-SFT is compared with in the verdict, each tuned one at its own selected value.
+BASELINES = ('sft', 'dft', 'distill', 'label_smoothing', 'sft_kl', 'asft')
+PRIOR_QUALITY = ('chain3_noisy_weak', 'chain3_noisy')  # the weaker prior, the setting it repeats
 # A tuned family's values, in the order ties are broken (the first listed wins a tie).
 TUNED = {
     'target_sft': ('target_sft_eta0.25', 'target_sft_eta0.5', 'target_sft_eta1'),
@@ -127,7 +130,7 @@ CUT_FAMILIES = ('label_smoothing', 'sft_kl', 'asft')
 
 
 def is_cut(name: str) -> bool:
-  """Whether a planned run is one the budget cut (compare.py run skips it)."""
+  """Whether a planned run is one the budget cut (the runner skips it)."""
   parts = name.split('/')
   return len(parts) == 3 and family(parts[1]) in CUT_FAMILIES
 
@@ -140,14 +143,15 @@ def _common(config: ml_collections.ConfigDict, task_family: str) -> None:
   config.batch_size = 4
   config.optimizer.learning_rate = 1e-4
   config.optimizer.warmup_steps = 3
-  config.eval.before = False  # measured by experiments/measure.py instead
+  config.eval.before = False  # measured by experiments.measure instead
   config.eval.after = False
   config.eval.max_new_tokens = spec['max_new_tokens']
   config.eval.batch_size = MEASURE['batch_size']
+  config.eval.num_problems = 128  # the trainer's own evaluations (off; MEASURE's are run)
   config.progress_bar = False
   config.log_every = 5
   config.checkpoint.keep = 1
-  config.export_hf = True  # measure.py reads the export (deleted afterwards, except teachers')
+  config.export_hf = True  # the measurement reads it (deleted afterwards, except teachers')
 
 
 def _clean_sft(task_family: str, workdir: str, train_size: int) -> ml_collections.ConfigDict:
@@ -171,7 +175,9 @@ def teacher_config(name: str) -> ml_collections.ConfigDict:
 
 def base_config(task_family: str) -> ml_collections.ConfigDict:
   """What Base is measured with: the task's data, the untouched model."""
-  return _clean_sft(task_family, f'{RUNS_DIR}/base/{task_family}', 2000)
+  config = _clean_sft(task_family, f'{RUNS_DIR}/base/{task_family}', 2000)
+  config.steps = 100  # never trained
+  return config
 
 
 def run_config(setting: str, method: str, seed: int) -> ml_collections.ConfigDict:
@@ -221,21 +227,18 @@ def task_family_of(name: str) -> str:
 
 
 def measurements(name: str) -> dict:
-  """Which measurements a run gets beyond greedy test accuracy and calibration."""
+  """Which measurements a run gets beyond greedy test accuracy (every run: calibration)."""
   parts = name.split('/')
   if parts[0] == 'teacher':
-    return {'validation': False, 'variants': False, 'sampled': False}
+    return {'validation': False, 'variants': False, 'sampled': False, 'calibration': True}
   if parts[0] == 'base':
-    return {'validation': True, 'variants': True, 'sampled': True}
+    return {'validation': True, 'variants': True, 'sampled': True, 'calibration': True}
   seed = int(parts[2])
   return {'validation': family(parts[1]) is not None and seed in SELECTION_SEEDS,
-          'variants': seed in MEASURED_VARIANT_SEEDS, 'sampled': True}
+          'variants': seed in MEASURED_VARIANT_SEEDS, 'sampled': True, 'calibration': True}
 
 
 # The pre-registered selection rule and the run order.
-
-# Where selections are frozen (tests point it elsewhere).
-selection_file = pathlib.Path(__file__).resolve().parent.parent / RESULTS_DIR / 'selection.json'
 
 
 def full_credit_accuracy(scored: dict) -> float:
@@ -251,11 +254,13 @@ def full_credit_accuracy(scored: dict) -> float:
   return sum(evaluate.full_credit(row['score']) for row in rows) / len(rows)
 
 
-def select(records: dict, setting: str, tuned_family: str) -> dict | None:
+def select(records: dict, setting: str, tuned_family: str,
+           selection_file: pathlib.Path) -> dict | None:
   """The value of ``tuned_family`` with the highest mean greedy validation accuracy (full
   credit) over SELECTION_SEEDS in ``setting`` (a tie goes to the value listed first), or None
   while any of those runs is unrecorded. Test numbers are not read. The first selection is
-  frozen in ``results2/selection.json`` with the numbers it was made from."""
+  frozen in ``selection_file`` (the grid's ``selection.json``) with the numbers it was made
+  from."""
   path = pathlib.Path(selection_file)
   frozen = json.loads(path.read_text()) if path.exists() else {}
   key = f'{setting}/{tuned_family}'
@@ -278,7 +283,7 @@ def select(records: dict, setting: str, tuned_family: str) -> dict | None:
   return frozen[key]
 
 
-def run_plan(records: dict) -> list[str]:
+def run_plan(records: dict, selection_file: pathlib.Path) -> list[str]:
   """Every run that can run now, in the pre-registered order: teachers and Base; the primaries
   of all six settings seed by seed (Target-SFT's three etas for seeds 0-1, the selected one
   after); the prior-quality axis; the secondaries setting by setting, last (PREREGISTRATION
@@ -291,11 +296,11 @@ def run_plan(records: dict) -> list[str]:
       if seed in SELECTION_SEEDS:
         methods += TUNED['target_sft']
       else:
-        chosen = select(records, setting, 'target_sft')
+        chosen = select(records, setting, 'target_sft', selection_file)
         methods += [chosen['selected']] if chosen else []
       plan += [f'{setting}/{m}/{seed}' for m in methods]
   plan.append('teacher/chain3_weak')
-  chosen = select(records, 'chain3_noisy', 'target_sft')  # the weak prior reuses its eta
+  chosen = select(records, 'chain3_noisy', 'target_sft', selection_file)  # the weak prior's eta
   for seed in PRIMARY_SEEDS:
     plan.append(f'chain3_noisy_weak/distill/{seed}')
     if chosen:
@@ -303,8 +308,25 @@ def run_plan(records: dict) -> list[str]:
   for setting in MAIN_SETTINGS:
     for tuned_family in ('label_smoothing', 'sft_kl', 'asft'):
       plan += [f'{setting}/{m}/{s}' for s in SELECTION_SEEDS for m in TUNED[tuned_family]]
-      chosen = select(records, setting, tuned_family)
+      chosen = select(records, setting, tuned_family, selection_file)
       if chosen:
         plan += [f'{setting}/{chosen["selected"]}/{s}' for s in SECONDARY_SEEDS
                  if s not in SELECTION_SEEDS]
   return plan
+
+
+# The files its runs were made of when they ran (the report's code versions, from git history).
+RUN_CODE = ('qtarget/', 'experiments/measure.py', 'experiments/compare.py',
+            'experiments/stats.py', 'configs/compare2_smollm2.py', 'configs/smollm2_demo.py')
+
+GRID = dict(
+    folder=FOLDER, title='Method comparison: the pre-registered grid', runs_dir=RUNS_DIR,
+    get_config=get_config, plan=run_plan, cut=is_cut, tasks=TASKS, task_of=task_family_of,
+    measure=MEASURE, measurements=measurements, settings=SETTINGS, methods=METHODS,
+    ours='target_sft', baselines=BASELINES, fixed=PRIMARY_FIXED, tuned=TUNED, seeds=PRIMARY_SEEDS,
+    selection_seeds=SELECTION_SEEDS, variant_seeds=MEASURED_VARIANT_SEEDS,
+    main_settings=MAIN_SETTINGS, teachers=TEACHERS, prior_quality=PRIOR_QUALITY,
+    cut_families=CUT_FAMILIES, run_code=RUN_CODE,
+    sections=('preregistration', 'status', 'verdicts', 'summary', 'pooled', 'power', 'accuracy',
+              'prior_quality', 'eta', 'eta_paired', 'sweep', 'cost', 'calibration',
+              'answer_calibration', 'open_questions', 'reproductions', 'plots', 'runs'))

@@ -1,13 +1,14 @@
-"""The method comparison on CPU: SmolLM2-135M-Instruct on reasoning-gym arithmetic.
+"""The first, exploratory comparison on CPU: SmolLM2-135M-Instruct on reasoning-gym arithmetic.
 
-One run is named by its config string, ``SETTING/METHOD/SEED`` or ``teacher``:
+Archived: its records, predictions, report and plots are in ``experiments/grid1/`` (eta was read
+off the test results; the pre-registered grid, ``configs/compare2_smollm2.py``, replaced it).
+``python -m experiments.compare rescore --config configs/compare_smollm2.py`` re-scores its
+predictions; each recorded run is still its training command, named by its config string,
+``SETTING/METHOD/SEED`` or ``teacher``:
 
   python -m qtarget.train --config configs/compare_smollm2.py:chain3_noisy/target_sft_eta0.5/1
 
-``python experiments/compare.py run --config configs/compare_smollm2.py`` runs the whole grid
-(resumable); ``report --config configs/compare_smollm2.py`` writes RESULTS_exploratory.md.
-The settings, the methods and the budget below are the comparison's definition: changing them
-changes the table (finished runs are keyed by name, so rerun into a new results directory).
+Its Base runs and held-out evaluations were the trainer's own (``config.eval``).
 """
 
 import ml_collections
@@ -16,14 +17,12 @@ from qtarget import config_files
 
 smollm2_demo = config_files.sibling(__file__, 'smollm2_demo')
 
-RUNS_DIR = 'experiments/runs'
-RESULTS_DIR = 'experiments/results'
-REPORT = 'experiments/RESULTS_exploratory.md'  # the pre-registered grid's is RESULTS.md
-EXPLORATORY = True  # its report says eta was read off the test results (experiments/report.py)
+RUNS_DIR = 'experiments/runs'  # the runs' workdirs (not in git)
+GRID = dict(folder='experiments/grid1', archived=True)  # experiments.grids.Grid
 TEACHER_DIR = f'{RUNS_DIR}/teacher'
 
 # Task: chain_sum with 3 one-digit terms (+ and -), two steps per rationale. Base greedy accuracy
-# 0.14, Average@4 0.10 on 64 held-out problems (experiments/results/task_selection.jsonl).
+# 0.14, Average@4 0.10 on 64 held-out problems (experiments/grid1/task_selection.jsonl).
 _CHAIN3 = {'task': 'chain_sum',
            'difficulty': {'min_terms': 3, 'max_terms': 3, 'min_digits': 1, 'max_digits': 1}}
 
@@ -65,7 +64,7 @@ def _common(config: ml_collections.ConfigDict) -> None:
   config.optimizer.learning_rate = 1e-4
   config.optimizer.warmup_steps = 3
   config.eval.update(EVAL)
-  config.eval.before = False  # Base is evaluated once per task and seed by compare.py
+  config.eval.before = False  # Base was evaluated once per seed, apart from the runs
   config.progress_bar = False
   config.log_every = 5
   config.checkpoint.keep = 1
@@ -112,7 +111,7 @@ def run_config(setting: str, method: str, seed: int) -> ml_collections.ConfigDic
   # config.data.seed stays 0: every run is scored on the same held-out problems, and those are
   # removed from the teacher's and every student's training problems.
   config.eval.seed = seed
-  config.steps = 20  # 160 demonstrations: the CPU budget (see experiments/RESULTS_exploratory.md)
+  config.steps = 20  # 160 demonstrations: the CPU budget (see experiments/grid1/RESULTS.md)
   config.checkpoint.every = 10
   config.export_hf = False
   return config

@@ -9,11 +9,11 @@ Use --config.prior.source=initial for the frozen initial model as the prior inst
 The paper's training hyperparameters (its appendix) are not recovered: these are ordinary SFT values
 for a 1.5B model; sweep eta.
 
-The paper's comparison is the grid below, run by experiments/compare.py (each cell is the config
-string SETTING/METHOD/SEED; edit the paths above in this file, since the grid runs one process per
-cell with no extra flags):
-  python experiments/compare.py run --config configs/qwen2p5_math_numina.py
-into experiments/results_qwen/ (report: experiments/RESULTS_qwen.md).
+The paper's comparison is the grid below (``GRID``, experiments.grids.Grid), run by the grids'
+runner (each cell is the config string SETTING/METHOD/SEED, Base is base/numina; edit the paths
+above in this file, since the grid runs one process per cell with no extra flags):
+  python -m experiments.compare run --config configs/qwen2p5_math_numina.py
+into experiments/qwen/ (its records, predictions and RESULTS.md).
 """
 
 import ml_collections
@@ -23,30 +23,48 @@ from qtarget import config_files
 smollm2_demo = config_files.sibling(__file__, 'smollm2_demo')
 
 
-# Its own runs, records and report: nothing shared with the CPU grids' directories.
+# Its own folder and runs: nothing shared with the CPU grids'.
+FOLDER = 'experiments/qwen'
 RUNS_DIR = 'experiments/runs_qwen'
-RESULTS_DIR = 'experiments/results_qwen'
-REPORT = 'experiments/RESULTS_qwen.md'
 
-SETTINGS = {'numina': {'rationale': {}}}  # the file's own demonstrations
-# The methods of the CPU comparison, as (method, hyperparameters, prior): here 'teacher' is
-# config.prior (Qwen2.5-Math-7B) and 'initial' the frozen student. The paper's baselines are SFT,
-# DFT and distillation.
-METHODS = config_files.sibling(__file__, 'compare_smollm2').METHODS
+# name: (task family, demonstrations, teacher): the file's own solutions; the prior is
+# config.prior (Qwen2.5-Math-7B), not trained by the grid.
+SETTINGS = {'numina': ('numina', None, None)}
+# name: (qtarget.targets method, hyperparameters, prior): 'teacher' is config.prior and
+# 'initial' the frozen student. The paper's baselines are SFT, DFT and distillation.
+METHODS = {
+    'sft': ('sft', {}, None),
+    'dft': ('dft', {}, None),
+    'label_smoothing': ('label_smoothing', {'lam': 0.1}, None),
+    'sft_kl': ('sft_kl', {'lam': 0.1}, 'initial'),
+    'asft': ('asft', {'lam': 0.1}, 'initial'),
+    'distill': ('distill', {}, 'teacher'),
+    'target_sft_eta0.25': ('target_sft', {'eta': 0.25}, 'teacher'),
+    'target_sft_eta0.5': ('target_sft', {'eta': 0.5}, 'teacher'),
+    'target_sft_eta1': ('target_sft', {'eta': 1.0}, 'teacher'),
+    'target_sft_eta0.5_initial': ('target_sft', {'eta': 0.5}, 'initial'),
+}
 SEEDS = (0, 1, 2)
-EVAL = {'num_problems': 500, 'num_samples': 16, 'temperature': 0.6, 'top_p': 0.95,
-        'max_new_tokens': 2048, 'batch_size': 64}  # Average@16, as in the paper
+TASKS = {'numina': {'max_new_tokens': 2048}}  # greedy and sampled answers
+# What experiments.measure measures of every run and of Base: greedy accuracy on the held-out
+# problems, and Average@16 / pass@16 (the paper's metric) on the same problems.
+MEASURE = {'test_problems': 500, 'sampled_problems': 500, 'num_samples': 16,
+           'temperature': 0.6, 'top_p': 0.95, 'batch_size': 64}
 
 
 def get_config(name: str = ''):
-  """The single run above, or with ``name`` = 'SETTING/METHOD/SEED' one cell of the grid."""
+  """The single run above; with ``name`` = 'SETTING/METHOD/SEED' one cell of the grid, with
+  'base/numina' the untouched model the grid measures as Base."""
   config = _paper_config()
   if not name:
     return config
   parts = name.split('/')
+  if parts == ['base', 'numina']:
+    config.workdir = f'{RUNS_DIR}/base/numina'
+    return config
   if len(parts) != 3 or parts[0] not in SETTINGS or parts[1] not in METHODS:
-    raise ValueError(f'expected SETTING/METHOD/SEED with a setting in {sorted(SETTINGS)} and a '
-                     f'method in {sorted(METHODS)}; got {name!r}')
+    raise ValueError(f'expected base/numina or SETTING/METHOD/SEED with a setting in '
+                     f'{sorted(SETTINGS)} and a method in {sorted(METHODS)}; got {name!r}')
   setting, method, seed = parts[0], parts[1], int(parts[2])
   method_name, hparams, prior = METHODS[method]
   config.workdir = f'{RUNS_DIR}/{setting}/{method}/seed{seed}'
@@ -55,9 +73,24 @@ def get_config(name: str = ''):
   config.hparams = ml_collections.ConfigDict(hparams)
   if prior == 'initial':
     config.prior.source = 'initial'
-  config.eval.update(EVAL)
-  config.export_hf = False
+  config.eval.after = False  # measured by experiments.measure instead
+  config.export_hf = True  # the measurement reads it (deleted once recorded)
   return config
+
+
+def run_plan(records: dict, selection_file) -> list[str]:
+  """Base, then every cell seed by seed (a partial grid covers every cell a little); nothing
+  is selected."""
+  del records, selection_file
+  return ['base/numina'] + [f'{setting}/{method}/{seed}' for seed in SEEDS
+                            for setting in SETTINGS for method in METHODS]
+
+
+def measurements(name: str) -> dict:
+  """Greedy and sampled answers on the held-out problems; no validation split, variants or
+  step-by-step demonstrations in these files."""
+  del name
+  return {'validation': False, 'variants': False, 'sampled': True, 'calibration': False}
 
 
 def _paper_config():
@@ -92,6 +125,8 @@ def _paper_config():
   config.data.truncate = True  # long solutions are cut (and counted) rather than stopping
   config.data.difficulty = {}
   config.data.rationale.style = ''  # the file's own solutions
+  # reasoning-gym's sizes, unused by files; fixed here, as a resume compares every field
+  config.data.train_size, config.data.eval_size = 4000, 128
 
   config.loss = 'fused'  # the dense one needs 22 GiB of temporaries per v5e chip (16 GiB HBM)
   config.steps = 2000
@@ -111,3 +146,15 @@ def _paper_config():
   config.eval.batch_size = 64
   config.log_every = 10
   return config
+
+
+GRID = dict(
+    folder=FOLDER, title='Method comparison: Qwen2.5-Math-1.5B on NuminaMath-CoT',
+    runs_dir=RUNS_DIR, get_config=get_config, plan=run_plan, tasks=TASKS,
+    task_of=lambda name: 'numina', measure=MEASURE, measurements=measurements,
+    settings=SETTINGS, methods=METHODS, ours='target_sft_eta0.5',
+    baselines=('sft', 'dft', 'distill'), fixed=tuple(METHODS), seeds=SEEDS,
+    main_settings=tuple(SETTINGS),
+    run_code=('qtarget/', 'experiments/', 'configs/qwen2p5_math_numina.py',
+              'configs/smollm2_demo.py'),
+    sections=('accuracy', 'verdicts', 'runs'))

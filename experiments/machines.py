@@ -1,10 +1,10 @@
 """Which machine each grid run ran on: step times compare only within one machine.
 
-``results2/machines.jsonl`` lists the machines in the order they ran the grid, each with the time
+A grid's ``machines.jsonl`` lists the machines in the order they ran the grid, each with the time
 from which it did (``since``, as the records' ``finished``). Every start of the grid on a machine
 begins with
 
-    python experiments/machines.py --record experiments/results2/machines.jsonl
+    python -m experiments.machines --record experiments/grid2/machines.jsonl
 
 which appends this machine if it differs from the last one listed. A machine changes only
 between two such starts, and an interrupted run restarts on the new one, so a run belongs to
@@ -16,7 +16,7 @@ import os
 import pathlib
 import time
 
-import stats  # pylint: disable=import-error  (experiments/stats.py)
+from experiments import records
 
 # The instruction-set extensions that change XLA's CPU code (and so timings and rounding).
 _FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16')
@@ -36,7 +36,7 @@ def describe(cpuinfo: str | None = None) -> str:
 
 def load(path: pathlib.Path) -> list[dict]:
   """The machines listed in ``path``, oldest first ([] when there is no such file)."""
-  return stats.read_json_lines(path, required=('since', 'cpu'))
+  return records.read_json_lines(path, required=('since', 'cpu'))
 
 
 def record(path: pathlib.Path, now: str | None = None) -> dict:
@@ -52,7 +52,7 @@ def record(path: pathlib.Path, now: str | None = None) -> dict:
                      'source': 'experiments/machines.py'})
     return machines + in_force
 
-  stats.update_json_lines(path, add_if_new, required=('since', 'cpu'))
+  records.update_json_lines(path, add_if_new, required=('since', 'cpu'))
   return in_force[0]
 
 

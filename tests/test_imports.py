@@ -1,5 +1,6 @@
-"""The import graph of qtarget and experiments has no cycles (lazy imports inside functions
-count: a cycle is a cycle whenever it closes)."""
+"""The import graph of the qtarget and experiments packages has no cycles (lazy imports inside
+functions count: a cycle is a cycle whenever it closes), and the experiments modules import each
+other as a package."""
 
 import ast
 import pathlib
@@ -8,14 +9,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _modules():
-  """Module name -> path, for qtarget/ and experiments/ (top-level scripts by file name)."""
+  """Module name -> path, for the qtarget and experiments packages (the first grid's archived
+  script, experiments/grid1/select_tasks.py, included)."""
   modules = {}
-  for path in (ROOT / 'qtarget').rglob('*.py'):
-    parts = path.relative_to(ROOT).with_suffix('').parts
-    name = '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
-    modules[name] = path
-  for path in (ROOT / 'experiments').glob('*.py'):
-    modules[f'experiments.{path.stem}'] = path
+  for package in ('qtarget', 'experiments'):
+    for path in (ROOT / package).rglob('*.py'):
+      parts = path.relative_to(ROOT).with_suffix('').parts
+      name = '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+      modules[name] = path
   return modules
 
 
@@ -35,9 +36,6 @@ def _imports(name, path, modules):
     else:
       continue
     for candidate in candidates:
-      if name.startswith('experiments.') and candidate in {m.split('.')[-1] for m in modules
-                                                          if m.startswith('experiments.')}:
-        candidate = f'experiments.{candidate}'  # the scripts import each other by file name
       if candidate in modules and candidate != name:
         found.add(candidate)
   return found
@@ -80,8 +78,26 @@ def _graph():
 
 def test_no_import_cycles():
   graph = _graph()
-  assert 'qtarget.fused' in graph and 'experiments.report' in graph
+  assert 'qtarget.fused' in graph and 'experiments.grid1.select_tasks' in graph
+  # The report's modules are found through the package's imports.
+  assert {'experiments.findings', 'experiments.ledger', 'experiments.paired',
+          'experiments.plots', 'experiments.reproduce'} <= graph['experiments.report']
+  assert {'experiments.grids', 'experiments.records', 'experiments.report'} <= graph[
+      'experiments.compare']
   assert _cycle(graph) is None, ' -> '.join(_cycle(graph))
+
+
+def test_experiments_modules_import_each_other_as_a_package():
+  """``import stats`` beside ``experiments/stats.py`` works only with experiments/ on sys.path:
+  every module of the package names the package (``from experiments import stats``)."""
+  stems = {path.stem for path in (ROOT / 'experiments').glob('*.py')}
+  bare = []
+  for path in sorted((ROOT / 'experiments').rglob('*.py')):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+               [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
+      bare += [f'{path.relative_to(ROOT)}: {n}' for n in names if n and n.split('.')[0] in stems]
+  assert not bare, bare
 
 
 def test_the_cycle_finder_finds_cycles():

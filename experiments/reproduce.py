@@ -2,19 +2,20 @@
 grid's own record of the same run: does a run's outcome depend on where it ran?
 
 A reproduction is run like any grid run, from a clean worktree at the grid's commit, into its own
-results directory holding the grid's teacher records (and their exports, linked), e.g.
+folder holding the grid's teacher records (and their exports, linked), e.g.
 
-    python experiments/compare.py run --config configs/compare2_smollm2.py \\
-        --results_dir experiments/results_machine_check --only 'chain3_clean/sft/0'
+    python -m experiments.compare run --config configs/compare2_smollm2.py \\
+        --results_dir experiments/machine_check --only 'chain3_clean/sft/0'
 
 and kept, on the machine that ran it, with
 
-    python experiments/reproduce2.py --keep WORKTREE/experiments/results_machine_check
+    python -m experiments.reproduce --config configs/compare2_smollm2.py \\
+        --keep WORKTREE/experiments/machine_check
 
-which copies its records (teachers left out) and prediction files into ``results2_reproduced/``,
-pointing the records' ``predictions`` there and naming this machine in ``machine``. The report
-compares each split by split: full-credit accuracy, the answers that are the same text and those
-whose credit changed, and the final training loss.
+which copies its records (teachers left out) and prediction files into the grid's
+``reproduced/`` folder, pointing the records' ``predictions`` there and naming this machine in
+``machine``. The report compares each split by split: full-credit accuracy, the answers that are
+the same text and those whose credit changed, and the final training loss.
 """
 
 import argparse
@@ -23,18 +24,23 @@ import shutil
 
 from qtarget import evaluate
 
-import machines  # pylint: disable=import-error  (experiments/machines.py)
-import stats  # pylint: disable=import-error  (experiments/stats.py)
-
-DIRECTORY = 'experiments/results2_reproduced'
+from experiments import ROOT
+from experiments import grids
+from experiments import machines
+from experiments import records as records_lib
 
 # A reproduction, the grid's record of the same run (None if none) and their split-by-split
 # comparison (None without a record).
 Comparison = tuple[dict, dict | None, list[dict] | None]
 
 
+def directory(grid) -> pathlib.Path:
+  """Where a grid keeps its reproductions."""
+  return grid.directory / 'reproduced'
+
+
 def _rows(entry) -> list[dict]:
-  return evaluate.read_predictions(stats.ROOT / entry['predictions'],
+  return evaluate.read_predictions(ROOT / entry['predictions'],
                                    fields=('question', 'output', 'score'))
 
 
@@ -69,18 +75,13 @@ def compare(original: dict, again: dict) -> list[dict]:
   return splits
 
 
-def _kept() -> list[dict]:
-  """The reproductions, the last of each name."""
-  return list(stats.last_of_each_name(stats.read_json_lines(
-      stats.ROOT / DIRECTORY / 'runs.jsonl', required=('name',))).values())
-
-
-def comparisons(records: dict) -> list[Comparison]:
-  """Each kept reproduction with the grid's record of the same run and their split-by-split
-  comparison (None and None when the grid has no such record): what the summary line and the
-  section both print, compared once."""
+def comparisons(records: dict, kept: pathlib.Path) -> list[Comparison]:
+  """Each reproduction kept in ``kept`` (the last of each name) with the grid's record of the
+  same run and their split-by-split comparison (None and None when the grid has no such
+  record): what the summary line and the section both print, compared once."""
   matched = []
-  for again in _kept():
+  lines = records_lib.read_json_lines(pathlib.Path(kept) / 'runs.jsonl', required=('name',))
+  for again in records_lib.last_of_each_name(lines).values():
     original = records.get(again['name'])
     matched.append((again, original, None if original is None else compare(original, again)))
   return matched
@@ -112,82 +113,92 @@ def summary_line(matched: list[Comparison]) -> list[str]:
           'commit together; the section near the end): ' + '; '.join(clauses) + '.']
 
 
-def section(matched: list[Comparison]) -> list[str]:
-  """The report's section on the reproductions in ``comparisons()``; nothing when none is kept."""
+def _rows_of(again, original, splits) -> list[str]:
+  where = lambda r: (f"`{((r.get('code') or {}).get('commit') or 'unknown')[:7]}`, "
+                     f"{r.get('machine') or 'unknown'}")
+  loss = lambda r: (r.get('final_metrics') or {}).get('loss', float('nan'))
+  lines = []
+  for index, split in enumerate(splits):
+    losses = f'{loss(original):.6f} / {loss(again):.6f}' if index == 0 else 'as above'
+    head = f"| {again['name']} | {_prior(again)} | {split['label']} "
+    if 'problem' in split:
+      lines.append(head + f"| {where(original)} | {where(again)} | not comparable: "
+                   f"{split['problem']} | - | - | {losses} |")
+      continue
+    lines.append(head + f"| {where(original)} | {where(again)} "
+                 f"| {100 * split['original']:.1f} / {100 * split['again']:.1f} "
+                 f"| {split['same_text']} of {split['answers']} "
+                 f"| {split['now_right']} / {split['now_wrong']} | {losses} |")
+  return lines
+
+
+def section(matched: list[Comparison], kept: str) -> list[str]:
+  """The report's section on the reproductions in ``comparisons()`` (kept in ``kept``, as the
+  report names it); nothing when none is kept."""
   if not matched:
     return []
+  rows = [row for again, original, splits in matched if original is not None
+          for row in _rows_of(again, original, splits)]
   lines = ['## Runs trained again on another machine (a check, not grid runs)', '',
-           f'Recorded runs trained again from a clean worktree (`{DIRECTORY}/`), each beside the '
+           f'Recorded runs trained again from a clean worktree (`{kept}/`), each beside the '
            "grid's record of the same run, split by split: greedy accuracy with full credit, "
            'the answers that are the same text and those whose full credit changed (now right '
            '/ now wrong), and the final training loss. Each pair differs in the machine, in the '
            'commit (the code between them changed, generation included), and for a run with '
            'a teacher prior in the teacher, trained again on each '
            'machine (PREREGISTRATION changes 21 and 23): the check cannot tell these apart. '
-           'The machine is the one each record names, else unknown.', '',
-           '| run | prior | split | original: commit, machine | again: commit, machine '
-           '| accuracy (original / again) | same answer text | credit changed (now right / now '
-           'wrong) | final loss (original / again) |', '|---|---|---|---|---|---|---|---|---|']
-  missing = []
-  for again, original, splits in matched:
-    if original is None:
-      missing.append(again['name'])
-      continue
-    where = lambda r: (f"`{((r.get('code') or {}).get('commit') or 'unknown')[:7]}`, "
-                       f"{r.get('machine') or 'unknown'}")
-    loss = lambda r: (r.get('final_metrics') or {}).get('loss', float('nan'))
-    for index, split in enumerate(splits):
-      losses = f'{loss(original):.6f} / {loss(again):.6f}' if index == 0 else 'as above'
-      head = f"| {again['name']} | {_prior(again)} | {split['label']} "
-      if 'problem' in split:
-        lines.append(head + f"| {where(original)} | {where(again)} | not comparable: "
-                     f"{split['problem']} | - | - | {losses} |")
-        continue
-      lines.append(head + f"| {where(original)} | {where(again)} "
-                   f"| {100 * split['original']:.1f} / {100 * split['again']:.1f} "
-                   f"| {split['same_text']} of {split['answers']} "
-                   f"| {split['now_right']} / {split['now_wrong']} | {losses} |")
-  if len(lines) == 6:
-    lines = lines[:4]
+           'The machine is the one each record names, else unknown.', '']
+  if rows:
+    lines += ['| run | prior | split | original: commit, machine | again: commit, machine '
+              '| accuracy (original / again) | same answer text | credit changed (now right / '
+              'now wrong) | final loss (original / again) |',
+              '|---|---|---|---|---|---|---|---|---|', *rows]
+  missing = [again['name'] for again, original, _ in matched if original is None]
   if missing:
     lines += ['', 'Kept but not in the grid\'s records, so not compared: ' + ', '.join(missing)
               + '.']
   return lines + ['']
 
 
-def keep(source: pathlib.Path) -> list[str]:
-  """Copies ``source``'s non-teacher records and their prediction files into DIRECTORY (a
+def keep(source: pathlib.Path, target: pathlib.Path) -> list[str]:
+  """Copies ``source``'s non-teacher records and their prediction files into ``target`` (a
   record of the same name there is replaced), naming this machine; returns the names."""
-  target = stats.ROOT / DIRECTORY
+  target = pathlib.Path(target)
   (target / 'predictions').mkdir(parents=True, exist_ok=True)
-  relative = source.relative_to(source.parents[1])  # experiments/<results dir>
+  relative = source.relative_to(source.parents[1])  # experiments/<folder>
+  kept = str(target.resolve().relative_to(ROOT)) if target.resolve().is_relative_to(ROOT) else (
+      str(target.resolve()))
   added = {}
-  for record in stats.read_json_lines(source / 'runs.jsonl', required=('name',)):
+  for record in records_lib.read_json_lines(source / 'runs.jsonl', required=('name',)):
     if record['name'].startswith('teacher/'):
       continue
     for entry in (record.get('scored') or {}).values():
       if 'predictions' in entry:
         name = pathlib.Path(entry['predictions']).name
         shutil.copy(source / 'predictions' / name, target / 'predictions' / name)
-        entry['predictions'] = f'{DIRECTORY}/predictions/{name}'
-    record['predictions'] = str(record.get('predictions', '')).replace(str(relative), DIRECTORY)
+        entry['predictions'] = f'{kept}/predictions/{name}'
+    record['predictions'] = str(record.get('predictions', '')).replace(str(relative), kept)
     record['machine'] = machines.describe()
     added[record['name']] = record
   # The kept records are read again under the write's lock, so a concurrent keep is not lost.
-  stats.update_json_lines(
-      target / 'runs.jsonl', lambda kept: list({**stats.last_of_each_name(kept), **added}.values()),
+  records_lib.update_json_lines(
+      target / 'runs.jsonl',
+      lambda kept_lines: list({**records_lib.last_of_each_name(kept_lines), **added}.values()),
       required=('name',))
   return list(added)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='configs/compare2_smollm2.py',
+                      help='the grid whose reproduced/ folder keeps them')
   parser.add_argument('--keep', type=pathlib.Path, required=True,
-                      help="a reproduction's results directory (with runs.jsonl and predictions/)")
+                      help="a reproduction's folder (with runs.jsonl and predictions/)")
   args = parser.parse_args()
   if not (args.keep / 'runs.jsonl').exists():
-    raise SystemExit(f'{args.keep}: no runs.jsonl here, not a results directory.')
-  print(f"kept in {DIRECTORY}: {', '.join(keep(args.keep.resolve())) or 'nothing'}")
+    raise SystemExit(f'{args.keep}: no runs.jsonl here, not a grid folder.')
+  target = directory(grids.load(args.config))
+  print(f"kept in {target}: {', '.join(keep(args.keep.resolve(), target)) or 'nothing'}")
 
 
 if __name__ == '__main__':

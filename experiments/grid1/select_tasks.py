@@ -3,10 +3,10 @@
 The comparison needs tasks at the edge of the model: held-out accuracy of the untouched model
 between about 5% and 50%. Each candidate is scored by the same harness as the comparison (chat
 prompt, greedy and sampled decoding, reasoning-gym's scorer) on its held-out test split; results
-are appended to ``experiments/results/task_selection.jsonl`` and candidates already there are
-skipped, so the script resumes.
+are appended to ``task_selection.jsonl`` beside this script (the first grid's archive) and
+candidates already there are skipped, so the script resumes.
 
-  python experiments/select_tasks.py [--num_problems 64] [--num_samples 4]
+  python experiments/grid1/select_tasks.py [--num_problems 64] [--num_samples 4]
 """
 
 import argparse
@@ -27,7 +27,7 @@ CANDIDATES = (
     ('products', {'min_terms': 2, 'max_terms': 2, 'min_digits': 1, 'max_digits': 1}),
     ('products', {'min_terms': 2, 'max_terms': 2, 'min_digits': 1, 'max_digits': 2}),
 )
-OUT = pathlib.Path(__file__).parent / 'results' / 'task_selection.jsonl'
+OUT = pathlib.Path(__file__).parent / 'task_selection.jsonl'
 
 
 def main():

@@ -1,31 +1,40 @@
-"""The pre-registered grid's figures for experiments/RESULTS.md (matplotlib, written beside it)."""
+"""A grid's figures for its RESULTS.md (matplotlib, written beside it): accuracy against eta,
+and reliability (tokens and answers)."""
 
 import collections
 import math
 
 import numpy as np
 
-import records2  # pylint: disable=import-error  (experiments/records2.py)
-import stats  # pylint: disable=import-error  (experiments/stats.py)
+from experiments import records as records_lib
+from experiments import stats
+
+ETA = 'eta.png'
+CALIBRATION = 'calibration.png'
+_MIN_PER_BIN = 20
 
 
 def write(grid, records, out_dir) -> list[str]:
-  """grid2_eta.png (validation and test accuracy against eta, seeds 0-1) and
-  grid2_calibration.png (reliability: token accuracy against confidence, bins pooled over each
-  method's runs in all settings)."""
+  """ETA (validation and test accuracy against eta, seeds 0-1) and CALIBRATION (reliability:
+  token accuracy against confidence, bins pooled over each method's runs in all settings); the
+  names of those written (none without runs to draw)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  written = []
-  etas = {'dft': 0.0, **{m: grid.METHODS[m][1]['eta'] for m in grid.TUNED['target_sft']}}
+  return [name for name, draw in ((ETA, _eta), (CALIBRATION, _calibration))
+          if draw(plt, grid, records, out_dir / name)]
+
+
+def _eta(plt, grid, records, path) -> bool:
+  etas = {'dft': 0.0, **{m: grid.methods[m][1]['eta'] for m in grid.tuned[grid.ours]}}
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
   drawn = False
   for ax, label in zip(axes, ('validation', 'test_greedy')):
-    for setting in grid.SETTINGS:
+    for setting in grid.settings:
       points = []
       for method, eta in etas.items():
-        values = [records2.value(r, label) for r in records2.runs(records, setting, method)
-                  if r['seed'] in grid.SELECTION_SEEDS and records2.value(r, label) is not None]
+        values = records_lib.present([r for r in records_lib.runs(records, setting, method)
+                                      if r['seed'] in grid.selection_seeds], label)
         if values:
           points.append((eta, *stats.mean_and_interval(values)))
       if points:
@@ -39,14 +48,17 @@ def write(grid, records, out_dir) -> list[str]:
   if drawn:
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / 'grid2_eta.png', dpi=120)
-    written.append('grid2_eta.png')
+    fig.savefig(path, dpi=120)
   plt.close(fig)
+  return drawn
+
+
+def _calibration(plt, grid, records, path) -> bool:
   fig, (ax, answers) = plt.subplots(1, 2, figsize=(10, 5))
   drawn = False
-  for family in ('base',) + tuple(grid.PRIMARY_FIXED) + ('target_sft',):
+  for family in ('base',) + tuple(grid.fixed) + (grid.ours,):
     runs = [r for r in records.values() if r['method'] == family or (
-        family == 'target_sft' and r['method'].startswith(family))]
+        family == grid.ours and r['method'].startswith(family))]
     pooled = collections.defaultdict(lambda: [0, 0.0, 0.0])  # lower edge -> count, conf, acc
     for r in runs:
       for b in (r.get('calibration') or {}).get('bins', []):
@@ -75,13 +87,9 @@ def write(grid, records, out_dir) -> list[str]:
     answers.set_ylabel('fraction of answers right')
     answers.set_title(f'Answers: greedy test answers (bins of >= {_MIN_PER_BIN})')
     fig.tight_layout()
-    fig.savefig(out_dir / 'grid2_calibration.png', dpi=120)
-    written.append('grid2_calibration.png')
+    fig.savefig(path, dpi=120)
   plt.close(fig)
-  return written
-
-
-_MIN_PER_BIN = 20
+  return drawn
 
 
 def _answer_reliability(runs) -> list[tuple[float, float, int]]:
@@ -89,7 +97,7 @@ def _answer_reliability(runs) -> list[tuple[float, float, int]]:
   bin with at least _MIN_PER_BIN answers, (mean confidence, fraction right, count)."""
   bins = collections.defaultdict(list)
   for r in runs:
-    answers = records2.answer_confidences(r)
+    answers = records_lib.answer_confidences(r)
     for confidence, right in zip(*answers) if answers else ():
       bins[min(int(confidence * 10), 9)].append((float(confidence), bool(right)))
   return [(float(np.mean([c for c, _ in rows])), float(np.mean([ok for _, ok in rows])),
