@@ -318,6 +318,7 @@ def q_cross_entropy_fused(hidden_NxH: Array, head_HxV: Array, labels_N: Array,
     >>> aux.per_token_loss.shape
     (4,)
   """
+  _check_weights_are_not_a_mask(weights_N)
   method_key, chunking, args = prepare(
       hidden_NxH, head_HxV, labels_N, method, prior_hidden_NxP=prior_hidden_NxP,
       prior_head_PxV=prior_head_PxV, weights_N=weights_N, chunk_size=chunk_size,
@@ -429,6 +430,7 @@ def q_cross_entropy_fused_sharded(hidden_NxH: Array, head_HxV: Array, labels_N: 
   token_axes = tuple(token_axes)
   spec = targets_lib.resolve(method)
   spec.check_hyperparameters(hyperparameters, labels_N.shape, head_HxV.shape[1])
+  _check_weights_are_not_a_mask(weights_N)
   _check_weights(weights_N)
   traced, static = spec.split_hyperparameters(hyperparameters)
   n = labels_N.shape[0]
@@ -499,6 +501,14 @@ def _check_inputs(hidden, head, labels, weights, hidden_name, head_name):
     raise ValueError(f'weights_N of shape {jnp.shape(weights)} must match labels_N '
                      f'{jnp.shape(labels)}.')
   _check_weights(weights)
+
+
+def _check_weights_are_not_a_mask(weights) -> None:
+  if weights is not None and jnp.result_type(weights) == jnp.bool_:
+    raise TypeError(
+        'weights_N is a float weight per token (the normalisation included): a boolean mask '
+        'here would make a mean a sum. Pass weights_N=mask / mask.sum(), or use '
+        'qtarget.q_loss_fused(..., where=mask) and reduce with qtarget.token_mean.')
 
 
 def _check_weights(weights) -> None:

@@ -13,24 +13,31 @@ import numpy as np
 
 def example_row(index: int, prompt: str, token_texts: list[str], scores, prior_top_texts,
                 corrupted: bool | None, wrong_token: np.ndarray | None) -> dict:
-  """One demonstration as the page reads it (numbers rounded to 4 digits)."""
-  round4 = lambda values: [round(float(v), 4) for v in values]
+  """One demonstration as the page reads it (numbers to 4 significant digits: a trust of 1e-7
+  stays visible)."""
+  significant = lambda v: float(f'{float(v):.4g}')
+  round4 = lambda values: [significant(v) for v in values]
   trust = np.asarray(scores.trust, np.float64)
   return {
       'id': index, 'prompt': prompt, 'tokens': token_texts, 'trust': round4(trust),
       'prior_prob': round4(scores.prior_prob), 'prior_top': list(prior_top_texts),
       'tv': round4(scores.total_variation), 'kl': round4(scores.kl),
-      'min_trust': round(float(trust.min()), 4), 'mean_trust': round(float(trust.mean()), 4),
-      'max_tv': round(float(np.max(scores.total_variation)), 4),
-      'mean_nll': round(float(-np.log(np.maximum(trust, 1e-30)).mean()), 4),
+      'min_trust': significant(trust.min()), 'mean_trust': significant(trust.mean()),
+      'max_tv': significant(np.max(scores.total_variation)),
+      'mean_nll': significant(-np.log(np.maximum(trust, 1e-30)).mean()),
       'corrupted': corrupted,
       'wrong': None if wrong_token is None else [bool(w) for w in wrong_token],
   }
 
 
-def _histogram_svg(values, title: str, bins: int = 20, width: int = 360,
-                   height: int = 160) -> str:
-  counts, edges = np.histogram(np.asarray(values, np.float64), bins=bins, range=(0.0, 1.0))
+def _histogram_svg(values, title: str, bins: int = 20, width: int = 360, height: int = 160,
+                   log: bool = False) -> str:
+  """Counts over [0, 1], or with ``log`` over log10 of the values in [1e-8, 1]."""
+  values = np.asarray(values, np.float64)
+  low, labels = (-8.0, ('1e-8', '1')) if log else (0.0, ('0', '1'))
+  if log:
+    values = np.log10(np.maximum(values, 1e-8))
+  counts, edges = np.histogram(values, bins=bins, range=(low, 0.0 if log else 1.0))
   top = max(int(counts.max()), 1)
   bar = (width - 40) / bins
   bars = ''.join(
@@ -41,8 +48,8 @@ def _histogram_svg(values, title: str, bins: int = 20, width: int = 360,
   return (f'<svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
           f'<text x="{width / 2}" y="14" text-anchor="middle">{html.escape(title)}</text>'
           f'{bars}<line x1="30" y1="{height - 25}" x2="{width - 10}" y2="{height - 25}" '
-          f'class="axis"/><text x="30" y="{height - 8}">0</text>'
-          f'<text x="{width - 10}" y="{height - 8}" text-anchor="end">1</text>'
+          f'class="axis"/><text x="30" y="{height - 8}">{labels[0]}</text>'
+          f'<text x="{width - 10}" y="{height - 8}" text-anchor="end">{labels[1]}</text>'
           f'<text x="4" y="{height - 25}">0</text><text x="4" y="28">{top}</text></svg>')
 
 
@@ -58,7 +65,7 @@ def _roc_svg(curves: dict, title: str, size: int = 200) -> str:
                    f'{html.escape(name)} ({area:.3f})</text>'
                    for i, ((name, (_, _, area)), color) in enumerate(zip(curves.items(), colors)))
   return (f'<svg width="{size + 190}" height="{size}" role="img" aria-label="{title}">'
-          f'<text x="{size / 2}" y="12" text-anchor="middle">{html.escape(title)}</text>'
+          f'<text x="0" y="8">{html.escape(title)}</text>'
           f'<rect x="20" y="10" width="{size - 30}" height="{size - 30}" class="frame"/>'
           f'<line x1="20" y1="{size - 20}" x2="{size - 10}" y2="10" class="diagonal"/>'
           f'{"".join(paths)}{legend}<text x="20" y="{size - 5}">false positive rate</text></svg>')
@@ -73,7 +80,8 @@ svg text { font-size: 11px; } .bar { fill: #4c78a8; } .axis, .frame { stroke: #8
 table { border-collapse: collapse; width: 100%; } th { cursor: pointer; text-align: left;
 background: #f3f3f3; position: sticky; top: 0; } th, td { border-bottom: 1px solid #ddd;
 padding: 4px 6px; vertical-align: top; } td.demo { font-family: ui-monospace, monospace;
-white-space: pre-wrap; } .tok { border-radius: 2px; } .tok.wrong { outline: 2px solid #000; }
+white-space: pre-wrap; } .tok { border-radius: 2px; }
+.tok.wrong { box-shadow: inset 0 -3px 0 #000; }
 .prompt { color: #555; font-size: 0.9em; } .flag { color: #b00; font-weight: bold; }
 '''
 
@@ -145,7 +153,7 @@ def render(title: str, description: str, rows: list[dict], metrics: dict | None,
   token_trust = [t for row in rows for t in row['trust']]
   plots = [_histogram_svg(token_trust, 'trust p_y over tokens'),
            _histogram_svg([row['min_trust'] for row in rows],
-                          'lowest trust over demonstrations')]
+                          'lowest trust over demonstrations (log scale)', log=True)]
   if roc:
     plots.append(_roc_svg(roc, 'finding corrupted demonstrations (ROC)'))
   table = ''
@@ -175,7 +183,8 @@ def render(title: str, description: str, rows: list[dict], metrics: dict | None,
 <span id="count"></span></div>
 <table><thead><tr><th data-key="id">#</th><th data-key="min_trust">lowest trust</th>
 <th data-key="mean_trust">mean trust</th><th data-key="max_tv">largest TV to prior</th>
-<th data-key="mean_nll">mean NLL</th><th>demonstration (colour: trust p_y; hover: the prior)</th>
+<th data-key="mean_nll">mean NLL</th><th>demonstration (colour: trust p_y; hover: the prior;
+underlined: the corrupted step)</th>
 </tr></thead><tbody id="rows"></tbody></table>
 <script type="application/json" id="data">{data}</script>
 <script>{_SCRIPT}</script>

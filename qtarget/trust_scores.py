@@ -37,10 +37,11 @@ class TokenTrust(NamedTuple):
   kl: np.ndarray  # KL(model || prior)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'prior_graphdef'))
+@functools.partial(jax.jit, static_argnames=('graphdef', 'prior_graphdef', 'prior_is_model'))
 def _scores(graphdef, state, prior_graphdef, prior_state, prefix_1xL, tokens_BxT, valid_BxT,
-            scored_BxR, targets_BxR):
-  """The model's and the prior's distributions at the positions ``scored_BxR`` only."""
+            scored_BxR, targets_BxR, prior_is_model=False):
+  """The model's and the prior's distributions at the positions ``scored_BxR`` only
+  (``prior_is_model``: a model without adapters is its own prior, run once)."""
   slots = prefix_1xL.shape[1] + tokens_BxT.shape[1]
 
   def log_probs(graph, variables, lora):
@@ -51,7 +52,8 @@ def _scores(graphdef, state, prior_graphdef, prior_state, prefix_1xL, tokens_BxT
 
   model = log_probs(graphdef, state, True)
   # The same weights with LoRA off (the initial model of a LoRA student), or a separate prior.
-  prior = log_probs(prior_graphdef, prior_state, prior_graphdef is graphdef)
+  prior = model if prior_is_model else log_probs(prior_graphdef, prior_state,
+                                                 prior_graphdef is graphdef)
   pick = lambda lp: jnp.take_along_axis(lp, targets_BxR[..., None], axis=-1)[..., 0]
   p, q = jnp.exp(model), jnp.exp(prior)
   total_variation = 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
@@ -90,6 +92,7 @@ def score_demonstrations(model, prior, tokenizer,
   graphdef, state = nnx.split(model)
   prior_graphdef, prior_state = (graphdef, state) if prior is None or prior is model else (
       nnx.split(prior))
+  prior_is_model = prior_graphdef is graphdef and not model.config.lora_rank
   out = []
   for start in range(0, len(encoded), batch_size):
     rests = [row[len(prefix):] for row in inputs[start:start + batch_size]]
@@ -108,7 +111,8 @@ def score_demonstrations(model, prior, tokenizer,
       targets[row, :len(at)] = np.asarray(example.token_ids)[at + len(prefix) + 1]
     valid[len(rests):, 0] = True  # filler rows: one token, so that no row is empty
     values = [np.asarray(v) for v in _scores(graphdef, state, prior_graphdef, prior_state,
-                                             prefix_1xL, tokens, valid, positions, targets)]
+                                             prefix_1xL, tokens, valid, positions, targets,
+                                             prior_is_model=prior_is_model)]
     for row, at in enumerate(at_rest):
       n = len(at)
       trust, prior_prob, prior_top, total_variation, kl = (v[row, :n] for v in values)

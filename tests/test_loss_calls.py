@@ -375,3 +375,13 @@ def test_an_explicit_mesh_divides_the_tokens_between_devices():
     collectives = re.findall(r' (all-gather|all-reduce|all-to-all|reduce-scatter|'
                              r'collective-permute)(?:-start)?\(', text)
     assert collectives == ['all-reduce'], (name, collectives)
+
+
+def test_a_boolean_mask_as_the_weighted_sum_s_weights_is_refused():
+  d = _batch(9)
+  rows = lambda x: x.reshape((B * T,) + x.shape[2:])
+  for call in (fused.q_cross_entropy_fused,
+               lambda *a, **k: fused.q_cross_entropy_fused_sharded(
+                   *a, mesh=_mesh(AxisType.Auto), token_axes=('data',), **k)):
+    with pytest.raises(TypeError, match='boolean mask'):
+      call(rows(d['hidden']), d['head'], rows(d['labels']), 'sft', weights_N=rows(d['mask']))
