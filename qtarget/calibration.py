@@ -44,14 +44,23 @@ def _scores(graphdef, state, prefix_1xL, tokens_BxT, valid_BxT, scored_BxR, targ
   return target_log_prob, jnp.exp(jnp.max(log_probs, axis=-1)), top == targets_BxR
 
 
-def response_token_scores(model, tokenizer, examples: Sequence[tuple[str, str, str | None]], *,
-                          batch_size: int = 32) -> list[TokenScores]:
-  """Teacher-forced scores of each ``(prompt, response, system)``'s response tokens (the
-  response and the end-of-turn tokens, as the training loss mask covers them).
+class TeacherForcedBatch(NamedTuple):
+  """One batch of demonstrations for a teacher-forced pass (see :func:`teacher_forced_batches`):
+  each row's tokens after the shared prefix, right-padded, and where its response tokens are
+  scored (``positions``: the position before each, ``targets``: the token itself)."""
+  tokens: np.ndarray  # [rows, length] int32
+  valid: np.ndarray  # [rows, length] bool
+  positions: np.ndarray  # [rows, width] int32
+  targets: np.ndarray  # [rows, width] int32
+  counts: list  # the scored tokens of each real row (filler rows come after them)
 
-  The tokens every example starts with (the chat template, a shared system prompt and task
-  wording; never a scored one) run once, their cache copied to every row
-  (:func:`qtarget.evaluate.prefill`)."""
+
+def teacher_forced_batches(tokenizer, examples: Sequence[tuple[str, str, str | None]],
+                           batch_size: int):
+  """``(prefix_1xL, batches)``: the tokens every example starts with (the chat template, a
+  shared system prompt and task wording; never a scored one), run once and its cache copied to
+  every row (:func:`qtarget.evaluate.prefill`), and an iterator of :class:`TeacherForcedBatch`
+  of ``batch_size`` rows (the last padded with filler rows: one program per padded width)."""
   encoded = [tokenizer.encode_example(prompt, response, system=system)
              for prompt, response, system in examples]
   # Position t predicts token t + 1; a response token's score is read at the position before.
@@ -60,28 +69,42 @@ def response_token_scores(model, tokenizer, examples: Sequence[tuple[str, str, s
   first_scored = min((int(at[0]) for at in scored if at.size), default=0)
   prefix = evaluate.shared_prefix(inputs)[:first_scored]
   prefix_1xL = jnp.asarray(np.asarray(prefix, np.int32).reshape(1, -1))
+
+  def batches():
+    for start in range(0, len(encoded), batch_size):
+      rests = [row[len(prefix):] for row in inputs[start:start + batch_size]]
+      at_rest = [at - len(prefix) for at in scored[start:start + batch_size]]
+      length = evaluate.round_up(max(len(r) for r in rests), _BUCKET)
+      width = evaluate.round_up(max(max(len(a) for a in at_rest), 1), _RESPONSE_BUCKET)
+      rows = batch_size if len(encoded) > batch_size else len(rests)  # a fixed number of rows
+      batch = TeacherForcedBatch(np.zeros((rows, length), np.int32),
+                                 np.zeros((rows, length), bool),
+                                 np.zeros((rows, width), np.int32),
+                                 np.zeros((rows, width), np.int32), [len(a) for a in at_rest])
+      for row, (rest, at, example) in enumerate(zip(rests, at_rest,
+                                                    encoded[start:start + batch_size])):
+        batch.tokens[row, :len(rest)], batch.valid[row, :len(rest)] = rest, True
+        batch.positions[row, :len(at)] = at
+        batch.targets[row, :len(at)] = np.asarray(example.token_ids)[at + len(prefix) + 1]
+      batch.valid[len(rests):, 0] = True  # filler rows: one token, so that no row is empty
+      yield batch
+
+  return prefix_1xL, batches()
+
+
+def response_token_scores(model, tokenizer, examples: Sequence[tuple[str, str, str | None]], *,
+                          batch_size: int = 32) -> list[TokenScores]:
+  """Teacher-forced scores of each ``(prompt, response, system)``'s response tokens (the
+  response and the end-of-turn tokens, as the training loss mask covers them), batched by
+  :func:`teacher_forced_batches`."""
+  prefix_1xL, batches = teacher_forced_batches(tokenizer, examples, batch_size)
   graphdef, state = nnx.split(model)
   out = []
-  for start in range(0, len(encoded), batch_size):
-    rests = [row[len(prefix):] for row in inputs[start:start + batch_size]]
-    at_rest = [at - len(prefix) for at in scored[start:start + batch_size]]
-    length = evaluate.round_up(max(len(r) for r in rests), _BUCKET)
-    width = evaluate.round_up(max(max(len(a) for a in at_rest), 1), _RESPONSE_BUCKET)
-    rows = batch_size if len(encoded) > batch_size else len(rests)  # a fixed number of rows
-    tokens = np.zeros((rows, length), np.int32)
-    valid = np.zeros((rows, length), bool)
-    positions = np.zeros((rows, width), np.int32)
-    targets = np.zeros((rows, width), np.int32)
-    for row, (rest, at, example) in enumerate(zip(rests, at_rest,
-                                                  encoded[start:start + batch_size])):
-      tokens[row, :len(rest)], valid[row, :len(rest)] = rest, True
-      positions[row, :len(at)] = at
-      targets[row, :len(at)] = np.asarray(example.token_ids)[at + len(prefix) + 1]
-    valid[len(rests):, 0] = True  # filler rows: one token, so that no row is empty
+  for batch in batches:
     log_prob, top_prob, top_correct = map(
-        np.asarray, _scores(graphdef, state, prefix_1xL, tokens, valid, positions, targets))
-    for row, at in enumerate(at_rest):
-      n = len(at)
+        np.asarray, _scores(graphdef, state, prefix_1xL, batch.tokens, batch.valid,
+                            batch.positions, batch.targets))
+    for row, n in enumerate(batch.counts):
       out.append(TokenScores(log_prob[row, :n], top_prob[row, :n], top_correct[row, :n]))
   return out
 

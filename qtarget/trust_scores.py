@@ -22,10 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qtarget import calibration
 from qtarget import evaluate
-
-_BUCKET = 16  # padded widths are multiples of this: few compiled programs
-
 
 class TokenTrust(NamedTuple):
   """Per response token of one demonstration (the end-of-turn tokens included)."""
@@ -81,45 +79,24 @@ def score_demonstrations(model, prior, tokenizer,
       prior.config.vocab_size != model.config.vocab_size):
     raise ValueError(f"the prior's vocabulary ({prior.config.vocab_size}) differs from the "
                      f"model's ({model.config.vocab_size}).")
-  encoded = [tokenizer.encode_example(prompt, response, system=system)
-             for prompt, response, system in examples]
-  # Position t predicts token t + 1: a response token is scored at the position before it.
-  scored = [np.flatnonzero(np.asarray(e.loss_mask[1:], bool)) for e in encoded]
-  inputs = [list(e.token_ids[:-1]) for e in encoded]
-  first_scored = min((int(at[0]) for at in scored if at.size), default=0)
-  prefix = evaluate.shared_prefix(inputs)[:first_scored]
-  prefix_1xL = jnp.asarray(np.asarray(prefix, np.int32).reshape(1, -1))
+  prefix_1xL, batches = calibration.teacher_forced_batches(tokenizer, examples, batch_size)
   graphdef, state = nnx.split(model)
   prior_graphdef, prior_state = (graphdef, state) if prior is None or prior is model else (
       nnx.split(prior))
   prior_is_model = prior_graphdef is graphdef and not model.config.lora_rank
-  out = []
-  for start in range(0, len(encoded), batch_size):
-    rests = [row[len(prefix):] for row in inputs[start:start + batch_size]]
-    at_rest = [at - len(prefix) for at in scored[start:start + batch_size]]
-    length = evaluate.round_up(max(len(r) for r in rests), _BUCKET)
-    width = evaluate.round_up(max(max(len(a) for a in at_rest), 1), _BUCKET)
-    rows = batch_size if len(encoded) > batch_size else len(rests)  # one program per width
-    tokens = np.zeros((rows, length), np.int32)
-    valid = np.zeros((rows, length), bool)
-    positions = np.zeros((rows, width), np.int32)
-    targets = np.zeros((rows, width), np.int32)
-    for row, (rest, at, example) in enumerate(zip(rests, at_rest,
-                                                  encoded[start:start + batch_size])):
-      tokens[row, :len(rest)], valid[row, :len(rest)] = rest, True
-      positions[row, :len(at)] = at
-      targets[row, :len(at)] = np.asarray(example.token_ids)[at + len(prefix) + 1]
-    valid[len(rests):, 0] = True  # filler rows: one token, so that no row is empty
+  out, done = [], 0
+  for batch in batches:
     values = [np.asarray(v) for v in _scores(graphdef, state, prior_graphdef, prior_state,
-                                             prefix_1xL, tokens, valid, positions, targets,
+                                             prefix_1xL, batch.tokens, batch.valid,
+                                             batch.positions, batch.targets,
                                              prior_is_model=prior_is_model)]
-    for row, at in enumerate(at_rest):
-      n = len(at)
+    for row, n in enumerate(batch.counts):
       trust, prior_prob, prior_top, total_variation, kl = (v[row, :n] for v in values)
-      out.append(TokenTrust(targets[row, :n].copy(), trust, prior_prob,
+      out.append(TokenTrust(batch.targets[row, :n].copy(), trust, prior_prob,
                             prior_top.astype(np.int32), total_variation, kl))
+    done += len(batch.counts)
     if progress is not None:
-      progress(min(start + batch_size, len(encoded)), len(encoded))
+      progress(done, len(examples))
   return out
 
 

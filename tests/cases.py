@@ -62,3 +62,16 @@ def native_loss(case: Case, prior_logits):
   if case.needs_prior:
     kwargs['prior_logits'] = prior_logits
   return functools.partial(case.native_loss, **kwargs)
+
+
+class DigitsTokenizer:
+  """A tokenizer for teacher-forced tests: prompts and responses are space-separated ids, the
+  system prompt (ids too) goes first, and 1 ends the turn."""
+
+  def encode_example(self, prompt, response, system=None):
+    from qtarget import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+    prompt_ids = [int(t) for t in f'{system or ""} {prompt}'.split()]
+    response_ids = [int(t) for t in response.split()] + [1]  # 1: the end of turn
+    mask = np.zeros(len(prompt_ids) + len(response_ids), bool)
+    mask[len(prompt_ids):] = True
+    return tokenizer_lib.EncodedExample(np.asarray(prompt_ids + response_ids, np.int32), mask)

@@ -7,10 +7,10 @@ import pytest
 from flax import nnx
 
 from qtarget import calibration
-from qtarget import tokenizer as tokenizer_lib
 from qtarget.models import llama
 
 import availability
+import cases
 
 
 def test_expected_calibration_error_by_hand():
@@ -51,18 +51,6 @@ def test_expected_calibration_error_refuses_bad_input(confidence, correct, messa
     calibration.expected_calibration_error(confidence, correct)
 
 
-@availability.needs_smollm2("SmolLM2's tokenizer")
-class _DigitsTokenizer:
-  """Prompts and responses are space-separated ids; the system prompt (ids too) goes first."""
-
-  def encode_example(self, prompt, response, system=None):
-    prompt_ids = [int(t) for t in f'{system or ""} {prompt}'.split()]
-    response_ids = [int(t) for t in response.split()] + [1]  # 1: the end of turn
-    mask = np.zeros(len(prompt_ids) + len(response_ids), bool)
-    mask[len(prompt_ids):] = True
-    return tokenizer_lib.EncodedExample(np.asarray(prompt_ids + response_ids, np.int32), mask)
-
-
 def test_scores_with_a_shared_prefix_match_a_plain_forward_at_every_response_token():
   """Rows share their prompt and their response's first token: the prefix run once must stop
   before the first scored position. Right-padded rows of different lengths and a filler row;
@@ -76,7 +64,7 @@ def test_scores_with_a_shared_prefix_match_a_plain_forward_at_every_response_tok
   system = '5 9 3 7 11 2 40 41'
   examples = [('12 13', '20 21 22', system), ('12 13', '20 21 30 31 32', system),
               ('12 13', '20 25', system), ('12 13', '20 34 35 36 37 38 39', system)]
-  tokenizer = _DigitsTokenizer()
+  tokenizer = cases.DigitsTokenizer()
   inputs = [tokenizer.encode_example(*e[:2], system=e[2]).token_ids[:-1] for e in examples]
   # Shared: the system prompt, the prompt and the response's first token (11); the first scored
   # position is 9 (the prompt's last token predicts the response's first), so 9 run once.
@@ -91,6 +79,7 @@ def test_scores_with_a_shared_prefix_match_a_plain_forward_at_every_response_tok
     np.testing.assert_array_equal(got.top_correct, (log_probs.argmax(-1) == ids[1:])[mask])
 
 
+@availability.needs_smollm2("SmolLM2's tokenizer")
 def test_response_token_scores_match_each_example_run_alone():
   from qtarget import checkpoints, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   tokenizer = tokenizer_lib.Tokenizer.from_gguf(checkpoints.gguf_reader())

@@ -16,27 +16,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qtarget import trust_html
 from qtarget import trust_report
 from qtarget import trust_scores
 from qtarget.data import rationales
 from qtarget.models import llama
-from qtarget import tokenizer as tokenizer_lib
 
 import availability
+import cases
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-class _DigitsTokenizer:
-  """Prompts and responses are space-separated ids; decoding joins ids with spaces."""
-
-  def encode_example(self, prompt, response, system=None):
-    prompt_ids = [int(t) for t in f'{system or ""} {prompt}'.split()]
-    response_ids = [int(t) for t in response.split()] + [1]  # 1: the end of turn
-    mask = np.zeros(len(prompt_ids) + len(response_ids), bool)
-    mask[len(prompt_ids):] = True
-    return tokenizer_lib.EncodedExample(np.asarray(prompt_ids + response_ids, np.int32), mask)
 
 
 def _model(seed, scale=8.0):
@@ -53,7 +41,7 @@ def test_scores_match_a_plain_forward_of_model_and_prior():
   model, prior = _model(1), _model(2)
   examples = [('12 13', '20 21 22', '5 9 3'), ('12 13', '20 21 30 31 32', '5 9 3'),
               ('12 14', '20 25', '5 9 3'), ('12 13', '20 34 35 36 37 38 39', '5 9 3')]
-  tokenizer = _DigitsTokenizer()
+  tokenizer = cases.DigitsTokenizer()
   seen = []
   scores = trust_scores.score_demonstrations(model, prior, tokenizer, examples, batch_size=3,
                                              progress=lambda done, total: seen.append(done))
@@ -76,7 +64,7 @@ def test_scores_match_a_plain_forward_of_model_and_prior():
 
 def test_a_model_without_adapters_is_its_own_prior():
   model = _model(3)
-  (score,) = trust_scores.score_demonstrations(model, None, _DigitsTokenizer(),
+  (score,) = trust_scores.score_demonstrations(model, None, cases.DigitsTokenizer(),
                                                [('12 13', '20 21 22', None)])
   np.testing.assert_allclose(score.total_variation, 0.0, atol=1e-6)
   np.testing.assert_allclose(score.trust, score.prior_prob, atol=1e-6)
