@@ -25,7 +25,7 @@ from qtarget import targets
 from qtarget import train
 from qtarget.data import builders
 from qtarget.data import pipeline
-from qtarget.data import prior_cache
+from qtarget.data import prior_cache_files
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file')
 _STUDENT = flags.DEFINE_string('student', '', 'an HF export to use as the student (default: '
@@ -39,11 +39,12 @@ def main(argv):
   student, tokenizer = train.load_model(config.model, seed=config.seed, with_lora=False)
   if _STUDENT.value:
     student = checkpoints.load_hf(_STUDENT.value)
-  builder, _ = train.loop._builder(config)  # pylint: disable=protected-access
+  builder = train.dataset_builder(config)
   records = builders.load_split(builder, 'train')
   report = pipeline.scan(records, tokenizer, max_length=config.data.seq_len,
                          truncate=config.data.truncate, vocab_size=student.config.vocab_size)
-  source = prior_cache.open_for_training(config, tokenizer, report, student.config.vocab_size)
+  source = prior_cache_files.open_for_training(config, tokenizer, report,
+                                               student.config.vocab_size)
   method = targets.METHODS[config.method]
   hyper = dict(config.hparams)
   model_power, prior_power = method.residual_powers(**hyper)

@@ -70,7 +70,7 @@ def measure(arch, rows, length, mesh, accum_steps=1, loss='dense') -> dict:
   abstract = jax.eval_shape(make_state)
   devices = jax.devices()[:mesh[0] * mesh[1] * mesh[2]]
   built = train.build_mesh(config.mesh, devices)
-  rules = {**dict(config.sharding_rules), **dict(config.get('activation_rules', ()))}
+  rules = train.config_rules(config)
   step, shardings = train.jit_train_step(abstract, built, rules)
   batch_sharding = train.batch_sharding(built)
   batch = {key: jax.ShapeDtypeStruct((rows, length), jnp.bool_ if key == 'loss_mask'

@@ -23,6 +23,8 @@ CPU time, the whole command included.
 
 import ml_collections
 
+from qtarget.models import layout
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -114,13 +116,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.clip_norm = 1.0  # global gradient norm
 
   config.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1})  # -1: the rest
-  config.sharding_rules = (  # parameters: logical axis -> mesh axis (None: replicated)
-      ('embed', 'fsdp'), ('vocab', 'tensor'), ('mlp', 'tensor'), ('heads', 'tensor'),
-      ('kv', 'tensor'), ('lora', None))
-  config.activation_rules = (  # activations: the batch over (data, fsdp), never gathered
-      ('activation_batch', ('data', 'fsdp')), ('activation_length', None),
-      ('activation_embed', None), ('activation_heads', 'tensor'), ('activation_kv', 'tensor'),
-      ('activation_mlp', 'tensor'), ('activation_vocab', 'tensor'))
+  # Logical axis -> mesh axis (None: replicated), as pairs: qtarget.models.layout's defaults
+  # (parameters: embed over fsdp; vocabulary, heads and MLP columns over tensor. Activations: the
+  # batch over (data, fsdp), never gathered). A config or a --config.sharding_rules flag names
+  # only the axes it changes; the trainer fills in the rest from the defaults.
+  config.sharding_rules = layout.DEFAULT_PARAMETER_RULES  # parameters
+  config.activation_rules = layout.DEFAULT_ACTIVATION_RULES  # activations
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 25  # steps between checkpoints (and one at the end)

@@ -1,8 +1,10 @@
-r"""The prior as a cached top-k distribution, and the target it gives.
+r"""The prior cache's math: the prior as a top-k distribution, the target it gives, its bound.
 
 A frozen prior never changes during training, so its distribution at each response token can be
 computed once and stored: the ``k`` most likely token ids, their log-probabilities, and the log
 of the remaining (tail) mass. :class:`CachedPrior` holds that; :func:`from_logits` builds it.
+(The command that computes and writes a cache is :mod:`qtarget.cache_prior`, its files
+:mod:`qtarget.data.prior_cache_files`.)
 
 **The tail.** Outside the top k the cache keeps only the tail mass :math:`t`. The reconstructed
 prior :math:`\hat\pi` (:func:`prior_log_probs`) is exact on the top k and spreads :math:`t` over

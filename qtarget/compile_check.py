@@ -147,14 +147,14 @@ def student_vocab_size(config) -> int:
 
 def model_configs(config) -> tuple[llama.LlamaConfig, llama.LlamaConfig | None]:
   """The student's and (if the step runs a separate one) the prior's architecture."""
-  student = _architecture(config.model, train._model_overrides(config.model))  # pylint: disable=protected-access
+  student = _architecture(config.model, train.model_overrides(config.model))
   if not targets.needs_prior(config.method) or config.prior.source == 'cached':
     return student, None  # a cached prior's rows come with the batch
   if config.prior.source == 'initial':
     if config.model.lora_rank > 0:
       return student, None  # the student with adapters off
     return student, dataclasses.replace(student, lora_rank=0)
-  return student, _architecture(config.prior, {**train._model_overrides(config.prior),  # pylint: disable=protected-access
+  return student, _architecture(config.prior, {**train.model_overrides(config.prior),
                                                'lora_rank': 0})
 
 
@@ -210,7 +210,7 @@ def abstract_inputs(config, devices, architectures=None):
     return train.create_state(config, student, prior)
 
   abstract = jax.eval_shape(make_state)
-  rules = {**dict(config.sharding_rules), **dict(config.get('activation_rules', ()))}
+  rules = train.config_rules(config)
   step, shardings = train.jit_train_step(abstract, mesh, rules)
   state_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, shardings)

@@ -84,9 +84,8 @@ def load_models(config, model_path: str = '', prior: str = 'config'):
 
 def training_records(config, max_examples: int = 0) -> list[dict]:
   """The config's training demonstrations, as the trainer reads them."""
-  from qtarget.data import builders  # pylint: disable=g-import-not-at-top
-  from qtarget.train import loop  # pylint: disable=g-import-not-at-top
-  records = builders.load_split(loop.dataset_builder(config), 'train')
+  from qtarget.data import builders, splits  # pylint: disable=g-import-not-at-top
+  records = builders.load_split(splits.dataset_builder(config), 'train')
   if max_examples < 0:
     raise ReportError(f'--max_examples={max_examples}: must be >= 0 (0: all).')
   records = records[:max_examples] if max_examples else records

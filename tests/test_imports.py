@@ -1,18 +1,49 @@
-"""The import graph of the qtarget and experiments packages has no cycles (lazy imports inside
-functions count: a cycle is a cycle whenever it closes), and the experiments modules import each
-other as a package."""
+"""The import graph of the qtarget and experiments packages and the benchmarks' scripts has no
+cycles, and every import in it points down the layers declared below (lazy imports inside
+functions count: a cycle closes, and a layer is crossed, whenever the import runs); the
+experiments modules import each other as a package."""
 
 import ast
+import fnmatch
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
+# The layers, lowest first. A module imports its own layer and the layers below it, never one
+# above. Each module is named here (a pattern ending in '.*' names a package's modules), so a
+# new module is placed by what it is when it is added.
+LAYERS = (
+    # The losses and targets, pure jax and numpy, and small modules that import nothing of qtarget:
+    # another JAX project takes the losses without the rest. ``qtarget`` is the package's
+    # __init__, which re-exports the loss calls; qtarget.experimental holds a Pallas kernel of
+    # the fused loss.
+    ('core', ('qtarget', 'qtarget.targets', 'qtarget.losses', 'qtarget.method',
+              'qtarget.validation', 'qtarget.native', 'qtarget.fused', 'qtarget.cached_prior',
+              'qtarget.loss_calls', 'qtarget.errors', 'qtarget.jsonl', 'qtarget.hlo',
+              'qtarget.config_files', 'qtarget.experimental', 'qtarget.experimental.*')),
+    # The decoder and the files it is read from and written to.
+    ('models', ('qtarget.models', 'qtarget.models.*', 'qtarget.checkpoints', 'qtarget.gguf_file',
+                'qtarget.tokenizer')),
+    # Records, builders, the input pipeline, the prior cache's files.
+    ('data', ('qtarget.data', 'qtarget.data.*')),
+    # Generation and scoring of any model on held-out problems, and its calibration: the
+    # trainer's evaluations and the experiments' measurements alike (it never needs a trainer).
+    ('evaluation', ('qtarget.evaluate', 'qtarget.calibration')),
+    # Trainers: ours, and the drop-in loss for Tunix's.
+    ('trainer', ('qtarget.train', 'qtarget.train.*', 'qtarget.integrations',
+                 'qtarget.integrations.*')),
+    # Commands beside the trainer, and the modules only they use.
+    ('tools', ('qtarget.compile_check', 'qtarget.cache_prior', 'qtarget.trust_report',
+               'qtarget.trust_scores', 'qtarget.trust_html')),
+    ('experiments and benchmarks', ('experiments', 'experiments.*', 'benchmarks.*')),
+)
+
 
 def _modules():
   """Module name -> path, for the qtarget and experiments packages (the first grid's archived
-  script, experiments/grid1/select_tasks.py, included)."""
+  script, experiments/grid1/select_tasks.py, included) and the benchmarks' scripts."""
   modules = {}
-  for package in ('qtarget', 'experiments'):
+  for package in ('qtarget', 'experiments', 'benchmarks'):
     for path in (ROOT / package).rglob('*.py'):
       parts = path.relative_to(ROOT).with_suffix('').parts
       name = '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
@@ -22,7 +53,12 @@ def _modules():
 
 def _imports(name, path, modules):
   """The project modules ``name`` imports, anywhere in its file."""
-  found = set()
+  return set(_import_lines(name, path, modules))
+
+
+def _import_lines(name, path, modules):
+  """The project modules ``name`` imports, anywhere in its file, each with its first line."""
+  found = {}
   package = name if path.name == '__init__.py' else name.rpartition('.')[0]
   for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.Import):
@@ -37,7 +73,7 @@ def _imports(name, path, modules):
       continue
     for candidate in candidates:
       if candidate in modules and candidate != name:
-        found.add(candidate)
+        found[candidate] = min(found.get(candidate, node.lineno), node.lineno)
   return found
 
 
@@ -103,3 +139,55 @@ def test_experiments_modules_import_each_other_as_a_package():
 def test_the_cycle_finder_finds_cycles():
   assert _cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
   assert _cycle({'a': {'b'}, 'b': set()}) is None
+
+
+def _layer(module):
+  """The index and name of the layer that names ``module`` (None where none does)."""
+  for index, (layer, patterns) in enumerate(LAYERS):
+    if any(fnmatch.fnmatchcase(module, pattern) for pattern in patterns):
+      return index, layer
+  return None
+
+
+def _shown(path):
+  return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def _upward_imports(modules):
+  """``file:line: importer (layer) imports imported (layer)`` for each import that points up."""
+  found = []
+  for name, path in sorted(modules.items()):
+    here = _layer(name)
+    for imported, line in sorted(_import_lines(name, path, modules).items()):
+      there = _layer(imported)
+      if here and there and there[0] > here[0]:
+        found.append(f'{_shown(path)}:{line}: {name} (layer {here[1]}) imports {imported} '
+                     f'(layer {there[1]}, above it)')
+  return found
+
+
+def test_every_module_has_a_layer():
+  unplaced = sorted(name for name in _modules() if _layer(name) is None)
+  assert not unplaced, ('modules in no layer of LAYERS (tests/test_imports.py): place each by '
+                        f'what it is: {", ".join(unplaced)}')
+
+
+def test_imports_point_down_the_layers():
+  """Lazy imports inside functions included: an import that points up closes a loop between
+  the layers as soon as it runs. Fix one by moving the code it needs down, or by passing it in."""
+  upward = _upward_imports(_modules())
+  layers = ' < '.join(layer for layer, _ in LAYERS)
+  assert not upward, f'imports that point up the layers ({layers}):\n' + '\n'.join(upward)
+
+
+def test_the_layer_check_finds_upward_imports(tmp_path):
+  """A lazy import of the trainer inside a data module is found, and named with its line."""
+  leaf = tmp_path / 'leaf.py'
+  leaf.write_text('import json\n\n\ndef f():\n  from qtarget.train import loop\n  return loop\n')
+  loop = ROOT / 'qtarget' / 'train' / 'loop.py'
+  upward = _upward_imports({'qtarget.data.leaf': leaf, 'qtarget.train.loop': loop})
+  assert upward == [f'{leaf}:5: qtarget.data.leaf (layer data) imports qtarget.train.loop '
+                    '(layer trainer, above it)'], upward
+  down = tmp_path / 'down.py'
+  down.write_text('from qtarget.data import leaf\n')
+  assert not _upward_imports({'qtarget.train.down': down, 'qtarget.data.leaf': leaf})

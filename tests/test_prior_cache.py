@@ -8,7 +8,7 @@ import pytest
 
 from qtarget import cache_prior
 from qtarget import train
-from qtarget.data import prior_cache
+from qtarget.data import prior_cache_files as store
 from tests import availability
 from tests import test_train_step
 
@@ -40,9 +40,8 @@ def built(tmp_path_factory, data_dir):
 
 
 def _scan(config):
-  from qtarget.data import builders, pipeline  # pylint: disable=g-import-not-at-top
-  from qtarget.train import loop  # pylint: disable=g-import-not-at-top
-  builder, _ = loop._builder(config)  # pylint: disable=protected-access
+  from qtarget.data import builders, pipeline, splits  # pylint: disable=g-import-not-at-top
+  builder = splits.dataset_builder(config)
   records = builders.load_split(builder, 'train')
   tokenizer = train.loading.load_tokenizer(config.model)
   return records, tokenizer, pipeline.scan(records, tokenizer, max_length=config.data.seq_len,
@@ -51,12 +50,12 @@ def _scan(config):
 
 def _open(config, k=None, **changes):
   _, tokenizer, report = _scan(config)
-  expected = prior_cache.fingerprint(config, tokenizer, report)
+  expected = store.fingerprint(config, tokenizer, report)
   for name, value in changes.items():
     expected[name] = value
-  return prior_cache.open_cache(prior_cache.cache_directory(config), expected,
-                                vocab_size=VOCAB, k=k or config.prior.cache.k,
-                                value_dtype=config.prior.cache.dtype, build_command='BUILD')
+  return store.open_cache(store.cache_directory(config), expected,
+                          vocab_size=VOCAB, k=k or config.prior.cache.k,
+                          value_dtype=config.prior.cache.dtype, build_command='BUILD')
 
 
 def test_the_cache_holds_the_priors_top_k_at_every_response_token(built):
@@ -79,16 +78,16 @@ def test_an_interrupted_build_is_refused_then_resumes_to_the_same_cache(built, t
   partial.prior.cache.path = str(tmp_path / 'partial')
   first = cache_prior.build(partial, progress=False, stop_after_shards=1)
   assert not first.complete
-  with pytest.raises(prior_cache.PriorCacheError, match=r'incomplete \(1 of 2 shards\)'):
+  with pytest.raises(store.PriorCacheError, match=r'incomplete \(1 of 2 shards\)'):
     _open(partial)
   second = cache_prior.build(partial, progress=False)
   assert second.complete and second.response_tokens == built[1].response_tokens
-  whole = prior_cache.cache_directory(config)
+  whole = store.cache_directory(config)
   for name in ('prior-00000-of-00002.array_record', 'prior-00001-of-00002.array_record'):
     assert (tmp_path / 'partial' / name).read_bytes() == (whole / name).read_bytes()
   # Shards without metadata are never adopted by a new build.
-  (tmp_path / 'partial' / prior_cache.METADATA).unlink()
-  with pytest.raises(prior_cache.PriorCacheError, match='holds cache shards but no metadata.json'):
+  (tmp_path / 'partial' / store.METADATA).unlink()
+  with pytest.raises(store.PriorCacheError, match='holds cache shards but no metadata.json'):
     cache_prior.build(partial, progress=False)
 
 
@@ -104,11 +103,11 @@ def test_a_cache_made_from_something_else_is_refused(built, data_dir, component,
                                                      message):
   config, _ = built
   other = _config(config.workdir, data_dir, **override)
-  other.prior.cache.path = str(prior_cache.cache_directory(config))
-  with pytest.raises(prior_cache.PriorCacheError, match=message):
+  other.prior.cache.path = str(store.cache_directory(config))
+  with pytest.raises(store.PriorCacheError, match=message):
     _open(other)
   # and the builder will not overwrite it with another cache
-  with pytest.raises(prior_cache.PriorCacheError, match=f'holds a cache made from something '
+  with pytest.raises(store.PriorCacheError, match=f'holds a cache made from something '
                      f'else: {component}'):
     cache_prior.build(other, progress=False)
 
@@ -120,13 +119,13 @@ def test_another_tokenizer_or_other_contents_are_refused(built):
   vocab = {'a': 0, 'b': 1}
   other = types.SimpleNamespace(backend=types.SimpleNamespace(get_vocab=lambda: vocab),
                                 chat_template=tokenizer.chat_template)
-  with pytest.raises(prior_cache.PriorCacheError, match=r'something else: tokenizer \(the cache: '
+  with pytest.raises(store.PriorCacheError, match=r'something else: tokenizer \(the cache: '
                      r"\{'tokens': 49152"):
-    _open(config, tokenizer=prior_cache.fingerprint(config, other, report)['tokenizer'])
+    _open(config, tokenizer=store.fingerprint(config, other, report)['tokenizer'])
   # Same vocabulary, another chat template: the tokenizer part differs too.
   templated = types.SimpleNamespace(backend=tokenizer.backend, chat_template='{{ messages }}')
-  with pytest.raises(prior_cache.PriorCacheError, match='something else: tokenizer'):
-    _open(config, tokenizer=prior_cache.fingerprint(config, templated, report)['tokenizer'])
+  with pytest.raises(store.PriorCacheError, match='something else: tokenizer'):
+    _open(config, tokenizer=store.fingerprint(config, templated, report)['tokenizer'])
   # Same records count and sizes, one prompt's text changed: the data digest (token ids of
   # every example) differs.
   from qtarget.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -135,13 +134,13 @@ def test_another_tokenizer_or_other_contents_are_refused(built):
   changed = pipeline.scan(edited, tokenizer, max_length=config.data.seq_len,
                           truncate=config.data.truncate, vocab_size=VOCAB)
   assert changed.examples == report.examples and changed.digest != report.digest
-  with pytest.raises(prior_cache.PriorCacheError, match=r'something else: data \(the cache'):
-    _open(config, data=prior_cache.fingerprint(config, tokenizer, changed)['data'])
+  with pytest.raises(store.PriorCacheError, match=r'something else: data \(the cache'):
+    _open(config, data=store.fingerprint(config, tokenizer, changed)['data'])
 
 
 def test_another_k_is_refused(built):
   config, _ = built
-  with pytest.raises(prior_cache.PriorCacheError, match=r'keeps k=4 in float32; this config asks '
+  with pytest.raises(store.PriorCacheError, match=r'keeps k=4 in float32; this config asks '
                      r'for k=8 in float32'):
     _open(config, k=8)
 
@@ -150,29 +149,29 @@ def test_missing_truncated_and_damaged_caches_are_refused(built, tmp_path):
   config, _ = built
   copy = config.copy_and_resolve_references()
   copy.prior.cache.path = str(tmp_path / 'copy')
-  with pytest.raises(prior_cache.PriorCacheError, match='no prior cache at .*: build it with'):
+  with pytest.raises(store.PriorCacheError, match='no prior cache at .*: build it with'):
     _open(copy)
-  shutil.copytree(prior_cache.cache_directory(config), tmp_path / 'copy')
+  shutil.copytree(store.cache_directory(config), tmp_path / 'copy')
   shard = tmp_path / 'copy' / 'prior-00001-of-00002.array_record'
   data = shard.read_bytes()
   shard.write_bytes(data[:len(data) // 2])
-  with pytest.raises(prior_cache.PriorCacheError, match='prior-00001-of-00002.array_record: '
+  with pytest.raises(store.PriorCacheError, match='prior-00001-of-00002.array_record: '
                      r'(unreadable|holds \d+ records, expected \d+)'):
     _open(copy)
   shard.unlink()
-  with pytest.raises(prior_cache.PriorCacheError, match='prior-00001-of-00002.array_record is '
+  with pytest.raises(store.PriorCacheError, match='prior-00001-of-00002.array_record is '
                      'missing'):
     _open(copy)
-  metadata = prior_cache.read_metadata(tmp_path / 'copy')
-  with pytest.raises(prior_cache.PriorCacheError, match='does not hold 3 positions of k=4'):
-    prior_cache.decode_row(np.asarray([3, 4], np.int32).tobytes() + b'\0' * 10, metadata, 'row')
+  metadata = store.read_metadata(tmp_path / 'copy')
+  with pytest.raises(store.PriorCacheError, match='does not hold 3 positions of k=4'):
+    store.decode_row(np.asarray([3, 4], np.int32).tobytes() + b'\0' * 10, metadata, 'row')
   row = {'targets': np.asarray([5, 6]), 'token_ids': np.zeros((2, 4), np.int32),
          'log_probs': np.zeros((2, 4)), 'tail': np.zeros(2)}
   example = {'tokens': np.zeros(4, np.int32), 'targets': np.asarray([1, 2, 5, 7]),
              'loss_mask': np.asarray([False, False, True, True])}
-  with pytest.raises(prior_cache.PriorCacheError, match='record 3: the cached response tokens '
+  with pytest.raises(store.PriorCacheError, match='record 3: the cached response tokens '
                      'differ'):
-    prior_cache.expand(example, row, 4, 'record 3')
+    store.expand(example, row, 4, 'record 3')
 
 
 def test_bad_cache_settings_are_refused(built, data_dir, tmp_path):
@@ -210,10 +209,9 @@ def test_the_batches_carry_the_priors_top_k_for_their_own_tokens(built):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from qtarget import cached_prior  # pylint: disable=g-import-not-at-top
-  from qtarget.data import pipeline  # pylint: disable=g-import-not-at-top
-  from qtarget.train import loop  # pylint: disable=g-import-not-at-top
+  from qtarget.data import pipeline, splits  # pylint: disable=g-import-not-at-top
   config, _ = built
-  builder, _ = loop._builder(config)  # pylint: disable=protected-access
+  builder = splits.dataset_builder(config)
   prior, tokenizer = train.load_model(config.model, seed=config.seed)
   dataset = pipeline.train_dataset(
       builder, tokenizer, seq_len=config.data.seq_len, batch_size=4, seed=5, num_epochs=None,

@@ -154,7 +154,7 @@ def test_sharded_fused_step_equals_single_device(mesh, lora_rank):
   expected_state, expected = test_train_step._single_device_step(state, batch)
 
   built = train.build_mesh(config.mesh)
-  rules = {**dict(config.sharding_rules), **dict(config.activation_rules)}
+  rules = train.config_rules(config)
   step_fn, shardings = train.jit_train_step(jax.eval_shape(lambda: state), built, rules)
   sharded = train.place(state, shardings)
   new_state, metrics = step_fn(sharded, {k: jax.device_put(v, train.batch_sharding(built, rules))

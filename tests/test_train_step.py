@@ -34,7 +34,7 @@ def tiny_config(**overrides):
 
 def _models(config):
   arch = dict(config.model.architecture)
-  student = llama.Llama(llama.LlamaConfig(**arch, **train._model_overrides(config.model)),
+  student = llama.Llama(llama.LlamaConfig(**arch, **train.model_overrides(config.model)),
                         rngs=nnx.Rngs(0))
   prior = None
   if config.model.lora_rank == 0:
@@ -180,7 +180,7 @@ def test_prior_with_padding_rows_is_cut_to_the_student_vocabulary():
                                                      positions_BxT=batch['positions'])[..., :VOCAB])
   _, metrics = _single_device_step(state, make_batch())
   assert np.isfinite(metrics['loss'])
-  padded = step_lib._match_vocabulary(jnp.zeros((2, VOCAB - 8)), VOCAB)
+  padded = step_lib.match_vocabulary(jnp.zeros((2, VOCAB - 8)), VOCAB)
   assert padded.shape == (2, VOCAB) and np.all(np.isneginf(padded[:, -8:]))
 
 
@@ -325,7 +325,7 @@ def test_cached_prior_padding_rows_change_nothing(loss):
   """Outside the response the batch carries padding rows (what the pipeline puts where packing
   pads with zeros): the step is finite and equal to one with the prior's real rows there."""
   from qtarget import cached_prior  # pylint: disable=g-import-not-at-top
-  from qtarget.data import prior_cache  # pylint: disable=g-import-not-at-top
+  from qtarget.data import prior_cache_files  # pylint: disable=g-import-not-at-top
   batch = make_batch(seed=9)
   config = tiny_config(**{'loss': loss, 'loss_chunk_size': 24, 'prior.source': 'cached',
                           'prior.cache.k': 8})
@@ -337,7 +337,7 @@ def test_cached_prior_padding_rows_change_nothing(loss):
   mask = batch['loss_mask']
   zeros = {key: np.where(mask.reshape(mask.shape + (1,) * (value.ndim - 2)), value, 0)
            for key, value in real.items()}  # packing's zero padding outside the response
-  padded = prior_cache.fill_unmasked({**batch, **zeros}, 8)
+  padded = prior_cache_files.fill_unmasked({**batch, **zeros}, 8)
   state = _with_sgd(train.create_state(config, _models(config)[0]))
   (want, want_metrics), (got, got_metrics) = (
       _single_device_step(state, {**batch, **real}), _single_device_step(state, padded))

@@ -166,7 +166,7 @@ def test_train_run_refuses_before_writing_anything(tmp_path):
 def test_cache_prior_respects_the_lock_of_what_it_writes(own_path, tmp_path):
   import test_train_step  # pylint: disable=g-import-not-at-top
   from qtarget import cache_prior  # pylint: disable=g-import-not-at-top
-  from qtarget.data import prior_cache  # pylint: disable=g-import-not-at-top
+  from qtarget.data import prior_cache_files  # pylint: disable=g-import-not-at-top
   config = test_train_step.tiny_config(**{
       'workdir': str(tmp_path / 'run'), 'data.data_dir': str(tmp_path / 'tfds'),
       'prior.source': 'cached', 'prior.cache.path': str(tmp_path / 'cache') if own_path else ''})
@@ -175,8 +175,8 @@ def test_cache_prior_respects_the_lock_of_what_it_writes(own_path, tmp_path):
   with workdir_lock.WorkdirLock(locked, purpose='training'):
     with pytest.raises(workdir_lock.WorkdirLocked, match=str(locked)):
       cache_prior.build(config, progress=False)
-  cache = prior_cache.cache_directory(config)
-  assert not list(cache.glob('prior-*')) and not (cache / prior_cache.METADATA).exists()
+  cache = prior_cache_files.cache_directory(config)
+  assert not list(cache.glob('prior-*')) and not (cache / prior_cache_files.METADATA).exists()
 
 
 def test_the_grid_runner_respects_the_lock(tmp_path):

@@ -18,7 +18,7 @@ import grain
 import numpy as np
 
 from qtarget.data import builders
-from qtarget.data import prior_cache
+from qtarget.data import prior_cache_files
 from qtarget.data import records as records_lib
 
 
@@ -96,8 +96,8 @@ def _pad(example: dict, length: int, k: int | None = None) -> dict:
          'loss_mask': pad(example['loss_mask']),
          'segment_ids': pad(np.ones(n, np.int32)), 'positions': pad(np.arange(n, dtype=np.int32))}
   if k is not None:
-    out = prior_cache.fill_unmasked({**out, **{key: pad(example[key])
-                                               for key in prior_cache.KEYS}}, k)
+    cache_rows = {key: pad(example[key]) for key in prior_cache_files.KEYS}
+    out = prior_cache_files.fill_unmasked({**out, **cache_rows}, k)
   return out
 
 
@@ -107,7 +107,8 @@ def _from_packed(packed: dict, k: int | None = None) -> dict:
          'segment_ids': packed['tokens_segment_ids'].astype(np.int32),
          'positions': packed['tokens_positions'].astype(np.int32)}
   if k is not None:
-    out = prior_cache.fill_unmasked({**out, **{key: packed[key] for key in prior_cache.KEYS}}, k)
+    cache_rows = {key: packed[key] for key in prior_cache_files.KEYS}
+    out = prior_cache_files.fill_unmasked({**out, **cache_rows}, k)
   return out
 
 
@@ -128,7 +129,7 @@ def train_dataset(builder, tokenizer, *, split: str = 'train', seq_len: int,
                   batch_size: int, seed: int, num_epochs: int | None, pack: bool,
                   truncate: bool, process_index: int = 0, process_count: int = 1,
                   packing_bins: int = 16, prefetch_batches: int = 0,
-                  prior_cache_source: 'prior_cache.CacheSource | None' = None
+                  prior_cache_source: 'prior_cache_files.CacheSource | None' = None
                   ) -> grain.IterDataset:
   """This host's rows of each global batch (``batch_size`` rows across all hosts).
 
@@ -141,9 +142,9 @@ def train_dataset(builder, tokenizer, *, split: str = 'train', seq_len: int,
   only) and keeps its contiguous block of rows, so the global batch, and so training, is the same
   whatever the number of hosts.
 
-  With ``prior_cache_source`` (:func:`qtarget.data.prior_cache.open_cache`), every example
-  carries its cached prior rows (:data:`qtarget.data.prior_cache.KEYS`, ``[T, k]`` and ``[T]``),
-  packed and batched with it.
+  With ``prior_cache_source`` (:func:`qtarget.data.prior_cache_files.open_cache`), every
+  example carries its cached prior rows (:data:`qtarget.data.prior_cache_files.KEYS`, ``[T, k]``
+  and ``[T]``), packed and batched with it.
   """
   if batch_size % process_count:
     raise DataError(f'batch size {batch_size} is not divisible by {process_count} processes.')
@@ -156,11 +157,11 @@ def train_dataset(builder, tokenizer, *, split: str = 'train', seq_len: int,
   else:
     k = prior_cache_source.metadata.k
     if len(prior_cache_source) != len(source):
-      raise prior_cache.PriorCacheError(
+      raise prior_cache_files.PriorCacheError(
           f'the prior cache holds {len(prior_cache_source)} records, the {split} split '
           f'{len(source)}: it was made for other data.')
     dataset = grain.MapDataset.source(_WithCache(source, prior_cache_source)).shuffle(seed=seed)
-    to_arrays = lambda rci: prior_cache.expand(
+    to_arrays = lambda rci: prior_cache_files.expand(
         example_arrays(rci[0], tokenizer, seq_len, truncate), rci[1], k,
         f'{split} record {rci[2]}')
   dataset = dataset.repeat(num_epochs) if num_epochs != 1 else dataset
@@ -169,7 +170,7 @@ def train_dataset(builder, tokenizer, *, split: str = 'train', seq_len: int,
   if pack:
     lengths = {'tokens': seq_len, 'targets': seq_len, 'loss_mask': seq_len}
     if k is not None:
-      lengths.update({key: seq_len for key in prior_cache.KEYS})
+      lengths.update({key: seq_len for key in prior_cache_files.KEYS})
     iterable = grain.experimental.FirstFitPackIterDataset(
         iterable, length_struct=lengths, num_packing_bins=packing_bins, seed=seed)
     iterable = iterable.map(lambda p: _from_packed(p, k))

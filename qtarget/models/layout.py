@@ -20,6 +20,18 @@ import threading
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+# The default rules, the one place they are written (configs/smollm2_demo.py sets its fields to
+# them; a config changes only the axes it names, :func:`merged_rules` fills in the rest).
+# Parameters: one large dimension over fsdp (gathered per layer when used: ZeRO-3), the
+# vocabulary, heads and MLP columns over tensor, LoRA adapters replicated.
+DEFAULT_PARAMETER_RULES = (
+    ('embed', 'fsdp'),
+    ('vocab', 'tensor'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv', 'tensor'),
+    ('lora', None),
+)
 # Activations: the batch over every data-parallel axis, heads and MLP columns over tensor.
 DEFAULT_ACTIVATION_RULES = (
     ('activation_batch', ('data', 'fsdp')),
@@ -32,6 +44,13 @@ DEFAULT_ACTIVATION_RULES = (
 )
 
 _ACTIVE = threading.local()
+
+
+def merged_rules(parameter_rules=(), activation_rules=()) -> dict:
+  """One dict of rules: the defaults above, with ``parameter_rules`` and then
+  ``activation_rules`` (pairs or dicts of logical axis -> mesh axes) over them."""
+  return {**dict(DEFAULT_PARAMETER_RULES), **dict(DEFAULT_ACTIVATION_RULES),
+          **dict(parameter_rules), **dict(activation_rules)}
 
 
 def mesh_axes(target) -> tuple:

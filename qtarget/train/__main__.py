@@ -11,7 +11,7 @@ import jax
 from absl import app
 from ml_collections import config_flags
 
-from qtarget.data import prior_cache
+from qtarget.data import prior_cache_files
 from qtarget.data import records
 from qtarget.train import checks
 from qtarget.train import loop
@@ -168,7 +168,7 @@ def main(argv) -> None:
   del argv
   try:
     loop.run(_CONFIG.value)
-  except (ConfigError, loop.TrainingDiverged, prior_cache.PriorCacheError,
+  except (ConfigError, loop.TrainingDiverged, prior_cache_files.PriorCacheError,
           records.RecordError, WorkdirLocked, DiskFull) as error:
     sys.exit(f'[qtarget] {type(error).__name__}: {error}')
   except loop.TrainingInterrupted as error:

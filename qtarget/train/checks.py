@@ -171,8 +171,8 @@ def _check_sources(config) -> None:
           f'--config.prior.source to one of {", ".join(PRIOR_SOURCES)} ("initial": the frozen '
           'student at step 0), or choose a method without a prior.')
     if source == 'cached':
-      from qtarget.data import prior_cache  # pylint: disable=g-import-not-at-top
-      prior_cache.check_cache_config(config)
+      from qtarget.data import prior_cache_files  # pylint: disable=g-import-not-at-top
+      prior_cache_files.check_cache_config(config)
       source = config.prior.cache.source
     if source == 'hf' and not config.prior.path:
       raise ConfigError("prior.path is empty: prior.source='hf' needs the teacher's Hugging Face "

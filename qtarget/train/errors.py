@@ -1,8 +1,7 @@
-"""The trainer's error types."""
+"""The trainer's error types (:class:`ConfigError` lives in :mod:`qtarget.errors`, where the
+layers below the trainer import it too)."""
 
-
-class ConfigError(ValueError):
-  """A configuration that cannot train; raised before any work starts."""
+from qtarget.errors import ConfigError  # pylint: disable=unused-import  # re-exported
 
 
 class WorkdirLocked(RuntimeError):

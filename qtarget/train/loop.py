@@ -6,20 +6,39 @@ straight into their shards, initialises the optimizer state under ``jit`` into i
 logical-axis rules, checkpoints with orbax (trainable parameters, optimizer state, step and the
 data iterator; never the prior), resumes from the latest checkpoint, logs to TensorBoard and
 JSON lines, evaluates before and after, and exports the model to a Hugging Face directory.
+
+A run is a sequence of phases, each a function of what the earlier ones built: a
+:class:`_Training` (the config, the models' state, the data, the checkpoints) and, in the step
+loop, its bookkeeping, a :class:`_Steps`.
+
+===========================  ===============================================================
+set up or resume             :func:`_check`, :func:`_finished_summary`, :func:`_set_up`,
+                             :func:`_resume`
+the step loop                :func:`_train_steps`, :func:`_dispatch`
+flush metrics, checkpoints   :func:`_flush`, :func:`_stop_diverged`, :func:`_save`,
+                             :func:`_end_training`
+evaluate                     :func:`_evaluate_before`, :func:`_interval_eval`,
+                             :func:`_evaluate_after`
+finish and export            :func:`_export`, :func:`_finish`
+===========================  ===============================================================
 """
 
+import dataclasses
 import json
 import pathlib
 import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
 from qtarget import targets
+from qtarget.data import splits
+from qtarget.data.splits import checked_eval_split
 from qtarget.train import checkpointing
 from qtarget.train import checks
 from qtarget.train import loading
@@ -27,10 +46,8 @@ from qtarget.train import metrics_log
 from qtarget.train import sharding as sharding_lib
 from qtarget.train import state as state_lib
 from qtarget.train import workdir_lock
-from qtarget.train.errors import ConfigError
 from qtarget.train.step import batch_keys, student_model
 
-# The loop.
 
 def _log(message: str) -> None:
   if jax.process_index() == 0:
@@ -53,69 +70,22 @@ def maybe_initialize_distributed(config) -> None:
   jax.distributed.initialize(**kwargs)  # without arguments: detected from the cluster
 
 
-EVAL_SPLITS = ('test', 'validation')
-
-
-def checked_eval_split(config) -> str:
-  """The held-out split ``eval.split`` names (test, unless a config chooses on validation)."""
-  split = config.eval.get('split', 'test')
-  if split not in EVAL_SPLITS:
-    raise ConfigError(f'eval.split={split!r}: must be one of {EVAL_SPLITS}.')
-  if split != 'test' and config.data.kind != 'reasoning_gym':
-    raise ConfigError(f'eval.split={split!r}: data.kind={config.data.kind!r} has a test split '
-                      'only (data.eval_path).')
-  if split != 'test' and config.eval.get('validation_problems', 0):
-    raise ConfigError(f'eval.validation_problems={config.eval.validation_problems} with '
-                      f'eval.split={split!r}: the evaluations already read that split; set '
-                      'eval.validation_problems=0.')
-  return split
-
-
-def _builder(config):
-  """The tfds builder of ``config.data`` (prepared) and the name of the held-out split its
-  evaluations read (``eval.split``), or None where the data has none."""
-  from qtarget.data import builders  # pylint: disable=g-import-not-at-top
-  data = config.data
-  eval_split = checked_eval_split(config)
-  if data.kind == 'reasoning_gym':
-    builder_config = builders.ReasoningGymConfig(
-        task=data.task, train_size=data.train_size, eval_size=data.eval_size, seed=data.seed,
-        difficulty=dict(data.difficulty), rationale=dict(data.get('rationale', {})))
-  elif data.kind == 'files':
-    builder_config = builders.LocalFilesConfig(
-        train_path=data.train_path, eval_path=data.eval_path or None, task=data.task,
-        prompt_field=data.prompt_field or None, response_field=data.response_field or None)
-    eval_split = eval_split if data.eval_path else None
-  else:
-    raise ConfigError(f"data.kind must be 'reasoning_gym' or 'files', got {data.kind!r}.")
-  return builders.prepare(builder_config, data.data_dir or None), eval_split
-
-
-def dataset_builder(config):
-  """The prepared tfds builder of a config's data (its train, validation and test splits)."""
-  return _builder(config)[0]
-
-
-def held_out_records(config) -> list[dict]:
-  """The held-out problems a run with ``config`` evaluates on (the training split is not read)."""
-  from qtarget.data import builders  # pylint: disable=g-import-not-at-top
-  builder, eval_split = _builder(config)
-  return builders.load_split(builder, eval_split) if eval_split else []
-
-
 def _data(config, tokenizer, vocab_size):
+  """``(dataset, report, eval_records)``: the training batches (grain, with the cached prior's
+  rows where the prior is cached), the scan of the training split and the held-out problems."""
   from qtarget.data import builders, pipeline  # pylint: disable=g-import-not-at-top
   data = config.data
-  builder, eval_split = _builder(config)
+  builder, eval_split = splits.prepared(config)
   train_records = builders.load_split(builder, 'train')
   report = pipeline.scan(train_records, tokenizer, max_length=data.seq_len,
                          truncate=data.truncate, vocab_size=vocab_size, name='train')
   eval_records = builders.load_split(builder, eval_split) if eval_split else []
   cache_source = None
   if targets.needs_prior(config.method) and config.prior.source == 'cached':
-    from qtarget.data import prior_cache  # pylint: disable=g-import-not-at-top
-    cache_source = prior_cache.open_for_training(config, tokenizer, report, vocab_size)
-    _log(f'prior: cached top-{cache_source.metadata.k} at {prior_cache.cache_directory(config)}')
+    from qtarget.data import prior_cache_files  # pylint: disable=g-import-not-at-top
+    cache_source = prior_cache_files.open_for_training(config, tokenizer, report, vocab_size)
+    _log(f'prior: cached top-{cache_source.metadata.k} at '
+         f'{prior_cache_files.cache_directory(config)}')
   dataset = pipeline.train_dataset(
       builder, tokenizer, seq_len=data.seq_len, batch_size=config.batch_size,
       seed=data.seed * 1_000_003 + config.seed,  # the run seed varies the order, not the data
@@ -123,29 +93,6 @@ def _data(config, tokenizer, vocab_size):
       process_index=jax.process_index(), process_count=jax.process_count(),
       prefetch_batches=data.get('prefetch_batches', 2), prior_cache_source=cache_source)
   return dataset, report, eval_records
-
-
-def _validation_records(config, test_records: list[dict]) -> list[dict]:
-  """The validation split's problems when ``eval.validation_problems`` asks for them
-  (``test_records``: the held-out split the run is scored on, which they must not share)."""
-  if not config.eval.get('validation_problems', 0):
-    return []
-  if config.data.kind != 'reasoning_gym':
-    raise ConfigError(f'eval.validation_problems={config.eval.validation_problems}: '
-                      f"data.kind={config.data.kind!r} has no validation split.")
-  from qtarget.data import builders  # pylint: disable=g-import-not-at-top
-  builder, _ = _builder(config)
-  records = builders.load_split(builder, 'validation')
-  test = {r['prompt'] for r in test_records}
-  shared = sum(r['prompt'] in test for r in records)
-  if shared:  # the builder draws validation without test questions: a stale or foreign split
-    raise ConfigError(f'eval.validation_problems={config.eval.validation_problems}: the '
-                      f'validation split shares {shared} of its {len(records)} problems with the '
-                      'test split; it cannot choose hyperparameters.')
-  if len(records) < config.eval.validation_problems:
-    raise ConfigError(f'eval.validation_problems={config.eval.validation_problems}: the '
-                      f'validation split holds {len(records)} (data.eval_size).')
-  return records
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -234,39 +181,6 @@ def fetch_metrics(device_metrics: list[dict]) -> list[dict]:
   return jax.device_get(device_metrics)
 
 
-def _evaluate(label, state, tokenizer, eval_records, config, workdir, step, *,
-              greedy: bool = False, num_problems: int | None = None):
-  """Held-out Average@k and pass@k (``greedy``: one greedy answer each) on the first
-  ``num_problems`` (default ``eval.num_problems``); predictions to
-  ``workdir/predictions_{label}.jsonl``."""
-  from qtarget import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  records = eval_records[:config.eval.num_problems if num_problems is None else num_problems]
-  if not records:
-    return None
-  if jax.process_count() > 1:
-    _log(f'skipping the {label} evaluation: generation runs in single-process runs only; '
-         'evaluate the exported model instead.')
-    return None
-  _log(f'evaluating {label} on {len(records)} held-out problems...')
-  k = 1 if greedy else config.eval.num_samples
-  result = evaluate_lib.evaluate(student_model(state), tokenizer, records,
-                                 max_new_tokens=config.eval.max_new_tokens,
-                                 batch_size=config.eval.batch_size, num_samples=k,
-                                 temperature=0.0 if greedy else config.eval.temperature,
-                                 top_p=1.0 if greedy else config.eval.top_p,
-                                 seed=config.eval.seed)
-  _log(f'{label}: accuracy {result.accuracy:.3f}' + (
-      f' (Average@{k}; pass@{k} {result.pass_at_k:.3f})' if k > 1 else '') +
-       f' ({len(records)} problems, {result.seconds:.0f} s)')
-  if jax.process_index() == 0:
-    out = workdir / f'predictions_{label}.jsonl'
-    out.write_text(''.join(
-        json.dumps({**p, 'method': config.method, 'seed': config.seed, 'step': step}) + '\n'
-        for p in result.predictions))
-  return {'accuracy': result.accuracy, f'pass_at_{k}': result.pass_at_k, 'k': k,
-          'problems': len(records), 'step': step, 'seconds': round(result.seconds, 1)}
-
-
 def accuracy_lines(summary: dict, config) -> list[str]:
   """The run's result as printed last: held-out accuracy before and after training with their
   95% Wilson intervals, and where the methods are compared (nothing without both evaluations)."""
@@ -298,6 +212,68 @@ def _complete(summary: dict, config, workdir: pathlib.Path) -> bool:
   return summary.get('steps') == config.steps and all(k in summary for k in wanted) and exported
 
 
+# What the phases share.
+
+@dataclasses.dataclass
+class _Training:
+  """What the phases of one run share. The step loop advances ``state``; ``summary`` is what
+  ``workdir/summary.json`` holds so far."""
+  config: Any
+  workdir: pathlib.Path
+  started: float  # time.time() when the run began
+  mesh: Any
+  rules: dict  # logical axis -> mesh axes (sharding.config_rules)
+  tokenizer: Any
+  report: Any  # the scan of the training split (pipeline.ScanReport)
+  eval_records: list  # the held-out problems (eval.split)
+  validation_records: list  # the validation problems that choose hyperparameters, or []
+  state: Any  # the step's TrainState
+  step_fn: Any  # the jitted train step
+  shardings: Any  # the state's shardings
+  checkpoints: checkpointing.RunCheckpoints
+  iterator: Any  # the training batches (their position is saved with each checkpoint)
+  start_step: int = 0  # the step the run resumed at (0: a fresh start)
+  summary: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def summary_path(self) -> pathlib.Path:
+    return self.workdir / 'summary.json'
+
+  def write_summary(self) -> None:
+    if jax.process_index() == 0:
+      self.summary_path.write_text(json.dumps(self.summary, indent=2))
+
+
+@dataclasses.dataclass
+class _Steps:
+  """The step loop's bookkeeping: its metrics log and progress bar, the steps whose metrics are
+  still on the device, and the timing of every step after the process's first."""
+  log: metrics_log.MetricsLog
+  progress: Any  # a tqdm bar (process 0, config.progress_bar), or None
+  # Steps run whose metrics are still on the device, (step, metrics, real tokens): fetched
+  # together once per log interval (and before any checkpoint or evaluation), so the host never
+  # waits on the device in between and the next batch is prepared while the step runs.
+  pending: list = dataclasses.field(default_factory=list)
+  last: dict = dataclasses.field(default_factory=dict)  # the latest flushed step's metrics
+  skipped: int = 0  # updates skipped because the loss or the gradient was not finite
+  train_seconds: float = 0.0
+  train_cpu_seconds: float = 0.0
+  tokens_seen: int = 0
+  # CPU time of the whole process (every thread) beside wall time: on a shared machine the
+  # wall clock counts other jobs' work, the CPU clock (nearly) only this run's.
+  interval_start: float = 0.0
+  interval_cpu_start: float = 0.0
+
+  def restart_clock(self) -> None:
+    """Times the steps from now (excluding a checkpoint or an evaluation just done)."""
+    self.interval_start, self.interval_cpu_start = time.time(), time.process_time()
+
+
+def _saved_tree(tree) -> dict:
+  """What a checkpoint holds of a state (or of its shardings)."""
+  return {'step': tree.step, 'params': tree.params, 'opt_state': tree.opt_state}
+
+
 def run(config) -> dict:
   """Trains as configured; returns the summary (also written to ``workdir/summary.json``).
 
@@ -311,241 +287,374 @@ def run(config) -> dict:
 
 
 def _train(config) -> dict:
-  """:func:`run` under the workdir's lock."""
+  """:func:`run` under the workdir's lock: the phases in order."""
+  _quiet_libraries()
+  started = time.time()
+  workdir = pathlib.Path(config.workdir)
+  mesh, rules = _check(config, workdir)
+  finished = _finished_summary(config, workdir)
+  if finished is not None:
+    return finished
+  training = _set_up(config, workdir, started, mesh, rules)
+  _resume(training)
+  _evaluate_before(training)
+  steps = _train_steps(training)
+  _evaluate_after(training)
+  _export(training)
+  return _finish(training, steps)
+
+
+# Set up or resume.
+
+def _quiet_libraries() -> None:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
   tfds.disable_progress_bar()
-  started = time.time()
-  workdir = pathlib.Path(config.workdir)
+
+
+def _check(config, workdir: pathlib.Path) -> tuple:
+  """``(mesh, rules)``. A bad method, hyperparameter, range, source or layout stops here,
+  before anything loads."""
   workdir.mkdir(parents=True, exist_ok=True)
-  # A bad method, hyperparameter, range or source stops here, before anything loads.
   checks.check_config(config)
   checked_eval_split(config)
   state_lib.hyperparameters(config)
   mesh = sharding_lib.build_mesh(config.mesh)
   sharding_lib.check_layout(mesh, batch_size=config.batch_size, accum_steps=config.accum_steps)
-  rules = {**dict(config.sharding_rules), **dict(config.get('activation_rules', ()))}
-  placement = dict(mesh=mesh, rules=rules)
-  summary_path = workdir / 'summary.json'
+  return mesh, sharding_lib.config_rules(config)
+
+
+def _read_summary(workdir: pathlib.Path) -> dict:
+  path = workdir / 'summary.json'
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _finished_summary(config, workdir: pathlib.Path) -> dict | None:
+  """The summary where ``workdir`` holds this config's run, finished (nothing to do); else
+  None. Another run's workdir is refused here, before anything loads."""
   saved = checkpointing.latest_saved_config(workdir)
-  if saved is not None:  # another run's workdir is refused before anything loads
-    checkpointing.check_same_run(workdir, saved[1], checks.flatten(config), saved[0])
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if saved[0] == config.steps and _complete(summary, config, workdir):
-      _log(f'the run in {workdir} is complete ({config.steps} of {config.steps} steps): nothing '
-           f'to do; {summary_path} is unchanged. To train it further, start a new workdir from '
-           f'its export: --config.model.source=hf --config.model.path={workdir / "hf"}.')
-      return summary
+  if saved is None:
+    return None
+  checkpointing.check_same_run(workdir, saved[1], checks.flatten(config), saved[0])
+  summary = _read_summary(workdir)
+  if saved[0] != config.steps or not _complete(summary, config, workdir):
+    return None
+  _log(f'the run in {workdir} is complete ({config.steps} of {config.steps} steps): nothing '
+       f'to do; {workdir / "summary.json"} is unchanged. To train it further, start a new '
+       f'workdir from its export: --config.model.source=hf '
+       f'--config.model.path={workdir / "hf"}.')
+  return summary
+
+
+def _load_models(config, placement: dict) -> tuple:
+  """``(student, prior, tokenizer)``, loaded straight into their shards. The prior is None
+  unless the step runs a separate frozen model (none for a cached prior, or for the student
+  with its LoRA adapters switched off)."""
+  student, tokenizer = loading.load_model(config.model, seed=config.seed, **placement)
+  if not targets.needs_prior(config.method) or config.prior.source == 'cached' or (
+      config.prior.source == 'initial' and config.model.lora_rank != 0):
+    return student, None, tokenizer
+  if config.prior.source == 'initial':
+    prior, prior_tokenizer = loading.load_model(config.model, seed=config.seed,
+                                                with_lora=False, **placement)
+  else:
+    prior, prior_tokenizer = loading.load_model(config.prior, seed=config.seed + 1,
+                                                with_lora=False, **placement)
+  loading.check_same_vocabulary(tokenizer, prior_tokenizer)
+  return student, prior, tokenizer
+
+
+def _set_up(config, workdir: pathlib.Path, started: float, mesh, rules: dict) -> _Training:
+  """Loads the models, reads the data, builds the sharded state and jits the step (nothing is
+  restored yet)."""
   if jax.process_index() == 0:
     metrics_log.import_summary_writer()  # while no other thread runs (its docstring says why)
-
-  student, tokenizer = loading.load_model(config.model, seed=config.seed, **placement)
-  prior_model = None
-  if targets.needs_prior(config.method) and config.prior.source != 'cached' and (
-      config.prior.source != 'initial' or config.model.lora_rank == 0):
-    if config.prior.source == 'initial':
-      prior_model, prior_tokenizer = loading.load_model(config.model, seed=config.seed,
-                                                        with_lora=False, **placement)
-    else:
-      prior_model, prior_tokenizer = loading.load_model(config.prior, seed=config.seed + 1,
-                                                        with_lora=False, **placement)
-    loading.check_same_vocabulary(tokenizer, prior_tokenizer)
+  placement = dict(mesh=mesh, rules=rules)
+  student, prior, tokenizer = _load_models(config, placement)
   sharding_lib.check_layout(mesh, batch_size=config.batch_size, accum_steps=config.accum_steps,
-                            model_configs=(student.config, getattr(prior_model, 'config', None)))
+                            model_configs=(student.config, getattr(prior, 'config', None)))
   dataset, report, eval_records = _data(config, tokenizer, student.config.vocab_size)
-  validation_records = _validation_records(config, eval_records)
+  validation_records = splits.validation_records(config, eval_records)
   _log(f'train data: {report}')
-
-  state = state_lib.create_state(config, student, prior_model, **placement)
-  del student, prior_model
+  state = state_lib.create_state(config, student, prior, **placement)
+  del student, prior
   step_fn, shardings = sharding_lib.jit_train_step(jax.eval_shape(lambda: state), mesh, rules)
   state = state_lib.place(state, shardings)  # already there: moves nothing
   trainable = sum(x.size for x in jax.tree.leaves(state.params))
   _log(f'mesh {dict(mesh.shape)}; method {config.method} {dict(config.hparams)}; prior: '
        f'{state.spec.prior}; trainable parameters {trainable:,}')
+  return _Training(
+      config=config, workdir=workdir, started=started, mesh=mesh, rules=rules,
+      tokenizer=tokenizer, report=report, eval_records=eval_records,
+      validation_records=validation_records, state=state, step_fn=step_fn, shardings=shardings,
+      checkpoints=checkpointing.RunCheckpoints(workdir, config), iterator=iter(dataset))
 
-  run_checkpoints = checkpointing.RunCheckpoints(workdir, config)
-  iterator = iter(dataset)
-  saved_tree = lambda s: {'step': s.step, 'params': s.params, 'opt_state': s.opt_state}
+
+def _resume(training: _Training) -> None:
+  """The newest readable checkpoint restored (parameters, optimizer state, step and the data
+  iterator's position), if there is one, and the summary written so far read."""
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          saved_tree(state), saved_tree(shardings))
-  restored, start_step = run_checkpoints.restore(abstract, iterator)
+                          _saved_tree(training.state), _saved_tree(training.shardings))
+  restored, training.start_step = training.checkpoints.restore(abstract, training.iterator)
   if restored is not None:
-    state = state.replace(step=restored['step'], params=restored['params'],
-                          opt_state=restored['opt_state'])
-    _log(f'resumed from the checkpoint at step {start_step}')
+    training.state = training.state.replace(
+        step=restored['step'], params=restored['params'], opt_state=restored['opt_state'])
+    _log(f'resumed from the checkpoint at step {training.start_step}')
+  training.summary = _read_summary(training.workdir)
 
-  summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-  if config.eval.before and 'accuracy_before' not in summary:
-    summary['eval_before'] = _evaluate('before', state, tokenizer, eval_records, config,
-                                       workdir, 0)
-    summary['accuracy_before'] = (summary['eval_before'] or {}).get('accuracy')
-    if jax.process_index() == 0:
-      summary_path.write_text(json.dumps(summary, indent=2))
 
-  log = metrics_log.MetricsLog(workdir, start_step)
-  progress = None
-  if jax.process_index() == 0 and config.progress_bar:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    progress = tqdm(total=config.steps, initial=start_step, desc='train', unit='step',
-                    dynamic_ncols=True, file=sys.stdout)
-  sharding = sharding_lib.batch_sharding(mesh, rules)
+# The step loop.
 
-  def save(step):
-    run_checkpoints.save(step, saved_tree(state), iterator)
+def _progress_bar(config, start_step: int):
+  """A tqdm bar of the steps on process 0 where ``progress_bar`` asks for one, else None."""
+  if jax.process_index() != 0 or not config.progress_bar:
+    return None
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=config.steps, initial=start_step, desc='train', unit='step',
+              dynamic_ncols=True, file=sys.stdout)
 
-  def interval_eval(step):
-    every = config.eval.get('every', 0)
-    if not every or step <= 0 or step % every or step >= config.steps:
-      return
-    if (workdir / f'predictions_step{step}.jsonl').exists():
-      return  # done before an interruption (its metrics line survived the rewind)
-    # The step's checkpoint is on disk before its evaluation is: a kill mid-evaluation then
-    # resumes at this step and evaluates it again (not past a half-written checkpoint).
-    run_checkpoints.wait()
-    result = _evaluate(f'step{step}', state, tokenizer, eval_records, config, workdir, step)
-    if result is not None:
-      log.write(step, {'eval_accuracy': result['accuracy']})
 
-  interval_eval(start_step)  # killed during an evaluation right after its checkpoint
-  train_seconds, train_cpu_seconds, tokens_seen, last, skipped = 0.0, 0.0, 0, {}, 0
-  # Steps run whose metrics are still on the device: fetched together once per log interval
-  # (and before any checkpoint or evaluation), so the host never waits on the device in between
-  # and the next batch is prepared while the step runs.
-  pending = []
-  # CPU time of the whole process (every thread) beside wall time: on a shared machine the
-  # wall clock counts other jobs' work, the CPU clock (nearly) only this run's.
-  interval_start, interval_cpu_start = time.time(), time.process_time()
-
-  def flush():
-    nonlocal train_seconds, train_cpu_seconds, tokens_seen, last, skipped
-    nonlocal interval_start, interval_cpu_start
-    if not pending:
-      return
-    fetched = fetch_metrics([device_metrics for _, device_metrics, _ in pending])
-    seconds = (time.time() - interval_start) / len(pending)  # the interval's mean step
-    cpu_seconds = (time.process_time() - interval_cpu_start) / len(pending)
-    for (step, _, real_tokens), values in zip(pending, fetched):
-      metrics = {name: float(value) for name, value in values.items()}
-      problem = _divergence(metrics)
-      if problem and state.spec.skip_nonfinite and metrics['nonfinite']:
-        skipped += 1  # the step kept the previous parameters and optimizer state
-      elif problem:
-        log.write(step + 1, metrics)
-        log.close()
-        run_checkpoints.wait()  # a good checkpoint in flight is finished, not cut off
-        latest = run_checkpoints.latest_step()
-        kept = (f'the last good checkpoint is step {latest} in {run_checkpoints.directory}'
-                if latest else 'no checkpoint was written before it')
-        fix = ('Lower --config.optimizer.learning_rate, or set --config.on_nonfinite=skip to '
-               'skip updates whose loss or gradient is not finite.' if metrics['nonfinite'] else
-               'Lower --config.optimizer.learning_rate.')
-        raise TrainingDiverged(f'step {step + 1}: {problem}. The run stops; nothing is saved '
-                               f'for this step or later ones and nothing is exported; {kept}. '
-                               f'{fix}')
-      metrics['skipped_updates'] = skipped
-      metrics['tokens_per_second'] = real_tokens / seconds
-      metrics['step_seconds'] = seconds
-      metrics['step_cpu_seconds'] = cpu_seconds
-      if step > start_step:  # the first step of a process includes compilation
-        train_seconds += seconds
-        train_cpu_seconds += cpu_seconds
-        tokens_seen += real_tokens
-      last = metrics
-      if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-        log.write(step + 1, metrics)
-        if progress is None:  # no bar (pods, batch jobs): a line per logged step instead
-          _log(f"step {step + 1}/{config.steps}: loss {metrics['loss']:.4f}, nll "
-               f"{metrics['nll']:.4f}, accuracy {metrics['accuracy']:.3f}, "
-               f"{metrics['tokens_per_second']:.0f} tokens/s")
-    if progress is not None:
-      progress.update(len(pending))
-      progress.set_postfix(loss=f"{last['loss']:.3f}", nll=f"{last['nll']:.3f}",
-                           acc=f"{last['accuracy']:.2f}")
-    pending.clear()
-    interval_start, interval_cpu_start = time.time(), time.process_time()
-
-  def end_training():
-    """After the last step or a signal: the saves finished, the logs and the bar closed, the
-    prefetch thread stopped."""
-    run_checkpoints.wait()
-    log.close()
-    if progress is not None:
-      progress.close()
-    if hasattr(iterator, 'close'):
-      iterator.close()
-
+def _train_steps(training: _Training) -> _Steps:
+  """The steps from the resumed one to ``config.steps``, each dispatched without waiting on the
+  device; metrics flushed once per log interval and before every checkpoint and evaluation.
+  SIGTERM or SIGINT saves the step and raises :class:`TrainingInterrupted`. At the end the
+  final state is on disk and the logs are closed."""
+  config = training.config
+  steps = _Steps(log=metrics_log.MetricsLog(training.workdir, training.start_step),
+                 progress=_progress_bar(config, training.start_step))
+  sharding = sharding_lib.batch_sharding(training.mesh, training.rules)
+  # Killed during an evaluation right after its checkpoint: that evaluation first.
+  _interval_eval(training, steps.log, training.start_step)
+  steps.restart_clock()
   eval_every = config.eval.get('every', 0)
-  with _StopSignals(run_checkpoints.reached_preemption) as stop:
-    for step in range(start_step, config.steps):
-      local = next(iterator)
-      batch = {key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key]))
-               for key in batch_keys(state.spec)}
-      state, metrics = step_fn(state, batch)  # dispatched: runs while the host goes on
-      real_tokens = int(np.sum(local['segment_ids'] > 0)) * jax.process_count()
-      pending.append((step, metrics, real_tokens))
+  with _StopSignals(training.checkpoints.reached_preemption) as stop:
+    for step in range(training.start_step, config.steps):
+      _dispatch(training, steps, sharding, step)
       done = step + 1
       # The last step is always a checkpoint, so every step's metrics are flushed in the loop.
       checkpoint_due = done % config.checkpoint.every == 0 or done == config.steps
       eval_due = bool(eval_every) and done % eval_every == 0
-      if step == start_step or done % config.log_every == 0 or checkpoint_due or eval_due:
-        flush()  # metrics are checked before anything is saved or evaluated
+      if (step == training.start_step or done % config.log_every == 0 or checkpoint_due or
+          eval_due):
+        _flush(training, steps)  # metrics are checked before anything is saved or evaluated
       if checkpoint_due:
-        save(done)
+        _save(training, done)
       if stop.pending(done):  # before an evaluation: a preemption's grace is short
-        flush()  # checked before it is saved
+        _flush(training, steps)  # checked before it is saved
         if not checkpoint_due:
-          save(done)
-        end_training()
+          _save(training, done)
+        _end_training(training, steps)
         # An evaluation due at this step runs on resume (its predictions file is absent); at
         # the last step the final evaluation and the export do.
-        raise TrainingInterrupted(stop.received, done, run_checkpoints.directory)
-      interval_eval(done)
+        raise TrainingInterrupted(stop.received, done, training.checkpoints.directory)
+      _interval_eval(training, steps.log, done)
       if checkpoint_due or eval_due:
-        # step times exclude the checkpoint and the evaluation
-        interval_start, interval_cpu_start = time.time(), time.process_time()
-  run_checkpoints.wait()  # an asynchronous save in flight finishes before anything reads it
-  if run_checkpoints.latest_step() != config.steps:
-    save(config.steps)  # resumed at the end: make sure the final state is on disk
-  end_training()
+        steps.restart_clock()  # step times exclude the checkpoint and the evaluation
+  training.checkpoints.wait()  # an asynchronous save in flight finishes before anything reads it
+  if training.checkpoints.latest_step() != config.steps:
+    _save(training, config.steps)  # resumed at the end: make sure the final state is on disk
+  _end_training(training, steps)
+  return steps
 
+
+def _dispatch(training: _Training, steps: _Steps, sharding, step: int) -> None:
+  """Step ``step`` on the next batch, dispatched: it runs while the host goes on, its metrics
+  pending on the device."""
+  local = next(training.iterator)
+  batch = {key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key]))
+           for key in batch_keys(training.state.spec)}
+  training.state, metrics = training.step_fn(training.state, batch)
+  real_tokens = int(np.sum(local['segment_ids'] > 0)) * jax.process_count()
+  steps.pending.append((step, metrics, real_tokens))
+
+
+# Flush metrics and checkpoints.
+
+def _flush(training: _Training, steps: _Steps) -> None:
+  """The pending steps' metrics in one transfer: checked (a diverged run stops), timed, and
+  logged every ``log_every`` steps and at the last."""
+  if not steps.pending:
+    return
+  config = training.config
+  fetched = fetch_metrics([device_metrics for _, device_metrics, _ in steps.pending])
+  seconds = (time.time() - steps.interval_start) / len(steps.pending)  # the interval's mean step
+  cpu_seconds = (time.process_time() - steps.interval_cpu_start) / len(steps.pending)
+  for (step, _, real_tokens), values in zip(steps.pending, fetched):
+    metrics = {name: float(value) for name, value in values.items()}
+    problem = _divergence(metrics)
+    if problem and training.state.spec.skip_nonfinite and metrics['nonfinite']:
+      steps.skipped += 1  # the step kept the previous parameters and optimizer state
+    elif problem:
+      _stop_diverged(training, steps.log, step, metrics, problem)
+    metrics['skipped_updates'] = steps.skipped
+    metrics['tokens_per_second'] = real_tokens / seconds
+    metrics['step_seconds'] = seconds
+    metrics['step_cpu_seconds'] = cpu_seconds
+    if step > training.start_step:  # the first step of a process includes compilation
+      steps.train_seconds += seconds
+      steps.train_cpu_seconds += cpu_seconds
+      steps.tokens_seen += real_tokens
+    steps.last = metrics
+    if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+      steps.log.write(step + 1, metrics)
+      if steps.progress is None:  # no bar (pods, batch jobs): a line per logged step instead
+        _log(f"step {step + 1}/{config.steps}: loss {metrics['loss']:.4f}, nll "
+             f"{metrics['nll']:.4f}, accuracy {metrics['accuracy']:.3f}, "
+             f"{metrics['tokens_per_second']:.0f} tokens/s")
+  if steps.progress is not None:
+    steps.progress.update(len(steps.pending))
+    steps.progress.set_postfix(loss=f"{steps.last['loss']:.3f}", nll=f"{steps.last['nll']:.3f}",
+                               acc=f"{steps.last['accuracy']:.2f}")
+  steps.pending.clear()
+  steps.restart_clock()
+
+
+def _stop_diverged(training: _Training, log, step: int, metrics: dict, problem: str) -> None:
+  """Raises :class:`TrainingDiverged` for ``step`` (its metrics logged, a good checkpoint in
+  flight finished, not cut off); nothing is saved for it or later ones."""
+  log.write(step + 1, metrics)
+  log.close()
+  training.checkpoints.wait()
+  latest = training.checkpoints.latest_step()
+  kept = (f'the last good checkpoint is step {latest} in {training.checkpoints.directory}'
+          if latest else 'no checkpoint was written before it')
+  fix = ('Lower --config.optimizer.learning_rate, or set --config.on_nonfinite=skip to skip '
+         'updates whose loss or gradient is not finite.' if metrics['nonfinite'] else
+         'Lower --config.optimizer.learning_rate.')
+  raise TrainingDiverged(f'step {step + 1}: {problem}. The run stops; nothing is saved for '
+                         f'this step or later ones and nothing is exported; {kept}. {fix}')
+
+
+def _save(training: _Training, step: int) -> None:
+  training.checkpoints.save(step, _saved_tree(training.state), training.iterator)
+
+
+def _end_training(training: _Training, steps: _Steps) -> None:
+  """After the last step or a signal: the saves finished, the logs and the bar closed, the
+  prefetch thread stopped."""
+  training.checkpoints.wait()
+  steps.log.close()
+  if steps.progress is not None:
+    steps.progress.close()
+  if hasattr(training.iterator, 'close'):
+    training.iterator.close()
+
+
+# Evaluate.
+
+def _evaluate(training: _Training, label: str, step: int, *, records: list | None = None,
+              greedy: bool = False, num_problems: int | None = None):
+  """Held-out Average@k and pass@k of the current state (``greedy``: one greedy answer each) on
+  the first ``num_problems`` (default ``eval.num_problems``) of ``records`` (default the
+  held-out split's); predictions to ``workdir/predictions_{label}.jsonl``."""
+  from qtarget import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  config = training.config
+  records = training.eval_records if records is None else records
+  records = records[:config.eval.num_problems if num_problems is None else num_problems]
+  if not records:
+    return None
+  if jax.process_count() > 1:
+    _log(f'skipping the {label} evaluation: generation runs in single-process runs only; '
+         'evaluate the exported model instead.')
+    return None
+  _log(f'evaluating {label} on {len(records)} held-out problems...')
+  k = 1 if greedy else config.eval.num_samples
+  result = evaluate_lib.evaluate(student_model(training.state), training.tokenizer, records,
+                                 max_new_tokens=config.eval.max_new_tokens,
+                                 batch_size=config.eval.batch_size, num_samples=k,
+                                 temperature=0.0 if greedy else config.eval.temperature,
+                                 top_p=1.0 if greedy else config.eval.top_p,
+                                 seed=config.eval.seed)
+  _log(f'{label}: accuracy {result.accuracy:.3f}' + (
+      f' (Average@{k}; pass@{k} {result.pass_at_k:.3f})' if k > 1 else '') +
+       f' ({len(records)} problems, {result.seconds:.0f} s)')
+  if jax.process_index() == 0:
+    out = training.workdir / f'predictions_{label}.jsonl'
+    out.write_text(''.join(
+        json.dumps({**p, 'method': config.method, 'seed': config.seed, 'step': step}) + '\n'
+        for p in result.predictions))
+  return {'accuracy': result.accuracy, f'pass_at_{k}': result.pass_at_k, 'k': k,
+          'problems': len(records), 'step': step, 'seconds': round(result.seconds, 1)}
+
+
+def _evaluate_before(training: _Training) -> None:
+  """The untouched model's held-out accuracy, once (a resumed run has it in its summary)."""
+  if not training.config.eval.before or 'accuracy_before' in training.summary:
+    return
+  training.summary['eval_before'] = _evaluate(training, 'before', 0)
+  training.summary['accuracy_before'] = (training.summary['eval_before'] or {}).get('accuracy')
+  training.write_summary()
+
+
+def _interval_eval(training: _Training, log, step: int) -> None:
+  """The evaluation every ``eval.every`` steps (between the first and the last step)."""
+  config = training.config
+  every = config.eval.get('every', 0)
+  if not every or step <= 0 or step % every or step >= config.steps:
+    return
+  if (training.workdir / f'predictions_step{step}.jsonl').exists():
+    return  # done before an interruption (its metrics line survived the rewind)
+  # The step's checkpoint is on disk before its evaluation is: a kill mid-evaluation then
+  # resumes at this step and evaluates it again (not past a half-written checkpoint).
+  training.checkpoints.wait()
+  result = _evaluate(training, f'step{step}', step)
+  if result is not None:
+    log.write(step, {'eval_accuracy': result['accuracy']})
+
+
+def _evaluate_after(training: _Training) -> None:
+  """The trained model's held-out accuracy (and greedy, and on validation, where asked)."""
+  config, summary = training.config, training.summary
   if config.eval.after:
-    summary['eval_after'] = _evaluate('after', state, tokenizer, eval_records, config, workdir,
-                                      config.steps)
+    summary['eval_after'] = _evaluate(training, 'after', config.steps)
     summary['accuracy_after'] = (summary['eval_after'] or {}).get('accuracy')
     if config.eval.get('greedy_after', False) and config.eval.num_samples > 1:
-      summary['eval_after_greedy'] = _evaluate('after_greedy', state, tokenizer, eval_records,
-                                               config, workdir, config.steps, greedy=True)
+      summary['eval_after_greedy'] = _evaluate(training, 'after_greedy', config.steps,
+                                               greedy=True)
       summary['accuracy_after_greedy'] = (summary['eval_after_greedy'] or {}).get('accuracy')
-  if validation_records:  # for choosing hyperparameters: never the test split
+  if training.validation_records:  # for choosing hyperparameters: never the test split
     summary['eval_validation'] = _evaluate(
-        'validation', state, tokenizer, validation_records, config, workdir, config.steps,
+        training, 'validation', config.steps, records=training.validation_records,
         greedy=True, num_problems=config.eval.validation_problems)
     summary['accuracy_validation'] = (summary['eval_validation'] or {}).get('accuracy')
-  if config.export_hf:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    model = student_model(state)
-    if jax.process_count() > 1:  # a collective: every process takes part
-      nnx.update(model, multihost_utils.process_allgather(nnx.state(model), tiled=True))
-    if jax.process_index() == 0:
-      checkpointing.export_hf(model, workdir / 'hf', tokenizer)  # whole, or DiskFull
-    summary['exported_to'] = str(workdir / 'hf')
-  timed_steps = config.steps - start_step - 1  # this process's steps after its first
-  if not last:  # resumed at the end (killed after the last checkpoint): its logged metrics
-    last = log.last_metrics(config.steps)
-  summary.update(
-      method=config.method, hyperparameters=dict(config.hparams), steps=config.steps,
-      final_metrics=last, train_data=str(report), resumed_at_step=start_step,
-      wall_seconds=round(time.time() - started, 1),
-      # The timing covers this process's steps (after a resume, those since resumed_at_step).
-      mean_step_seconds=round(train_seconds / timed_steps, 3) if timed_steps > 0 else None,
-      mean_step_cpu_seconds=(round(train_cpu_seconds / timed_steps, 3) if timed_steps > 0
-                             else None),
-      tokens_per_second=round(tokens_seen / train_seconds, 1) if train_seconds else None)
+
+
+# Finish and export.
+
+def _export(training: _Training) -> None:
+  """With ``export_hf``, the trained model as a Hugging Face directory, ``workdir/hf``."""
+  if not training.config.export_hf:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  model = student_model(training.state)
+  if jax.process_count() > 1:  # a collective: every process takes part
+    nnx.update(model, multihost_utils.process_allgather(nnx.state(model), tiled=True))
   if jax.process_index() == 0:
-    summary_path.write_text(json.dumps(summary, indent=2))
-    _log('summary: ' + json.dumps(summary))
-    for line in accuracy_lines(summary, config):
+    checkpointing.export_hf(model, training.workdir / 'hf', training.tokenizer)  # or DiskFull
+  training.summary['exported_to'] = str(training.workdir / 'hf')
+
+
+def _finish(training: _Training, steps: _Steps) -> dict:
+  """The summary completed (the method, the final metrics, the timing), written and printed."""
+  config = training.config
+  timed_steps = config.steps - training.start_step - 1  # this process's steps after its first
+  # Resumed at the end (killed after the last checkpoint): its logged metrics.
+  last = steps.last or steps.log.last_metrics(config.steps)
+  training.summary.update(
+      method=config.method, hyperparameters=dict(config.hparams), steps=config.steps,
+      final_metrics=last, train_data=str(training.report), resumed_at_step=training.start_step,
+      wall_seconds=round(time.time() - training.started, 1),
+      # The timing covers this process's steps (after a resume, those since resumed_at_step).
+      mean_step_seconds=(round(steps.train_seconds / timed_steps, 3) if timed_steps > 0
+                         else None),
+      mean_step_cpu_seconds=(round(steps.train_cpu_seconds / timed_steps, 3) if timed_steps > 0
+                             else None),
+      tokens_per_second=(round(steps.tokens_seen / steps.train_seconds, 1)
+                         if steps.train_seconds else None))
+  training.write_summary()
+  if jax.process_index() == 0:
+    _log('summary: ' + json.dumps(training.summary))
+    for line in accuracy_lines(training.summary, config):
       _log(line)
-  return summary
+  return training.summary

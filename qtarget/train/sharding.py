@@ -4,7 +4,9 @@ Mesh axes ``data``, ``fsdp``, ``tensor`` (``jax.make_mesh``: the device order fo
 topology). Parameters: one large dimension over ``fsdp`` (gathered per layer when used: ZeRO-3),
 heads and MLP columns over ``tensor``; optimizer state like the parameters. Activations: the
 batch over ``(data, fsdp)``, never gathered across the batch (see
-:mod:`qtarget.models.layout`). Rules (logical axis -> mesh axis) are data in the config.
+:mod:`qtarget.models.layout`). Rules (logical axis -> mesh axis) are data: their defaults are
+written once in :mod:`qtarget.models.layout`, a config changes the axes it names, and
+:func:`config_rules` merges the two for every user.
 """
 
 import dataclasses
@@ -48,6 +50,14 @@ def build_mesh(mesh_config, devices=None) -> Mesh:
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
   except (ValueError, NotImplementedError):  # an unusual topology: keep the given order
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def config_rules(config) -> dict:
+  """The rules a run of ``config`` places parameters and activations by: the defaults of
+  :mod:`qtarget.models.layout` with the config's ``sharding_rules`` (parameters) and
+  ``activation_rules`` over them. The trainer, ``compile_check``, ``cache_prior`` and the
+  benchmarks all take their rules from here."""
+  return layout.merged_rules(config.get('sharding_rules', ()), config.get('activation_rules', ()))
 
 
 def batch_devices(mesh: Mesh) -> int:

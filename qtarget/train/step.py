@@ -121,7 +121,7 @@ def _prior_logits(state: TrainState, micro: dict):
   if state.spec.prior == 'cached':
     return _cached_prior(micro)
   prior, hidden = _prior_hidden(state, micro)
-  return _match_vocabulary(jax.lax.stop_gradient(prior.logits(hidden)), state.spec.vocab_size)
+  return match_vocabulary(jax.lax.stop_gradient(prior.logits(hidden)), state.spec.vocab_size)
 
 
 def _prior_hidden_and_head(state: TrainState, micro: dict):
@@ -132,8 +132,10 @@ def _prior_hidden_and_head(state: TrainState, micro: dict):
   return jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(head)
 
 
-def _match_vocabulary(prior_logits, vocab_size: int):
-  """Cuts (or pads with -inf) the prior's padding rows to the student's embedding size."""
+def match_vocabulary(prior_logits, vocab_size: int):
+  """The prior's logits ``[..., V']`` cut (or padded with -inf) to the student's ``vocab_size``
+  rows: embedding sizes may differ by padding rows (Qwen2.5 pads 1.5B and 7B differently).
+  ``python -m qtarget.cache_prior`` cuts its prior's logits the same way."""
   extra = vocab_size - prior_logits.shape[-1]
   if extra < 0:
     return prior_logits[..., :vocab_size]

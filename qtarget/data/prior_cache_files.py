@@ -1,4 +1,8 @@
-"""The prior's cached top-k distribution on disk: format, fingerprint and reading.
+"""The prior cache's storage: the files on disk, their format, fingerprint and reading.
+
+The command that writes them is :mod:`qtarget.cache_prior`; the math of the rows they hold
+(:class:`~qtarget.cached_prior.CachedPrior`, the bound on the target's error) is
+:mod:`qtarget.cached_prior`.
 
 A cache is a directory of array_record shards and ``metadata.json``. Record ``i`` belongs to
 record ``i`` of the training split (the tfds source's order, before any shuffle) and holds, for
@@ -21,6 +25,8 @@ import os
 import pathlib
 
 import numpy as np
+
+from qtarget.errors import ConfigError
 
 FORMAT_VERSION = 1
 METADATA = 'metadata.json'
@@ -121,11 +127,6 @@ def decode_row(data: bytes, metadata: Metadata, where: str) -> dict:
 
 # --- configuration ---------------------------------------------------------------------------
 
-def _config_error(message):
-  from qtarget.train.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  return ConfigError(message)
-
-
 def cache_directory(config) -> pathlib.Path:
   return pathlib.Path(config.prior.cache.path or pathlib.Path(config.workdir) / 'prior_cache')
 
@@ -145,16 +146,16 @@ def check_cache_config(config, vocab_size: int | None = None) -> None:
   cache = config.prior.cache
   k = cache.k
   if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-    raise _config_error(f'prior.cache.k={k!r}: must be a positive int.')
+    raise ConfigError(f'prior.cache.k={k!r}: must be a positive int.')
   if vocab_size is not None and k > vocab_size:
-    raise _config_error(f'prior.cache.k={k} is larger than the vocabulary ({vocab_size} tokens).')
+    raise ConfigError(f'prior.cache.k={k} is larger than the vocabulary ({vocab_size} tokens).')
   if cache.dtype not in VALUE_DTYPES:
-    raise _config_error(f'prior.cache.dtype={cache.dtype!r}: must be one of {VALUE_DTYPES}.')
+    raise ConfigError(f'prior.cache.dtype={cache.dtype!r}: must be one of {VALUE_DTYPES}.')
   if not isinstance(cache.records_per_shard, int) or cache.records_per_shard < 1:
-    raise _config_error(f'prior.cache.records_per_shard={cache.records_per_shard!r}: must be a '
+    raise ConfigError(f'prior.cache.records_per_shard={cache.records_per_shard!r}: must be a '
                       'positive int.')
   if cache.source not in ('initial', 'gguf', 'hf', 'random'):
-    raise _config_error(f"prior.cache.source={cache.source!r}: must be 'initial', 'gguf', 'hf' or "
+    raise ConfigError(f"prior.cache.source={cache.source!r}: must be 'initial', 'gguf', 'hf' or "
                       "'random' (the prior the cache is made from).")
 
 
